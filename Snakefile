@@ -1,0 +1,20 @@
+# zsqpipe workflow: FP model -> quantize -> evaluate -> tables. See README.md and config/README.md.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/fp_model.smk"
+include: "workflow/rules/quantize.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/tables/hast.csv",

@@ -1,0 +1,21 @@
+# Result tables, built from metrics files only.
+
+
+rule aggregate_hast:
+    input:
+        metrics=table_metrics("hast"),
+        tracking=ancient(TRACKING),
+    output:
+        csv=f"{RESULTS}/tables/hast.csv",
+        md=f"{RESULTS}/tables/hast.md",
+    params:
+        code=code_version("zsqpipe.stages.aggregate"),
+    log:
+        f"{LOGS}/aggregate/hast.log",
+    benchmark:
+        f"{BENCH}/aggregate/hast.tsv"
+    localrule: True
+    shell:
+        "zsqpipe aggregate {input.metrics} --out-csv {output.csv} --out-md {output.md}"
+        " --title 'HAST table: zero-shot quantization' --tracking {input.tracking} --rule {rule}"
+        " --log-file {log} > {log} 2>&1"

@@ -1,0 +1,98 @@
+# Helpers shared by all rules: config validation, params builders, code versions, output paths.
+import sys
+
+from zsqpipe.codehash import code_version
+from zsqpipe.config import canonical_json, validate_config
+from zsqpipe.errors import ConfigError
+from zsqpipe.methods import METHOD_NAMES
+from zsqpipe.data import DATASETS
+
+
+try:
+    _validated = validate_config(config)
+except ConfigError as _err:
+    sys.exit(f"zsqpipe: invalid config: {_err}")
+config.clear()
+config.update(_validated)
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    arch=r"[a-z0-9_]+",
+    method="|".join(METHOD_NAMES),
+    wbits=r"\d+",
+    abits=r"\d+",
+    seed=r"\d+",
+
+
+RESULTS = "results"
+LOGS = "results/logs"
+BENCH = "results/benchmarks"
+TRACKING = "results/mlflow/tracking.json"
+QUANT_DIR = "results/quant/{dataset}/{arch}/{method}/w{wbits}a{abits}/seed{seed}"
+
+
+def gpus(wildcards=None):
+    """GPUs a training job asks for (Snakemake resource `gpu`): 1 when the device is CUDA."""
+    return 1 if config["device"].startswith("cuda") else 0
+
+
+def data_params(wildcards):
+    return canonical_json(config["data"])
+
+
+def fp_params(wildcards):
+    fp = {k: v for k, v in config["fp_model"].items() if k != "checkpoints"}
+    fp["checkpoint"] = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
+    return canonical_json(fp)
+
+
+def fp_checkpoint_input(wildcards):
+    path = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
+    return [path] if path else []
+
+
+def quant_params(wildcards):
+    return canonical_json(config["quant"])
+
+
+def method_params(wildcards):
+    return canonical_json(config["methods"].get(wildcards.method, {}))
+
+
+def quantize_code(wildcards):
+    return code_version("zsqpipe.stages.quantize", f"zsqpipe.methods.{wildcards.method}")
+
+
+def cell_json(wildcards):
+    return canonical_json(
+        {
+            "dataset": wildcards.dataset,
+            "arch": wildcards.arch,
+            "method": wildcards.method,
+            "w_bits": int(wildcards.wbits),
+            "a_bits": int(wildcards.abits),
+            "seed": int(wildcards.seed),
+        }
+    )
+
+
+def parse_bits(pair):
+    w, a = pair[1:].split("a")
+    return int(w), int(a)
+
+
+def table_metrics(table):
+    """metrics.json of every cell of a results table (datasets x archs x methods x bits x seeds)."""
+    t = config["tables"][table]
+    out = []
+    for dataset in config["datasets"]:
+        for arch in config["archs"]:
+            for method in t["methods"]:
+                for pair in t["bits"]:
+                    w, a = parse_bits(pair)
+                    for seed in t["seeds"]:
+                        out.append(
+                            f"{RESULTS}/quant/{dataset}/{arch}/{method}/w{w}a{a}/seed{seed}/metrics.json"
+                        )
+    return out

@@ -1,0 +1,29 @@
+# Full-precision model: train from scratch or load a local checkpoint.
+
+
+rule fp_model:
+    input:
+        data=f"{RESULTS}/data/{{dataset}}/manifest.json",
+        tracking=ancient(TRACKING),
+        checkpoint=fp_checkpoint_input,
+    output:
+        model=f"{RESULTS}/models/{{dataset}}/{{arch}}/fp.pt",
+        metrics=f"{RESULTS}/models/{{dataset}}/{{arch}}/fp_metrics.json",
+    params:
+        cfg=fp_params,
+        device=config["device"],
+        code=code_version("zsqpipe.stages.fp_model"),
+    log:
+        f"{LOGS}/fp_model/{{dataset}}/{{arch}}.log",
+    benchmark:
+        f"{BENCH}/fp_model/{{dataset}}/{{arch}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpus,
+    shell:
+        "zsqpipe fp-model --data {input.data} --arch {wildcards.arch} --params {params.cfg:q}"
+        " --out-model {output.model} --out-metrics {output.metrics} --device {params.device}"
+        " --threads {threads} --tracking {input.tracking} --rule {rule} --wildcards '{wildcards}'"
+        " --log-file {log} > {log} 2>&1"

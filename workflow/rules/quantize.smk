@@ -1,0 +1,59 @@
+# Quantization (method calibration / fine-tuning) and evaluation of one table cell.
+
+
+rule quantize:
+    input:
+        fp=f"{RESULTS}/models/{{dataset}}/{{arch}}/fp.pt",
+        data=f"{RESULTS}/data/{{dataset}}/manifest.json",
+        tracking=ancient(TRACKING),
+    output:
+        model=f"{QUANT_DIR}/model.pt",
+        history=f"{QUANT_DIR}/history.json",
+    params:
+        quant=quant_params,
+        method=method_params,
+        device=config["device"],
+        code=quantize_code,
+    log:
+        f"{LOGS}/quantize/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/quantize/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpus,
+    shell:
+        "zsqpipe quantize --fp {input.fp} --data {input.data} --method {wildcards.method}"
+        " --wbits {wildcards.wbits} --abits {wildcards.abits} --seed {wildcards.seed}"
+        " --quant-params {params.quant:q} --method-params {params.method:q}"
+        " --out-model {output.model} --out-history {output.history} --device {params.device}"
+        " --threads {threads} --tracking {input.tracking} --rule {rule} --wildcards '{wildcards}'"
+        " --log-file {log} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        model=f"{QUANT_DIR}/model.pt",
+        history=f"{QUANT_DIR}/history.json",
+        data=f"{RESULTS}/data/{{dataset}}/manifest.json",
+        tracking=ancient(TRACKING),
+    output:
+        f"{QUANT_DIR}/metrics.json",
+    params:
+        cell=cell_json,
+        device=config["device"],
+        code=code_version("zsqpipe.stages.evaluate"),
+    log:
+        f"{LOGS}/evaluate/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=gpus,
+    shell:
+        "zsqpipe evaluate --model {input.model} --history {input.history} --data {input.data}"
+        " --cell {params.cell:q} --out {output} --device {params.device} --threads {threads}"
+        " --tracking {input.tracking} --rule {rule} --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"

@@ -1,0 +1,3 @@
+from zsqpipe.cli import main
+
+main()

@@ -1,0 +1,228 @@
+"""``zsqpipe``: the command-line entry point; one thin command per pipeline stage.
+
+Each command parses its options, calls the stage's pure function in ``zsqpipe.stages`` and maps a
+:class:`~zsqpipe.errors.ZsqError` to a one-line message and exit status 1. Snakemake rules call these
+commands with the rule's config slice as JSON (``--params``), so config changes are visible to Snakemake.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from zsqpipe import __version__
+from zsqpipe.errors import ConfigError, ZsqError
+
+PATH = click.Path(path_type=Path)
+EXISTING = click.Path(path_type=Path, exists=True, dir_okay=False)
+
+
+def _json(value: str | None, what: str) -> dict:
+    if not value:
+        return {}
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _log(msg: str) -> None:
+    click.echo(msg)
+    sys.stdout.flush()
+
+
+def stage_command(fn):
+    """Turn ZsqError into ``zsqpipe <command>: error: <message>`` and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ZsqError as e:
+            ctx = click.get_current_context()
+            click.echo(f"zsqpipe {ctx.info_name}: error: {e}", err=True)
+            ctx.exit(1)
+
+    return wrapper
+
+
+def tracking_options(fn):
+    """Options every tracked stage shares: the tracking file and the run's identity tags."""
+    fn = click.option("--tracking", type=EXISTING, default=None,
+                      help="tracking.json written by `zsqpipe tracking-init` (omit: no MLflow run).")(fn)
+    fn = click.option("--rule", default="manual", show_default=True, help="Snakemake rule name (MLflow tag).")(fn)
+    fn = click.option("--wildcards", default="", help="Snakemake wildcards, 'k=v, ...' (MLflow tag).")(fn)
+    fn = click.option("--log-file", type=PATH, default=None, help="This job's log, attached to the run.")(fn)
+    return fn
+
+
+def runtime_options(fn):
+    fn = click.option("--device", default="auto", show_default=True,
+                      help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")(fn)
+    fn = click.option("--threads", type=int, default=None, help="torch CPU threads (the rule's `threads`).")(fn)
+    return fn
+
+
+def _tracker(tracking, rule, wildcards, params: dict):
+    from zsqpipe.io import sha256_json
+    from zsqpipe.tracking import Tracker
+
+    tracker = Tracker.from_file(tracking)
+    tags = {"zsq.rule": rule, "zsq.wildcards": wildcards, "zsq.config_hash": sha256_json(params)[:16]}
+    name = f"{rule}[{wildcards}]" if wildcards else rule
+    return tracker, name, tags
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zsqpipe")
+def cli():
+    """zsqpipe: zero-shot quantization and quantization-aware NAS, one command per pipeline stage.
+
+    Normally run through Snakemake (`snakemake --cores 2 results/tables/hast.csv`); every command can also be
+    run by hand. Stages: data -> fp-model -> quantize -> evaluate -> aggregate.
+    """
+
+
+@cli.command("tracking-init")
+@click.option("--out", type=PATH, required=True, help="Where to write tracking.json.")
+@click.option("--experiment", default="zsqpipe", show_default=True, help="MLflow experiment name.")
+@click.option("--enabled/--disabled", default=True, show_default=True, help="Turn MLflow tracking on or off.")
+@click.option("--results-dir", type=PATH, default=Path("results"), show_default=True,
+              help="Default SQLite store lives in RESULTS_DIR/mlflow (ignored if MLFLOW_TRACKING_URI is set).")
+@stage_command
+def tracking_init(out, experiment, enabled, results_dir):
+    """Create the MLflow store and experiment once, before jobs fan out."""
+    from zsqpipe.tracking import init_tracking
+
+    info = init_tracking(out, enabled, experiment, results_dir)
+    _log(json.dumps(info))
+
+
+@cli.command("data")
+@click.option("--dataset", required=True, help="Registered dataset: fashion_mnist, cifar10, cifar100, imagenet.")
+@click.option("--params", "params_json", default="{}", help="Data config as JSON (data_dir, allow_download, ...).")
+@click.option("--out", type=PATH, required=True, help="Manifest to write (JSON).")
+@stage_command
+def data_cmd(dataset, params_json, out):
+    """Locate and verify DATASET, fix the seeded validation split, write a manifest."""
+    from zsqpipe.config import DataConfig, from_dict
+    from zsqpipe.stages.data import prepare_data
+
+    cfg = from_dict(DataConfig, _json(params_json, "--params"), "data")
+    m = prepare_data(dataset, cfg, out)
+    _log(f"{dataset}: {m['n_train']} train / {m['n_val']} val / {m['n_test']} test -> {out}")
+
+
+@cli.command("fp-model")
+@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@click.option("--arch", required=True, help="Registered architecture (resnet20, resnet18, mobilenet_v2).")
+@click.option("--params", "params_json", default="{}", help="FP recipe as JSON (see config fp_model).")
+@click.option("--out-model", type=PATH, required=True)
+@click.option("--out-metrics", type=PATH, required=True)
+@runtime_options
+@tracking_options
+@stage_command
+def fp_model_cmd(manifest, arch, params_json, out_model, out_metrics, device, threads, tracking, rule, wildcards,
+                 log_file):
+    """Train the full-precision model from scratch, or load a local checkpoint."""
+    from zsqpipe.config import FPConfig, from_dict
+    from zsqpipe.stages.fp_model import run_fp_model
+
+    params = _json(params_json, "--params")
+    cfg = from_dict(FPConfig, params, "fp_model")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, params)
+    with tracker.run(name, tags):
+        run_fp_model(manifest, arch, cfg, out_model, out_metrics, device, threads, tracker, _log)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("quantize")
+@click.option("--fp", "fp_ckpt", type=EXISTING, required=True, help="FP checkpoint from `zsqpipe fp-model`.")
+@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@click.option("--method", required=True, help="Method name (real, ptq, ...).")
+@click.option("--wbits", type=int, required=True, help="Weight bits.")
+@click.option("--abits", type=int, required=True, help="Activation bits.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quant-params", default="{}", help="QuantConfig fields as JSON (bits come from --wbits/--abits).")
+@click.option("--method-params", default="{}", help="The method's hyperparameters as JSON.")
+@click.option("--out-model", type=PATH, required=True)
+@click.option("--out-history", type=PATH, required=True)
+@runtime_options
+@tracking_options
+@stage_command
+def quantize_cmd(fp_ckpt, manifest, method, wbits, abits, seed, quant_params, method_params, out_model,
+                 out_history, device, threads, tracking, rule, wildcards, log_file):
+    """Quantize the FP model and calibrate / fine-tune it with METHOD."""
+    from zsqpipe.quant import QuantConfig
+    from zsqpipe.stages.quantize import run_quantize
+
+    q = _json(quant_params, "--quant-params")
+    q.update(weight_bits=wbits, act_bits=abits)
+    qcfg = QuantConfig.from_dict(q)
+    mcfg = _json(method_params, "--method-params")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"quant": q, "method": method, "cfg": mcfg,
+                                                               "seed": seed})
+    with tracker.run(name, tags):
+        run_quantize(fp_ckpt, manifest, method, mcfg, qcfg, seed, out_model, out_history, device, threads,
+                     tracker, _log)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("evaluate")
+@click.option("--model", "model_path", type=EXISTING, required=True, help="Quantized model from `quantize`.")
+@click.option("--history", type=EXISTING, required=True, help="history.json from `quantize`.")
+@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@click.option("--cell", "cell_json", required=True,
+              help='Identity of the result as JSON: {"dataset", "arch", "method", "w_bits", "a_bits", "seed"}.')
+@click.option("--out", type=PATH, required=True, help="metrics.json to write.")
+@runtime_options
+@tracking_options
+@stage_command
+def evaluate_cmd(model_path, history, manifest, cell_json, out, device, threads, tracking, rule, wildcards,
+                 log_file):
+    """Test a quantized model; write top-1/top-5, last/best-epoch accuracy, size and BitOPs."""
+    from zsqpipe.stages.evaluate import run_evaluate
+
+    cell = _json(cell_json, "--cell")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, cell)
+    with tracker.run(name, tags):
+        run_evaluate(model_path, history, manifest, out, cell, device, threads, tracker, _log)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("aggregate")
+@click.argument("metrics", nargs=-1, type=EXISTING, required=True)
+@click.option("--out-csv", type=PATH, required=True)
+@click.option("--out-md", type=PATH, required=True)
+@click.option("--title", default="zsqpipe results", show_default=True)
+@tracking_options
+@stage_command
+def aggregate_cmd(metrics, out_csv, out_md, title, tracking, rule, wildcards, log_file):
+    """Build a results table (CSV + Markdown) from METRICS files (mean ± std over seeds)."""
+    from zsqpipe.stages.aggregate import run_aggregate
+
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"metrics": [str(m) for m in metrics]})
+    with tracker.run(name, tags):
+        table = run_aggregate(list(metrics), out_csv, out_md, title)
+        tracker.log_params({"n_metrics": len(metrics), "rows": len(table)})
+        tracker.log_artifact(out_csv, "tables")
+        tracker.log_artifact(out_md, "tables")
+    _log(f"{len(table)} rows -> {out_csv}")
+
+
+def main() -> None:
+    cli(prog_name="zsqpipe")
+
+
+if __name__ == "__main__":
+    main()

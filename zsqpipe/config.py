@@ -1,0 +1,154 @@
+"""Typed stage configs (dataclasses that serialise to plain dicts) and config validation.
+
+The workflow config (``config/*.yaml``) is validated against ``workflow/schemas/config.schema.yaml`` (JSON
+Schema; defaults are filled in). Each rule passes its slice of the config to its stage as JSON through
+``params:``; the stage turns it into one of these dataclasses, which rejects unknown keys again, so a stage
+run by hand is as strict as one run by Snakemake.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from zsqpipe.errors import ConfigError
+
+T = TypeVar("T")
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def from_dict(cls: type[T], d: dict[str, Any] | None, prefix: str) -> T:
+    """Build dataclass ``cls`` from ``d``; unknown keys and wrong types raise a one-line ConfigError."""
+    d = dict(d or {})
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key; expected one of {sorted(names)}")
+    for name, f in names.items():
+        if name not in d:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"{prefix}.{name}: required key is missing")
+            continue
+        _check_type(f"{prefix}.{name}", d[name], f.type)
+    return cls(**d)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    ann = str(annotation).replace(" ", "")
+    options = ann.split("|")
+    if value is None:
+        if "None" in options:
+            return
+        raise ConfigError(f"{key}: expected {ann}, got null")
+    for opt in options:
+        types = _TYPES.get(opt)
+        if types is None:
+            return  # containers and other types: checked by the schema / the consumer
+        if isinstance(value, bool) and opt != "bool":
+            continue
+        if isinstance(value, types):
+            return
+    raise ConfigError(f"{key}: expected {ann}, got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = "data"
+    allow_download: bool = False
+    val_size: int = 5000
+    split_seed: int = 0
+    test_subset: int | None = None  # use only the first N test images (smoke tests); null = the full test set
+
+
+@dataclass(frozen=True)
+class FPConfig:
+    """Full-precision training recipe (or ``checkpoint``: load a local file instead of training)."""
+
+    checkpoint: str | None = None
+    epochs: int = 3
+    max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (smoke tests); null = full epochs
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.2
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_frac: float = 0.15
+    label_smoothing: float = 0.0
+    augment: bool = True
+    seed: int = 0
+    eval_batch_size: int = 1000
+    channels_last: bool = True
+    deterministic: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workflow config validation (used by workflow/rules/common.smk and by the tests)
+
+
+def _load_schema(path: Path = SCHEMA_PATH) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _fill_defaults(schema: dict, instance: Any) -> None:
+    if not isinstance(instance, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(sub, instance[key])
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(extra, value)
+
+
+def _error_line(err) -> str:
+    path = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        key = f"{path}.{extra[0]}" if path != "<top level>" else extra[0]
+        return f"config key '{key}': unknown key (allowed: {', '.join(sorted(err.schema.get('properties', {})))})"
+    if err.validator == "enum":
+        return f"config key '{path}': {err.instance!r} is not one of {err.validator_value}"
+    if err.validator == "pattern" and err.schema.get("description"):
+        return f"config key '{path}': {err.instance!r} is invalid; expected {err.schema['description']}"
+    return f"config key '{path}': {err.message}"
+
+
+def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
+    """Validate ``config`` against the workflow schema, fill defaults, and return it.
+
+    Raises :class:`ConfigError` with one line naming the offending key.
+    """
+    import jsonschema
+
+    schema = _load_schema(schema_path)
+    instance = copy.deepcopy(config)
+    _fill_defaults(schema, instance)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        raise ConfigError(_error_line(jsonschema.exceptions.best_match(errors)))
+    return instance
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces): the form params take so Snakemake compares them stably."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,137 @@
+"""Training/evaluation primitives shared by the stages: device and thread set-up, seeding, loops, losses."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsqpipe.errors import ConfigError
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def setup_runtime(threads: int | None, seed: int, deterministic: bool = True) -> None:
+    """Set torch's CPU threads (from the rule's ``threads``) and seed Python, NumPy and torch."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    seed_everything(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, topk: Iterable[int]) -> dict[int, int]:
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    correct = pred.eq(target[:, None])
+    return {k: int(correct[:, : min(k, maxk)].any(dim=1).sum()) for k in topk}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, topk: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy (%) and mean cross-entropy of ``model`` (in eval mode) over ``loader``."""
+    was_training = model.training
+    model.eval()
+    hits = dict.fromkeys(topk, 0)
+    loss, n = 0.0, 0
+    for x, y in loader:
+        logits = model(x)
+        loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        for k, c in accuracy_counts(logits, y, topk).items():
+            hits[k] += c
+        n += len(y)
+    model.train(was_training)
+    out = {f"top{k}": 100.0 * hits[k] / max(n, 1) for k in topk}
+    out["loss"] = loss / max(n, 1)
+    out["n"] = n
+    return out
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch (``batchmean``, IntraQ/HAST form)."""
+    t = temperature
+    return (
+        F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="batchmean")
+        * t
+        * t
+    )
+
+
+def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float, nesterov: bool):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"optimizer: expected 'sgd' or 'adam', got {name!r}")
+
+
+def make_scheduler(optimizer, name: str, total_steps: int, warmup_frac: float = 0.0, milestones=(), gamma=0.1):
+    """Per-step LR schedule: ``onecycle``, ``cosine`` (with linear warm-up), ``step`` (milestones as fractions
+    of training) or ``constant``."""
+    total_steps = max(int(total_steps), 1)
+    warm = int(round(warmup_frac * total_steps))
+
+    if name == "onecycle":
+        lr = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                                   pct_start=max(warmup_frac, 1e-3))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if name == "cosine":
+            p = (step - warm) / max(total_steps - warm, 1)
+            return 0.5 * (1 + np.cos(np.pi * min(p, 1.0)))
+        if name == "step":
+            return gamma ** sum(step >= m * total_steps for m in milestones)
+        if name == "constant":
+            return 1.0
+        raise ConfigError(f"schedule: expected onecycle, cosine, step or constant, got {name!r}")
+
+    factor(0)  # validate the name now
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def infinite(loader) -> Iterable:
+    while True:
+        yield from loader
+
+
+EpochCallback = Callable[[int, dict], None]

@@ -1,0 +1,17 @@
+"""Exceptions whose message is a single line meant for the user (the CLI prints it and exits 1)."""
+
+
+class ZsqError(Exception):
+    """Base class: ``str(err)`` is one clear line naming the key or file and what was expected."""
+
+
+class ConfigError(ZsqError):
+    pass
+
+
+class DataError(ZsqError):
+    pass
+
+
+class IntegrityError(ZsqError):
+    """A file exists but is corrupt, truncated or does not match its manifest."""

@@ -1,0 +1,74 @@
+"""The method interface shared by every quantization method (real-data references and zero-shot methods)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from zsqpipe.config import from_dict
+from zsqpipe.errors import ConfigError
+
+# Every method shipped with zsqpipe (module zsqpipe/methods/<name>.py). The config schema lists the same names.
+METHOD_NAMES = ("real", "ptq")
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHOD_NAMES:
+        raise ConfigError(f"method: unknown method {name!r}; expected one of {list(METHOD_NAMES)}")
+    if name not in _REGISTRY:
+        importlib.import_module(f"zsqpipe.methods.{name}")
+    return _REGISTRY[name]
+
+
+@dataclass
+class QuantContext:
+    """What a method gets: the FP teacher, the quantized student, data access and bookkeeping.
+
+    ``train_loader_factory`` gives real training batches; it is ``None`` for methods that must not see real
+    data (``Method.uses_real_data = False``). ``end_epoch(epoch, metrics)`` evaluates the student on the
+    validation split and the test set, records the epoch in the history, logs it, and returns the record.
+    """
+
+    teacher: nn.Module
+    student: nn.Module
+    device: torch.device
+    seed: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_loader_factory: Callable[..., Any] | None  # (batch_size, seed, augment=True) -> loader
+    end_epoch: Callable[[int, dict[str, float]], dict[str, float]]
+    log: Callable[[str], None] = print
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set ``Config`` (a dataclass of hyperparameters) and implement ``run``."""
+
+    name: ClassVar[str] = "base"
+    uses_real_data: ClassVar[bool] = False
+    Config: ClassVar[type] = object
+
+    def __init__(self, cfg: dict[str, Any] | None = None):
+        self.cfg = from_dict(self.Config, cfg, prefix=f"methods.{self.name}")
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.cfg)
+
+    def run(self, ctx: QuantContext) -> None:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,89 @@
+"""Stage ``aggregate``: build result tables from ``metrics.json`` files (never from MLflow).
+
+One row per dataset x arch x method x bit-width: FP accuracy, mean +- std over seeds of last-epoch,
+best-epoch (test-selected) and validation-selected test top-1, the number of seeds, and the wall time.
+Writes a CSV and a Markdown copy (the Markdown says how each column was selected).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from zsqpipe.errors import IntegrityError
+from zsqpipe.io import atomic_path, read_json, write_text
+
+KEYS = ["dataset", "arch", "method", "w_bits", "a_bits"]
+ACCURACIES = ["last_top1", "best_top1", "val_selected_top1"]
+
+NOTE = (
+    "last = test top-1 after the final epoch; best = highest test top-1 over epochs (model selection on the "
+    "test set, as GDFQ/IntraQ/HAST/ZAQ report it); val-sel = test top-1 at the epoch with the best validation "
+    "accuracy. Values are mean ± sample std over seeds (std blank for a single seed)."
+)
+
+
+def load_metrics(paths: list[Path]) -> pd.DataFrame:
+    rows = []
+    for p in paths:
+        m = read_json(p)
+        missing = [k for k in KEYS + ["seed"] + ACCURACIES if k not in m]
+        if missing:
+            raise IntegrityError(f"{p}: metrics file lacks {missing}")
+        rows.append(m)
+    if not rows:
+        raise IntegrityError("aggregate: no metrics files given")
+    return pd.DataFrame(rows)
+
+
+def summarize(df: pd.DataFrame, extra_columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """Group by cell and compute mean/std over seeds."""
+    out = []
+    for key, g in df.groupby(KEYS, sort=True):
+        row = dict(zip(KEYS, key, strict=True))
+        row["bits"] = f"W{row['w_bits']}A{row['a_bits']}"
+        row["fp_top1"] = float(g["fp_top1"].mean()) if "fp_top1" in g else np.nan
+        row["n_seeds"] = len(g)
+        row["seeds"] = " ".join(str(s) for s in sorted(g["seed"]))
+        for col in ACCURACIES:
+            row[f"{col}_mean"] = float(g[col].mean())
+            row[f"{col}_std"] = float(g[col].std(ddof=1)) if len(g) > 1 else np.nan
+        row["wall_time_s_mean"] = float(g["wall_time_s"].mean())
+        for col in ("model_size_bits", "bitops", "macs"):
+            if col in g:
+                row[col] = float(g[col].mean())
+        for col, src in (extra_columns or {}).items():
+            row[col] = float(g[src].mean()) if src in g else np.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _pm(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return ""
+    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def to_markdown(table: pd.DataFrame, title: str) -> str:
+    cols = ["dataset", "arch", "method", "bits", "FP", "seeds", "last", "best (test-selected)", "val-sel",
+            "wall s", "size KiB", "BitOPs (G)"]
+    lines = [f"# {title}", "", NOTE, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+        cells = [
+            r["dataset"], r["arch"], r["method"], r["bits"], f"{r['fp_top1']:.2f}", f"{r['n_seeds']} ({r['seeds']})",
+            _pm(r["last_top1_mean"], r["last_top1_std"]), _pm(r["best_top1_mean"], r["best_top1_std"]),
+            _pm(r["val_selected_top1_mean"], r["val_selected_top1_std"]), f"{r['wall_time_s_mean']:.0f}",
+            f"{r.get('model_size_bits', np.nan) / 8 / 1024:.1f}", f"{r.get('bitops', np.nan) / 1e9:.3f}",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_aggregate(metrics_paths: list[Path], out_csv: Path, out_md: Path, title: str = "zsqpipe results") -> pd.DataFrame:
+    table = summarize(load_metrics(metrics_paths))
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.4f")
+    write_text(out_md, to_markdown(table, title))
+    return table

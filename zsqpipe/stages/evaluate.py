@@ -1,0 +1,83 @@
+"""Stage ``evaluate``: test a quantized model and write ``metrics.json``.
+
+Re-evaluates the saved model on the test set (top-1, and top-5 when there are >= 100 classes) and adds
+model size, MACs and bit-operations, and the accuracy summary of the training history:
+
+- ``last_top1``: the last epoch's test accuracy (honest);
+- ``best_top1``: the best test accuracy over epochs (model selection on the test set, as GDFQ/IntraQ/HAST/ZAQ
+  report it; labelled as such in every table);
+- ``val_selected_top1``: test accuracy at the epoch with the best validation accuracy (honest selection).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zsqpipe.engine import evaluate, resolve_device, setup_runtime
+from zsqpipe.errors import IntegrityError
+from zsqpipe.io import read_json, write_json
+from zsqpipe.quant import count_bitops, model_size_bits
+from zsqpipe.stages.common import eval_loader, model_from_checkpoint
+from zsqpipe.stages.data import load_prepared
+from zsqpipe.tracking import Tracker
+
+EVAL_BATCH = 1000
+
+
+def summarize_history(history: list[dict]) -> dict:
+    if not history:
+        raise IntegrityError("training history is empty")
+    best = max(range(len(history)), key=lambda i: history[i]["test_top1"])
+    vsel = max(range(len(history)), key=lambda i: history[i]["val_top1"])
+    return {
+        "last_top1": history[-1]["test_top1"],
+        "best_top1": history[best]["test_top1"],
+        "best_epoch": history[best]["epoch"],
+        "val_selected_top1": history[vsel]["test_top1"],
+        "val_selected_epoch": history[vsel]["epoch"],
+        "epochs": len(history),
+    }
+
+
+def run_evaluate(
+    model_path: Path,
+    history_path: Path,
+    dataset_manifest: Path,
+    out_metrics: Path,
+    cell: dict,
+    device: str = "auto",
+    threads: int | None = None,
+    tracker: Tracker | None = None,
+    log=print,
+) -> dict:
+    tracker = tracker or Tracker()
+    setup_runtime(threads, 0)
+    dev = resolve_device(device)
+    model, ckpt = model_from_checkpoint(model_path, dev)
+    hist = read_json(history_path)
+    data = load_prepared(dataset_manifest)
+    info = data.info
+    res = evaluate(model, eval_loader(data.test, info, EVAL_BATCH, dev))
+    ops = count_bitops(model, (info.in_channels, info.image_size, info.image_size))
+    summary = summarize_history(hist["history"])
+    last_recorded = hist["history"][-1]["test_top1"]
+    metrics = {
+        **cell,
+        "top1": res["top1"],
+        **({"top5": res["top5"]} if info.num_classes >= 100 else {}),
+        **summary,
+        "fp_top1": hist.get("fp_test_top1"),
+        "model_size_bits": model_size_bits(model),
+        "macs": sum(o.macs for o in ops),
+        "bitops": sum(o.bitops for o in ops),
+        "wall_time_s": hist["wall_time_s"],
+        "checkpoint_matches_history": abs(res["top1"] - last_recorded) < 1e-6,
+    }
+    if not metrics["checkpoint_matches_history"]:
+        log(f"warning: saved model scores {res['top1']:.2f}% but the last epoch recorded {last_recorded:.2f}%")
+    write_json(out_metrics, metrics)
+    tracker.log_params(cell)
+    tracker.log_metrics({k: v for k, v in metrics.items() if k not in cell})
+    tracker.log_artifact(out_metrics)
+    log(f"{cell}: top-1 {res['top1']:.2f}% (last {summary['last_top1']:.2f}, best {summary['best_top1']:.2f})")
+    return metrics

@@ -1,0 +1,134 @@
+"""Stage ``fp-model``: train the full-precision model from scratch, or load a local checkpoint ("fetch").
+
+A loaded checkpoint may be a zsqpipe checkpoint, a plain ``state_dict`` (e.g. pytorchcv's
+``resnet20_cifar10-*.pth``) or a dict with a ``state_dict``/``model`` entry. Either way the model's test
+accuracy is measured and recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsqpipe.config import FPConfig
+from zsqpipe.data import make_loader
+from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler, resolve_device, setup_runtime
+from zsqpipe.errors import ConfigError, IntegrityError
+from zsqpipe.io import save_checkpoint, sha256_file, write_json
+from zsqpipe.models import create_model
+from zsqpipe.stages.common import eval_loader
+from zsqpipe.stages.data import load_prepared
+from zsqpipe.tracking import Tracker
+
+
+def _load_external(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"fp_model.checkpoint: file {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise IntegrityError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in obj.items()})
+    except (RuntimeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise IntegrityError(f"{path}: does not match the architecture: {first}") from e
+
+
+def train_fp(model, data, cfg: FPConfig, device, tracker: Tracker, log=print) -> list[dict]:
+    """Supervised training with SGD and a per-step LR schedule; evaluates val and test after each epoch."""
+    loader = make_loader(data.train, data.info, cfg.batch_size, train=True, seed=cfg.seed, device=device,
+                         channels_last=cfg.channels_last, augment=cfg.augment)
+    val = eval_loader(data.val, data.info, cfg.eval_batch_size, device, cfg.channels_last)
+    test = eval_loader(data.test, data.info, cfg.eval_batch_size, device, cfg.channels_last)
+    opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    sched = make_scheduler(opt, cfg.schedule, cfg.epochs * steps_per_epoch, cfg.warmup_frac)
+    history, timer = [], Timer()
+    for epoch in range(cfg.epochs):
+        model.train()
+        total, steps = 0.0, 0
+        for x, y in loader:
+            if steps == steps_per_epoch:
+                break
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+            steps += 1
+        v, t = evaluate(model, val), evaluate(model, test)
+        rec = {"epoch": epoch, "train_loss": total / max(steps, 1), "val_top1": v["top1"], "test_top1": t["top1"],
+               "test_top5": t["top5"], "time_s": timer()}
+        history.append(rec)
+        tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
+        log(f"epoch {epoch}: loss {rec['train_loss']:.4f} val {v['top1']:.2f} test {t['top1']:.2f} "
+            f"({rec['time_s']:.0f}s)")
+    return history
+
+
+def run_fp_model(
+    dataset_manifest: Path,
+    arch: str,
+    cfg: FPConfig,
+    out_model: Path,
+    out_metrics: Path,
+    device: str = "auto",
+    threads: int | None = None,
+    tracker: Tracker | None = None,
+    log=print,
+) -> dict:
+    tracker = tracker or Tracker()
+    dev = resolve_device(device)
+    setup_runtime(threads, cfg.seed, cfg.deterministic)
+    data = load_prepared(dataset_manifest)
+    info = data.info
+    model = create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                         image_size=info.image_size)
+    tracker.log_params({"arch": arch, "dataset": info.name, "fp": asdict(cfg), "device": str(dev)})
+    timer = Timer()
+    history: list[dict] = []
+    source = "trained"
+    if cfg.checkpoint:
+        _load_external(model, Path(cfg.checkpoint))
+        source = f"checkpoint:{cfg.checkpoint}"
+        model = model.to(dev)
+    else:
+        model = model.to(dev)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        history = train_fp(model, data, cfg, dev, tracker, log)
+    test = evaluate(model, eval_loader(data.test, info, cfg.eval_batch_size, dev, cfg.channels_last))
+    val = evaluate(model, eval_loader(data.val, info, cfg.eval_batch_size, dev, cfg.channels_last))
+    model = model.to(memory_format=torch.contiguous_format)
+    metrics = {
+        "dataset": info.name, "arch": arch, "source": source,
+        "test_top1": test["top1"], "test_top5": test["top5"], "val_top1": val["top1"],
+        "wall_time_s": timer(), "history": history,
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+    ckpt = {
+        "arch": arch, "dataset": info.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
+        "image_size": info.image_size, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "quant": None, "config": asdict(cfg), "test_top1": test["top1"],
+    }
+    if cfg.checkpoint:
+        metrics["checkpoint_sha256"] = sha256_file(cfg.checkpoint)
+    save_checkpoint(out_model, ckpt)
+    write_json(out_metrics, metrics)
+    tracker.log_metrics({"final_test_top1": test["top1"], "final_val_top1": val["top1"],
+                         "wall_time_s": metrics["wall_time_s"]})
+    tracker.log_artifact(out_metrics)
+    tracker.log_artifact(out_model, "checkpoint")
+    log(f"FP {arch} on {info.name}: test top-1 {test['top1']:.2f}%")
+    return metrics
