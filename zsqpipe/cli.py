@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -55,18 +56,30 @@ def stage_command(fn):
 
 def tracking_options(fn):
     """Options every tracked stage shares: the tracking file and the run's identity tags."""
-    fn = click.option("--tracking", type=EXISTING, default=None,
-                      help="tracking.json written by `zsqpipe tracking-init` (omit: no MLflow run).")(fn)
-    fn = click.option("--rule", default="manual", show_default=True, help="Snakemake rule name (MLflow tag).")(fn)
+    fn = click.option(
+        "--tracking",
+        type=EXISTING,
+        default=None,
+        help="tracking.json written by `zsqpipe tracking-init` (omit: no MLflow run).",
+    )(fn)
+    fn = click.option(
+        "--rule", default="manual", show_default=True, help="Snakemake rule name (MLflow tag)."
+    )(fn)
     fn = click.option("--wildcards", default="", help="Snakemake wildcards, 'k=v, ...' (MLflow tag).")(fn)
     fn = click.option("--log-file", type=PATH, default=None, help="This job's log, attached to the run.")(fn)
     return fn
 
 
 def runtime_options(fn):
-    fn = click.option("--device", default="auto", show_default=True,
-                      help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")(fn)
-    fn = click.option("--threads", type=int, default=None, help="torch CPU threads (the rule's `threads`).")(fn)
+    fn = click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+    )(fn)
+    fn = click.option("--threads", type=int, default=None, help="torch CPU threads (the rule's `threads`).")(
+        fn
+    )
     return fn
 
 
@@ -94,8 +107,13 @@ def cli():
 @click.option("--out", type=PATH, required=True, help="Where to write tracking.json.")
 @click.option("--experiment", default="zsqpipe", show_default=True, help="MLflow experiment name.")
 @click.option("--enabled/--disabled", default=True, show_default=True, help="Turn MLflow tracking on or off.")
-@click.option("--results-dir", type=PATH, default=Path("results"), show_default=True,
-              help="Default SQLite store lives in RESULTS_DIR/mlflow (ignored if MLFLOW_TRACKING_URI is set).")
+@click.option(
+    "--results-dir",
+    type=PATH,
+    default=Path("results"),
+    show_default=True,
+    help="Default SQLite store lives in RESULTS_DIR/mlflow (ignored if MLFLOW_TRACKING_URI is set).",
+)
 @stage_command
 def tracking_init(out, experiment, enabled, results_dir):
     """Create the MLflow store and experiment once, before jobs fan out."""
@@ -106,18 +124,31 @@ def tracking_init(out, experiment, enabled, results_dir):
 
 
 @cli.command("data")
-@click.option("--dataset", required=True, help="Registered dataset: fashion_mnist, cifar10, cifar100, imagenet.")
-@click.option("--params", "params_json", default="{}", help="Data config as JSON (data_dir, allow_download, ...).")
+@click.option(
+    "--dataset", required=True, help="Registered dataset: fashion_mnist, cifar10, cifar100, imagenet."
+)
+@click.option(
+    "--params", "params_json", default="{}", help="Data config as JSON (data_dir, allow_download, ...)."
+)
 @click.option("--out", type=PATH, required=True, help="Manifest to write (JSON).")
+@tracking_options
 @stage_command
-def data_cmd(dataset, params_json, out):
+def data_cmd(dataset, params_json, out, tracking, rule, wildcards, log_file):
     """Locate and verify DATASET, fix the seeded validation split, write a manifest."""
     from zsqpipe.config import DataConfig, from_dict
     from zsqpipe.stages.data import prepare_data
 
-    cfg = from_dict(DataConfig, _json(params_json, "--params"), "data")
-    m = prepare_data(dataset, cfg, out)
-    _log(f"{dataset}: {m['n_train']} train / {m['n_val']} val / {m['n_test']} test -> {out}")
+    params = _json(params_json, "--params")
+    cfg = from_dict(DataConfig, params, "data")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, params)
+    with tracker.run(name, tags):
+        m = prepare_data(dataset, cfg, out)
+        tracker.log_params({"dataset": dataset, "data": params})
+        tracker.log_metrics({k: m[k] for k in ("n_train", "n_val", "n_test")})
+        tracker.log_artifact(out)
+        _log(f"{dataset}: {m['n_train']} train / {m['n_val']} val / {m['n_test']} test -> {out}")
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("fp-model")
@@ -129,8 +160,9 @@ def data_cmd(dataset, params_json, out):
 @runtime_options
 @tracking_options
 @stage_command
-def fp_model_cmd(manifest, arch, params_json, out_model, out_metrics, device, threads, tracking, rule, wildcards,
-                 log_file):
+def fp_model_cmd(
+    manifest, arch, params_json, out_model, out_metrics, device, threads, tracking, rule, wildcards, log_file
+):
     """Train the full-precision model from scratch, or load a local checkpoint."""
     from zsqpipe.config import FPConfig, from_dict
     from zsqpipe.stages.fp_model import run_fp_model
@@ -151,15 +183,33 @@ def fp_model_cmd(manifest, arch, params_json, out_model, out_metrics, device, th
 @click.option("--wbits", type=int, required=True, help="Weight bits.")
 @click.option("--abits", type=int, required=True, help="Activation bits.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quant-params", default="{}", help="QuantConfig fields as JSON (bits come from --wbits/--abits).")
+@click.option(
+    "--quant-params", default="{}", help="QuantConfig fields as JSON (bits come from --wbits/--abits)."
+)
 @click.option("--method-params", default="{}", help="The method's hyperparameters as JSON.")
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
 @runtime_options
 @tracking_options
 @stage_command
-def quantize_cmd(fp_ckpt, manifest, method, wbits, abits, seed, quant_params, method_params, out_model,
-                 out_history, device, threads, tracking, rule, wildcards, log_file):
+def quantize_cmd(
+    fp_ckpt,
+    manifest,
+    method,
+    wbits,
+    abits,
+    seed,
+    quant_params,
+    method_params,
+    out_model,
+    out_history,
+    device,
+    threads,
+    tracking,
+    rule,
+    wildcards,
+    log_file,
+):
     """Quantize the FP model and calibrate / fine-tune it with METHOD."""
     from zsqpipe.quant import QuantConfig
     from zsqpipe.stages.quantize import run_quantize
@@ -168,11 +218,24 @@ def quantize_cmd(fp_ckpt, manifest, method, wbits, abits, seed, quant_params, me
     q.update(weight_bits=wbits, act_bits=abits)
     qcfg = QuantConfig.from_dict(q)
     mcfg = _json(method_params, "--method-params")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"quant": q, "method": method, "cfg": mcfg,
-                                                               "seed": seed})
+    tracker, name, tags = _tracker(
+        tracking, rule, wildcards, {"quant": q, "method": method, "cfg": mcfg, "seed": seed}
+    )
     with tracker.run(name, tags):
-        run_quantize(fp_ckpt, manifest, method, mcfg, qcfg, seed, out_model, out_history, device, threads,
-                     tracker, _log)
+        run_quantize(
+            fp_ckpt,
+            manifest,
+            method,
+            mcfg,
+            qcfg,
+            seed,
+            out_model,
+            out_history,
+            device,
+            threads,
+            tracker,
+            _log,
+        )
         if log_file:
             tracker.log_artifact(log_file, "logs")
 
@@ -181,14 +244,19 @@ def quantize_cmd(fp_ckpt, manifest, method, wbits, abits, seed, quant_params, me
 @click.option("--model", "model_path", type=EXISTING, required=True, help="Quantized model from `quantize`.")
 @click.option("--history", type=EXISTING, required=True, help="history.json from `quantize`.")
 @click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
-@click.option("--cell", "cell_json", required=True,
-              help='Identity of the result as JSON: {"dataset", "arch", "method", "w_bits", "a_bits", "seed"}.')
+@click.option(
+    "--cell",
+    "cell_json",
+    required=True,
+    help='Identity of the result as JSON: {"dataset", "arch", "method", "w_bits", "a_bits", "seed"}.',
+)
 @click.option("--out", type=PATH, required=True, help="metrics.json to write.")
 @runtime_options
 @tracking_options
 @stage_command
-def evaluate_cmd(model_path, history, manifest, cell_json, out, device, threads, tracking, rule, wildcards,
-                 log_file):
+def evaluate_cmd(
+    model_path, history, manifest, cell_json, out, device, threads, tracking, rule, wildcards, log_file
+):
     """Test a quantized model; write top-1/top-5, last/best-epoch accuracy, size and BitOPs."""
     from zsqpipe.stages.evaluate import run_evaluate
 
@@ -217,10 +285,18 @@ def aggregate_cmd(metrics, out_csv, out_md, title, tracking, rule, wildcards, lo
         tracker.log_params({"n_metrics": len(metrics), "rows": len(table)})
         tracker.log_artifact(out_csv, "tables")
         tracker.log_artifact(out_md, "tables")
-    _log(f"{len(table)} rows -> {out_csv}")
+        _log(f"{len(table)} rows -> {out_csv}")
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+def _terminate(signum, _frame):
+    # SIGTERM (Snakemake, Slurm) unwinds like an exception: temp files are removed, the MLflow run is FAILED
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="zsqpipe")
 
 

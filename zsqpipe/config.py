@@ -73,7 +73,9 @@ class FPConfig:
 
     checkpoint: str | None = None
     epochs: int = 3
-    max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (smoke tests); null = full epochs
+    max_steps_per_epoch: int | None = (
+        None  # cap on optimizer steps per epoch (smoke tests); null = full epochs
+    )
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.2
@@ -82,6 +84,7 @@ class FPConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     warmup_frac: float = 0.15
+    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
     label_smoothing: float = 0.0
     augment: bool = True
     seed: int = 0
@@ -127,7 +130,7 @@ def _error_line(err) -> str:
         return f"config key '{key}': unknown key (allowed: {', '.join(sorted(err.schema.get('properties', {})))})"
     if err.validator == "enum":
         return f"config key '{path}': {err.instance!r} is not one of {err.validator_value}"
-    if err.validator == "pattern" and err.schema.get("description"):
+    if err.validator in ("pattern", "anyOf", "oneOf") and err.schema.get("description"):
         return f"config key '{path}': {err.instance!r} is invalid; expected {err.schema['description']}"
     return f"config key '{path}': {err.message}"
 
@@ -143,7 +146,9 @@ def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     instance = copy.deepcopy(config)
     _fill_defaults(schema, instance)
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    errors = sorted(
+        validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), str(e.absolute_path))
+    )
     if errors:
         raise ConfigError(_error_line(jsonschema.exceptions.best_match(errors)))
     return instance

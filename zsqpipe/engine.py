@@ -79,7 +79,11 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch (``batchmean``, IntraQ/HAST form)."""
     t = temperature
     return (
-        F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="batchmean")
+        F.kl_div(
+            F.log_softmax(student_logits / t, dim=1),
+            F.softmax(teacher_logits / t, dim=1),
+            reduction="batchmean",
+        )
         * t
         * t
     )
@@ -87,23 +91,32 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 
 def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float, nesterov: bool):
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               nesterov=nesterov and momentum > 0)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
+        )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ConfigError(f"optimizer: expected 'sgd' or 'adam', got {name!r}")
 
 
-def make_scheduler(optimizer, name: str, total_steps: int, warmup_frac: float = 0.0, milestones=(), gamma=0.1):
-    """Per-step LR schedule: ``onecycle``, ``cosine`` (with linear warm-up), ``step`` (milestones as fractions
-    of training) or ``constant``."""
+def make_scheduler(
+    optimizer, name: str, total_steps: int, warmup_frac: float = 0.0, milestones=(), gamma=0.1
+):
+    """Per-step LR schedule: ``onecycle``, ``cosine`` (with linear warm-up), ``step`` (LR x ``gamma`` at each
+    milestone, given as a fraction of training) or ``constant``."""
     total_steps = max(int(total_steps), 1)
     warm = int(round(warmup_frac * total_steps))
 
     if name == "onecycle":
         lr = [g["lr"] for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
-                                                   pct_start=max(warmup_frac, 1e-3))
+        # cycle_momentum=False: the configured momentum is used as given
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=lr,
+            total_steps=total_steps,
+            pct_start=max(warmup_frac, 1e-3),
+            cycle_momentum=False,
+        )
 
     def factor(step: int) -> float:
         if step < warm:

@@ -13,6 +13,9 @@ from typing import Any
 
 from zsqpipe.errors import IntegrityError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -25,6 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -60,7 +64,9 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise IntegrityError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise IntegrityError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is corrupt") from None
+        raise IntegrityError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is corrupt"
+        ) from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -92,7 +98,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise IntegrityError(f"{path}: cannot load checkpoint (truncated or corrupt?): {type(e).__name__}: {e}") from e
+        raise IntegrityError(
+            f"{path}: cannot load checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(obj, dict):
         raise IntegrityError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     return obj

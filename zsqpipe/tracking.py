@@ -58,8 +58,13 @@ def init_tracking(out: str | os.PathLike, enabled: bool, experiment: str, result
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -79,8 +84,11 @@ class Tracker:
         return cls(read_json(path) if path else None)
 
     def _fail(self, what: str, err: Exception) -> None:
-        print(f"zsqpipe: MLflow tracking failed during {what} ({type(err).__name__}: {err}); "
-              "continuing without tracking, results are still written to files", file=sys.stderr)
+        print(
+            f"zsqpipe: MLflow tracking failed during {what} ({type(err).__name__}: {err}); "
+            "continuing without tracking, results are still written to files",
+            file=sys.stderr,
+        )
         self.enabled = False
 
     def _call(self, what: str, fn, *args, retries: int = 3, **kwargs):
@@ -123,10 +131,14 @@ class Tracker:
         flat = {k: ("null" if v is None else str(v))[:6000] for k, v in flatten_dict(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):
-            self._call("log_params", self._mlflow.log_params, dict(items[i : i + 100])) if self.enabled else None
+            self._call(
+                "log_params", self._mlflow.log_params, dict(items[i : i + 100])
+            ) if self.enabled else None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        clean = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
         if clean and self.enabled:
             self._call("log_metrics", self._mlflow.log_metrics, clean, step=step)
 

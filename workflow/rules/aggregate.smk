@@ -15,7 +15,9 @@ rule aggregate_hast:
     benchmark:
         f"{BENCH}/aggregate/hast.tsv"
     localrule: True
+    conda:
+        "../envs/zsqpipe.yaml"
     shell:
-        "zsqpipe aggregate {input.metrics} --out-csv {output.csv} --out-md {output.md}"
-        " --title 'HAST table: zero-shot quantization' --tracking {input.tracking} --rule {rule}"
+        "python3 -m zsqpipe aggregate {input.metrics} --out-csv {output.csv} --out-md {output.md}"
+        " --title 'HAST table: zero-shot quantization' --tracking {input.tracking} --rule aggregate_hast"
         " --log-file {log} > {log} 2>&1"

@@ -1,11 +1,12 @@
 # Helpers shared by all rules: config validation, params builders, code versions, output paths.
+import os
+import shutil
 import sys
 
 from zsqpipe.codehash import code_version
 from zsqpipe.config import canonical_json, validate_config
 from zsqpipe.errors import ConfigError
-from zsqpipe.methods import METHOD_NAMES
-from zsqpipe.data import DATASETS
+from zsqpipe.names import ARCH_NAMES, DATASET_NAMES, METHOD_NAMES
 
 
 try:
@@ -17,8 +18,8 @@ config.update(_validated)
 
 
 wildcard_constraints:
-    dataset="|".join(DATASETS),
-    arch=r"[a-z0-9_]+",
+    dataset="|".join(DATASET_NAMES),
+    arch="|".join(ARCH_NAMES),
     method="|".join(METHOD_NAMES),
     wbits=r"\d+",
     abits=r"\d+",
@@ -33,8 +34,17 @@ QUANT_DIR = "results/quant/{dataset}/{arch}/{method}/w{wbits}a{abits}/seed{seed}
 
 
 def gpus(wildcards=None):
-    """GPUs a training job asks for (Snakemake resource `gpu`): 1 when the device is CUDA."""
-    return 1 if config["device"].startswith("cuda") else 0
+    """GPUs a training job asks for (Snakemake resource `gpu`): 1 for `cuda*`, and for `auto` on a machine
+    with an NVIDIA driver (so the profile's `gpu` pool serialises GPU jobs)."""
+    device = config["device"]
+    if device == "auto":
+        return 1 if shutil.which("nvidia-smi") else 0
+    return 1 if device.startswith("cuda") else 0
+
+
+def tracking_uri():
+    """The MLflow store in use: a param of mlflow_init only (switching stores reruns nothing else)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:results/mlflow/mlflow.db")
 
 
 def data_params(wildcards):

@@ -6,17 +6,22 @@ rule mlflow_init:
         TRACKING,
     params:
         experiment=config["experiment"],
+        uri=tracking_uri(),
         flag="--enabled" if config["tracking"] else "--disabled",
     log:
         f"{LOGS}/mlflow_init.log",
     benchmark:
         f"{BENCH}/mlflow_init.tsv"
     localrule: True
+    conda:
+        "../envs/zsqpipe.yaml"
     shell:
-        "zsqpipe tracking-init --out {output} --experiment {params.experiment:q} {params.flag} > {log} 2>&1"
+        "python3 -m zsqpipe tracking-init --out {output} --experiment {params.experiment:q} {params.flag} > {log} 2>&1"
 
 
 rule data:
+    input:
+        tracking=ancient(TRACKING),
     output:
         f"{RESULTS}/data/{{dataset}}/manifest.json",
     params:
@@ -29,5 +34,8 @@ rule data:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/zsqpipe.yaml"
     shell:
-        "zsqpipe data --dataset {wildcards.dataset} --params {params.cfg:q} --out {output} > {log} 2>&1"
+        "python3 -m zsqpipe data --dataset {wildcards.dataset} --params {params.cfg:q} --out {output}"
+        " --tracking {input.tracking} --rule data --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"

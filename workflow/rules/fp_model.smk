@@ -22,8 +22,10 @@ rule fp_model:
         mem_mb=8000,
         runtime=240,
         gpu=gpus,
+    conda:
+        "../envs/zsqpipe.yaml"
     shell:
-        "zsqpipe fp-model --data {input.data} --arch {wildcards.arch} --params {params.cfg:q}"
+        "python3 -m zsqpipe fp-model --data {input.data} --arch {wildcards.arch} --params {params.cfg:q}"
         " --out-model {output.model} --out-metrics {output.metrics} --device {params.device}"
-        " --threads {threads} --tracking {input.tracking} --rule {rule} --wildcards '{wildcards}'"
+        " --threads {threads} --tracking {input.tracking} --rule fp_model --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"

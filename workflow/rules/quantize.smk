@@ -23,12 +23,14 @@ rule quantize:
         mem_mb=8000,
         runtime=240,
         gpu=gpus,
+    conda:
+        "../envs/zsqpipe.yaml"
     shell:
-        "zsqpipe quantize --fp {input.fp} --data {input.data} --method {wildcards.method}"
+        "python3 -m zsqpipe quantize --fp {input.fp} --data {input.data} --method {wildcards.method}"
         " --wbits {wildcards.wbits} --abits {wildcards.abits} --seed {wildcards.seed}"
         " --quant-params {params.quant:q} --method-params {params.method:q}"
         " --out-model {output.model} --out-history {output.history} --device {params.device}"
-        " --threads {threads} --tracking {input.tracking} --rule {rule} --wildcards '{wildcards}'"
+        " --threads {threads} --tracking {input.tracking} --rule quantize --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"
 
 
@@ -53,7 +55,9 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
         gpu=gpus,
+    conda:
+        "../envs/zsqpipe.yaml"
     shell:
-        "zsqpipe evaluate --model {input.model} --history {input.history} --data {input.data}"
+        "python3 -m zsqpipe evaluate --model {input.model} --history {input.history} --data {input.data}"
         " --cell {params.cell:q} --out {output} --device {params.device} --threads {threads}"
-        " --tracking {input.tracking} --rule {rule} --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"
+        " --tracking {input.tracking} --rule evaluate --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"

@@ -12,9 +12,7 @@ from torch import nn
 
 from zsqpipe.config import from_dict
 from zsqpipe.errors import ConfigError
-
-# Every method shipped with zsqpipe (module zsqpipe/methods/<name>.py). The config schema lists the same names.
-METHOD_NAMES = ("real", "ptq")
+from zsqpipe.names import METHOD_NAMES  # every method shipped (module zsqpipe/methods/<name>.py)
 
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -29,5 +29,5 @@ class PostTrainingQuantization(Method):
         n_batches = max(1, -(-c.calib_images // c.batch_size))
         ctx.student.eval()
         loader = ctx.train_loader_factory(c.batch_size, ctx.seed, augment=False)
-        calibrate(ctx.student, infinite(loader), n_batches)
+        calibrate(ctx.student, infinite(loader), n_batches, ctx.log)
         ctx.end_epoch(0, {})

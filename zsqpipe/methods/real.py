@@ -33,6 +33,7 @@ class RealConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
     calib_batches: int = 20
     kd_temperature: float = 4.0
     kd_weight: float = 1.0
@@ -40,8 +41,18 @@ class RealConfig:
     bn_train: bool = False
 
 
-def calibrate(student, batches, calib_batches: int) -> None:
+OFFICIAL_EMA_MIN_STEPS = 200
+
+
+def calibrate(student, batches, calib_batches: int, log=print) -> None:
     """Run ``calib_batches`` batches through ``student`` with range updates on, then freeze the ranges."""
+    if calib_batches < OFFICIAL_EMA_MIN_STEPS and any(
+        getattr(m, "ema_mode", None) == "official" for m in student.modules()
+    ):
+        log(
+            f"warning: quant.ema_mode=official with {calib_batches} calibration steps: the official range update "
+            f"inflates ranges for its first ~150 steps (docs/quantization.md); use >= {OFFICIAL_EMA_MIN_STEPS}"
+        )
     set_quant_state(student, enabled=True, update_ranges=True)
     with torch.no_grad():
         for _ in range(calib_batches):
@@ -60,10 +71,10 @@ class RealData(Method):
         batches = infinite(ctx.train_loader_factory(c.batch_size, ctx.seed))
         student, teacher = ctx.student, ctx.teacher
         student.eval()
-        calibrate(student, batches, c.calib_batches)
+        calibrate(student, batches, c.calib_batches, ctx.log)
         student.train(c.bn_train)
         opt = make_optimizer(student.parameters(), c.optimizer, c.lr, c.momentum, c.weight_decay, c.nesterov)
-        sched = make_scheduler(opt, c.schedule, c.epochs * c.iters_per_epoch)
+        sched = make_scheduler(opt, c.schedule, c.epochs * c.iters_per_epoch, milestones=c.milestones)
         for epoch in range(c.epochs):
             total = 0.0
             for _ in range(c.iters_per_epoch):

@@ -14,8 +14,14 @@ FP_BITS = 32  # bits == 32 leaves a layer in full precision
 
 
 def check_bits(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= MAX_BITS or value == FP_BITS):
-        raise ConfigError(f"{key}: expected an integer bit-width in 1..{MAX_BITS} (or {FP_BITS} = FP), got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not (1 <= value <= MAX_BITS or value == FP_BITS)
+    ):
+        raise ConfigError(
+            f"{key}: expected an integer bit-width in 1..{MAX_BITS} (or {FP_BITS} = FP), got {value!r}"
+        )
     return value
 
 
@@ -53,7 +59,9 @@ class QuantConfig:
             if getattr(self, key) is not None:
                 check_bits(f"quant.{key}", getattr(self, key))
         if not isinstance(self.layer_bits, dict):
-            raise ConfigError(f"quant.layer_bits: expected a mapping of module name to bits, got {self.layer_bits!r}")
+            raise ConfigError(
+                f"quant.layer_bits: expected a mapping of module name to bits, got {self.layer_bits!r}"
+            )
         for name, bits in self.layer_bits.items():
             check_bits(f"quant.layer_bits.{name}", bits)
         if self.ste not in STE_MODES:

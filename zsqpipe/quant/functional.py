@@ -45,7 +45,9 @@ def _per_channel(x, scale, zero_point, axis, qmax):
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, 0, qmax)
 
 
-def fake_quant_per_tensor(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, ste: str = "identity"):
+def fake_quant_per_tensor(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, ste: str = "identity"
+):
     """Asymmetric per-tensor fake quantization of ``x`` to ``bits`` over [lo, hi] (0-d or 1-element tensors)."""
     scale, zp = qparams(lo.reshape(1).float(), hi.reshape(1).float(), bits)
     zp = zp.to(torch.int32)

@@ -16,10 +16,17 @@ class QuantConv2d(nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer: Quantizer) -> QuantConv2d:
-        q = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
+        q = cls(  # built on the meta device: no throw-away init, no draw from the global RNG
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
         )
         q.weight = conv.weight
         q.bias = conv.bias
@@ -35,8 +42,7 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer: Quantizer) -> QuantLinear:
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                device=linear.weight.device, dtype=linear.weight.dtype)
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         q.weight = linear.weight
         q.bias = linear.bias
         q.weight_quantizer = weight_quantizer

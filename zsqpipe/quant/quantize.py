@@ -36,7 +36,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     known = {n for n, _ in layers} | {n for n, _ in acts}
     unknown = sorted(set(cfg.layer_bits) - known)
     if unknown:
-        raise ConfigError(f"quant.layer_bits.{unknown[0]}: no Conv2d/Linear/ReLU module of that name in the model")
+        raise ConfigError(
+            f"quant.layer_bits.{unknown[0]}: no Conv2d/Linear/ReLU module of that name in the model"
+        )
     first, last = layers[0][0], layers[-1][0]
     for name, layer in layers:
         bits = cfg.weight_bits
@@ -50,8 +52,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         _set_module(model, name, cls.from_float(layer, wq))
     for name, act in acts:
         bits = cfg.layer_bits.get(name, cfg.act_bits)
-        aq = create_quantizer(cfg.act_quantizer, "act", bits, ste=cfg.ste, momentum=cfg.ema_momentum,
-                              ema_mode=cfg.ema_mode)
+        aq = create_quantizer(
+            cfg.act_quantizer, "act", bits, ste=cfg.ste, momentum=cfg.ema_momentum, ema_mode=cfg.ema_mode
+        )
         _set_module(model, name, nn.Sequential(act, QuantAct(aq)))
     return model
 
@@ -108,7 +111,13 @@ def count_bitops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerOp
             a_bits = getattr(x, "_zsq_bits", FP_BITS)
             w_bits = m.weight_quantizer.bits if isinstance(m, _QUANT_LAYERS) else FP_BITS
             if isinstance(m, nn.Conv2d):
-                macs = out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+                macs = (
+                    out.numel()
+                    // out.shape[0]
+                    * (m.in_channels // m.groups)
+                    * m.kernel_size[0]
+                    * m.kernel_size[1]
+                )
             else:
                 macs = out.numel() // out.shape[0] * m.in_features
             records.append(LayerOps(name, int(macs), min(w_bits, FP_BITS), min(a_bits, FP_BITS)))

@@ -35,10 +35,14 @@ def register_quantizer(name: str) -> Callable[[type], type]:
 
 def create_quantizer(name: str, kind: str, bits: int, **kwargs) -> Quantizer:
     if name not in QUANTIZERS:
-        raise ConfigError(f"quant.{kind}_quantizer: unknown quantizer {name!r}; expected one of {sorted(QUANTIZERS)}")
+        raise ConfigError(
+            f"quant.{kind}_quantizer: unknown quantizer {name!r}; expected one of {sorted(QUANTIZERS)}"
+        )
     cls = QUANTIZERS[name]
     if kind not in cls.kinds:
-        raise ConfigError(f"quant.{kind}_quantizer: {name!r} cannot quantize {kind}s (it supports {cls.kinds})")
+        raise ConfigError(
+            f"quant.{kind}_quantizer: {name!r} cannot quantize {kind}s (it supports {cls.kinds})"
+        )
     return cls(bits=bits, **kwargs)
 
 
@@ -94,7 +98,9 @@ class EMAMinMaxQuantizer(Quantizer):
 
     kinds = ("act",)
 
-    def __init__(self, bits: int, ste: str = "identity", momentum: float = 0.9, ema_mode: str = "correct", **_):
+    def __init__(
+        self, bits: int, ste: str = "identity", momentum: float = 0.9, ema_mode: str = "correct", **_
+    ):
         super().__init__(bits, ste)
         self.momentum = float(momentum)
         self.ema_mode = ema_mode
@@ -104,6 +110,10 @@ class EMAMinMaxQuantizer(Quantizer):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._has_range = False  # python-side cache of num_updates > 0 (avoids a device sync per forward)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._has_range = bool(self.num_updates.item() > 0)
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = torch.aminmax(x.detach())
@@ -112,7 +122,7 @@ class EMAMinMaxQuantizer(Quantizer):
             self.beta_t.mul_(beta)
             self.x_min.copy_((self.x_min * beta + lo * (1 - beta)) / (1 - self.beta_t))
             self.x_max.copy_((self.x_max * beta + hi * (1 - beta)) / (1 - self.beta_t))
-        elif self.num_updates == 0:
+        elif not self._has_range:
             self.x_min.copy_(lo)
             self.x_max.copy_(hi)
         else:
@@ -127,9 +137,7 @@ class EMAMinMaxQuantizer(Quantizer):
         if not self.active:
             return x
         if not self._has_range:
-            if self.num_updates.item() == 0:
-                raise RuntimeError("activation quantizer has no range yet: calibrate (update_ranges=True) first")
-            self._has_range = True
+            raise RuntimeError("activation quantizer has no range yet: calibrate (update_ranges=True) first")
         return fake_quant_per_tensor(x, self.x_min, self.x_max, self.bits, self.ste)
 
     def extra_repr(self) -> str:

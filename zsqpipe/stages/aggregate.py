@@ -67,21 +67,43 @@ def _pm(mean: float, std: float) -> str:
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:
-    cols = ["dataset", "arch", "method", "bits", "FP", "seeds", "last", "best (test-selected)", "val-sel",
-            "wall s", "size KiB", "BitOPs (G)"]
+    cols = [
+        "dataset",
+        "arch",
+        "method",
+        "bits",
+        "FP",
+        "seeds",
+        "last",
+        "best (test-selected)",
+        "val-sel",
+        "wall s",
+        "size KiB",
+        "BitOPs (G)",
+    ]
     lines = [f"# {title}", "", NOTE, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in table.iterrows():
         cells = [
-            r["dataset"], r["arch"], r["method"], r["bits"], f"{r['fp_top1']:.2f}", f"{r['n_seeds']} ({r['seeds']})",
-            _pm(r["last_top1_mean"], r["last_top1_std"]), _pm(r["best_top1_mean"], r["best_top1_std"]),
-            _pm(r["val_selected_top1_mean"], r["val_selected_top1_std"]), f"{r['wall_time_s_mean']:.0f}",
-            f"{r.get('model_size_bits', np.nan) / 8 / 1024:.1f}", f"{r.get('bitops', np.nan) / 1e9:.3f}",
+            r["dataset"],
+            r["arch"],
+            r["method"],
+            r["bits"],
+            f"{r['fp_top1']:.2f}",
+            f"{r['n_seeds']} ({r['seeds']})",
+            _pm(r["last_top1_mean"], r["last_top1_std"]),
+            _pm(r["best_top1_mean"], r["best_top1_std"]),
+            _pm(r["val_selected_top1_mean"], r["val_selected_top1_std"]),
+            f"{r['wall_time_s_mean']:.0f}",
+            f"{r.get('model_size_bits', np.nan) / 8 / 1024:.1f}",
+            f"{r.get('bitops', np.nan) / 1e9:.3f}",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def run_aggregate(metrics_paths: list[Path], out_csv: Path, out_md: Path, title: str = "zsqpipe results") -> pd.DataFrame:
+def run_aggregate(
+    metrics_paths: list[Path], out_csv: Path, out_md: Path, title: str = "zsqpipe results"
+) -> pd.DataFrame:
     table = summarize(load_metrics(metrics_paths))
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")

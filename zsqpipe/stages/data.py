@@ -16,7 +16,7 @@ from zsqpipe.data import DatasetInfo, ImageData, dataset_info, load_dataset, tra
 from zsqpipe.errors import IntegrityError
 from zsqpipe.io import read_json, sha256_file, write_json
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def prepare_data(dataset: str, cfg: DataConfig, out_manifest: Path) -> dict:
@@ -36,11 +36,13 @@ def prepare_data(dataset: str, cfg: DataConfig, out_manifest: Path) -> dict:
         "val_indices": val_idx.tolist(),
     }
     if isinstance(train, ImageData):
+        manifest["source_dir"] = str(train.source_dir)
         files = sorted({str(p.resolve()) for p in train.files + test.files})
         manifest["files"] = {f: sha256_file(f) for f in files if Path(f).is_file()}
         manifest["shape"] = list(train.images.shape[1:])
         manifest["class_counts_train"] = torch.bincount(train.labels, minlength=info.num_classes).tolist()
     else:  # ImageFolder: record the listing, not the (huge) contents
+        manifest["source_dir"] = str(Path(cfg.data_dir).resolve())
         manifest["files"] = {}
         manifest["classes"] = train.classes
     write_json(out_manifest, manifest)
@@ -60,7 +62,9 @@ def load_prepared(manifest_path: str | Path, verify: bool = True) -> PreparedDat
     """Load the splits described by a ``data`` manifest (train = training set minus validation indices)."""
     m = read_json(manifest_path)
     if m.get("version") != MANIFEST_VERSION:
-        raise IntegrityError(f"{manifest_path}: manifest version {m.get('version')!r}, expected {MANIFEST_VERSION}")
+        raise IntegrityError(
+            f"{manifest_path}: manifest version {m.get('version')!r}, expected {MANIFEST_VERSION}"
+        )
     if verify:
         for f, digest in m.get("files", {}).items():
             if not Path(f).is_file():
@@ -69,8 +73,9 @@ def load_prepared(manifest_path: str | Path, verify: bool = True) -> PreparedDat
                 raise IntegrityError(f"{f}: SHA-256 differs from {manifest_path}; rerun the data stage")
     cfg = DataConfig(**m["config"])
     info = dataset_info(m["dataset"])
-    train = load_dataset(m["dataset"], "train", cfg.data_dir, False)
-    test = load_dataset(m["dataset"], "test", cfg.data_dir, False)
+    source = m["source_dir"]  # the folder the data stage read: the same files, whatever the cwd
+    train = load_dataset(m["dataset"], "train", source, False)
+    test = load_dataset(m["dataset"], "test", source, False)
     if cfg.test_subset is not None and isinstance(test, ImageData):
         test = test.subset(torch.arange(min(cfg.test_subset, len(test))))
     val_idx = torch.tensor(m["val_indices"], dtype=torch.long)
@@ -83,6 +88,6 @@ def load_prepared(manifest_path: str | Path, verify: bool = True) -> PreparedDat
 
     from zsqpipe.data.datasets import imagenet_transform
 
-    plain = load_dataset(m["dataset"], "train", cfg.data_dir, False)
+    plain = load_dataset(m["dataset"], "train", source, False)
     plain.transform = imagenet_transform("test", info)
     return PreparedData(info, Subset(train, train_idx.tolist()), Subset(plain, val_idx.tolist()), test, m)

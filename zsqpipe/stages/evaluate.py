@@ -17,8 +17,9 @@ from zsqpipe.engine import evaluate, resolve_device, setup_runtime
 from zsqpipe.errors import IntegrityError
 from zsqpipe.io import read_json, write_json
 from zsqpipe.quant import count_bitops, model_size_bits
-from zsqpipe.stages.common import eval_loader, model_from_checkpoint
+from zsqpipe.stages.common import eval_loader
 from zsqpipe.stages.data import load_prepared
+from zsqpipe.stages.model_io import model_from_checkpoint
 from zsqpipe.tracking import Tracker
 
 EVAL_BATCH = 1000
@@ -74,10 +75,14 @@ def run_evaluate(
         "checkpoint_matches_history": abs(res["top1"] - last_recorded) < 1e-6,
     }
     if not metrics["checkpoint_matches_history"]:
-        log(f"warning: saved model scores {res['top1']:.2f}% but the last epoch recorded {last_recorded:.2f}%")
+        log(
+            f"warning: saved model scores {res['top1']:.2f}% but the last epoch recorded {last_recorded:.2f}%"
+        )
     write_json(out_metrics, metrics)
     tracker.log_params(cell)
     tracker.log_metrics({k: v for k, v in metrics.items() if k not in cell})
     tracker.log_artifact(out_metrics)
-    log(f"{cell}: top-1 {res['top1']:.2f}% (last {summary['last_top1']:.2f}, best {summary['best_top1']:.2f})")
+    log(
+        f"{cell}: top-1 {res['top1']:.2f}% (last {summary['last_top1']:.2f}, best {summary['best_top1']:.2f})"
+    )
     return metrics

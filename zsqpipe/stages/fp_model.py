@@ -46,13 +46,25 @@ def _load_external(model: nn.Module, path: Path) -> None:
 
 def train_fp(model, data, cfg: FPConfig, device, tracker: Tracker, log=print) -> list[dict]:
     """Supervised training with SGD and a per-step LR schedule; evaluates val and test after each epoch."""
-    loader = make_loader(data.train, data.info, cfg.batch_size, train=True, seed=cfg.seed, device=device,
-                         channels_last=cfg.channels_last, augment=cfg.augment)
+    loader = make_loader(
+        data.train,
+        data.info,
+        cfg.batch_size,
+        train=True,
+        seed=cfg.seed,
+        device=device,
+        channels_last=cfg.channels_last,
+        augment=cfg.augment,
+    )
     val = eval_loader(data.val, data.info, cfg.eval_batch_size, device, cfg.channels_last)
     test = eval_loader(data.test, data.info, cfg.eval_batch_size, device, cfg.channels_last)
-    opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-    sched = make_scheduler(opt, cfg.schedule, cfg.epochs * steps_per_epoch, cfg.warmup_frac)
+    opt = make_optimizer(
+        model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov
+    )
+    steps_per_epoch = (
+        len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    )
+    sched = make_scheduler(opt, cfg.schedule, cfg.epochs * steps_per_epoch, cfg.warmup_frac, cfg.milestones)
     history, timer = [], Timer()
     for epoch in range(cfg.epochs):
         model.train()
@@ -68,12 +80,20 @@ def train_fp(model, data, cfg: FPConfig, device, tracker: Tracker, log=print) ->
             total += float(loss.detach())
             steps += 1
         v, t = evaluate(model, val), evaluate(model, test)
-        rec = {"epoch": epoch, "train_loss": total / max(steps, 1), "val_top1": v["top1"], "test_top1": t["top1"],
-               "test_top5": t["top5"], "time_s": timer()}
+        rec = {
+            "epoch": epoch,
+            "train_loss": total / max(steps, 1),
+            "val_top1": v["top1"],
+            "test_top1": t["top1"],
+            "test_top5": t["top5"],
+            "time_s": timer(),
+        }
         history.append(rec)
         tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
-        log(f"epoch {epoch}: loss {rec['train_loss']:.4f} val {v['top1']:.2f} test {t['top1']:.2f} "
-            f"({rec['time_s']:.0f}s)")
+        log(
+            f"epoch {epoch}: loss {rec['train_loss']:.4f} val {v['top1']:.2f} test {t['top1']:.2f} "
+            f"({rec['time_s']:.0f}s)"
+        )
     return history
 
 
@@ -93,8 +113,9 @@ def run_fp_model(
     setup_runtime(threads, cfg.seed, cfg.deterministic)
     data = load_prepared(dataset_manifest)
     info = data.info
-    model = create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels,
-                         image_size=info.image_size)
+    model = create_model(
+        arch, num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size
+    )
     tracker.log_params({"arch": arch, "dataset": info.name, "fp": asdict(cfg), "device": str(dev)})
     timer = Timer()
     history: list[dict] = []
@@ -112,22 +133,38 @@ def run_fp_model(
     val = evaluate(model, eval_loader(data.val, info, cfg.eval_batch_size, dev, cfg.channels_last))
     model = model.to(memory_format=torch.contiguous_format)
     metrics = {
-        "dataset": info.name, "arch": arch, "source": source,
-        "test_top1": test["top1"], "test_top5": test["top5"], "val_top1": val["top1"],
-        "wall_time_s": timer(), "history": history,
+        "dataset": info.name,
+        "arch": arch,
+        "source": source,
+        "test_top1": test["top1"],
+        "test_top5": test["top5"],
+        "val_top1": val["top1"],
+        "wall_time_s": timer(),
+        "history": history,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
     ckpt = {
-        "arch": arch, "dataset": info.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
-        "image_size": info.image_size, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-        "quant": None, "config": asdict(cfg), "test_top1": test["top1"],
+        "arch": arch,
+        "dataset": info.name,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "image_size": info.image_size,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "quant": None,
+        "config": asdict(cfg),
+        "test_top1": test["top1"],
     }
     if cfg.checkpoint:
         metrics["checkpoint_sha256"] = sha256_file(cfg.checkpoint)
     save_checkpoint(out_model, ckpt)
     write_json(out_metrics, metrics)
-    tracker.log_metrics({"final_test_top1": test["top1"], "final_val_top1": val["top1"],
-                         "wall_time_s": metrics["wall_time_s"]})
+    tracker.log_metrics(
+        {
+            "final_test_top1": test["top1"],
+            "final_val_top1": val["top1"],
+            "wall_time_s": metrics["wall_time_s"],
+        }
+    )
     tracker.log_artifact(out_metrics)
     tracker.log_artifact(out_model, "checkpoint")
     log(f"FP {arch} on {info.name}: test top-1 {test['top1']:.2f}%")

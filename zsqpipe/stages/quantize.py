@@ -18,8 +18,9 @@ from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
 from zsqpipe.io import save_checkpoint, sha256_file, write_json
 from zsqpipe.methods import QuantContext, get_method
 from zsqpipe.quant import QuantConfig, quantize_model
-from zsqpipe.stages.common import eval_loader, model_from_checkpoint
+from zsqpipe.stages.common import eval_loader
 from zsqpipe.stages.data import load_prepared
+from zsqpipe.stages.model_io import model_from_checkpoint
 from zsqpipe.tracking import Tracker
 
 EVAL_BATCH = 1000
@@ -53,8 +54,15 @@ def run_quantize(
         p.requires_grad_(True)
     teacher = teacher.to(memory_format=torch.channels_last)
     student = student.to(memory_format=torch.channels_last)
-    tracker.log_params({"method": method, "seed": seed, "quant": quant_cfg.to_dict(),
-                        "method_cfg": method_obj.config_dict(), "fp_checkpoint_sha256": sha256_file(fp_checkpoint)})
+    tracker.log_params(
+        {
+            "method": method,
+            "seed": seed,
+            "quant": quant_cfg.to_dict(),
+            "method_cfg": method_obj.config_dict(),
+            "fp_checkpoint_sha256": sha256_file(fp_checkpoint),
+        }
+    )
 
     val = eval_loader(data.val, info, EVAL_BATCH, dev)
     test = eval_loader(data.test, info, EVAL_BATCH, dev)
@@ -63,36 +71,66 @@ def run_quantize(
 
     def end_epoch(epoch: int, extra: dict) -> dict:
         v, t = evaluate(student, val), evaluate(student, test)
-        rec = {"epoch": epoch, **extra, "val_top1": v["top1"], "test_top1": t["top1"], "test_top5": t["top5"],
-               "time_s": timer()}
+        rec = {
+            "epoch": epoch,
+            **extra,
+            "val_top1": v["top1"],
+            "test_top1": t["top1"],
+            "test_top5": t["top5"],
+            "time_s": timer(),
+        }
         history.append(rec)
         tracker.log_metrics({k: x for k, x in rec.items() if k != "epoch"}, step=epoch)
         log(f"epoch {epoch}: val {v['top1']:.2f} test {t['top1']:.2f} ({rec['time_s']:.0f}s)")
         return rec
 
     def train_loader_factory(batch_size: int, loader_seed: int, augment: bool = True):
-        return make_loader(data.train, info, batch_size, train=True, seed=loader_seed, device=dev,
-                           channels_last=True, augment=augment)
+        return make_loader(
+            data.train,
+            info,
+            batch_size,
+            train=True,
+            seed=loader_seed,
+            device=dev,
+            channels_last=True,
+            augment=augment,
+        )
 
     ctx = QuantContext(
-        teacher=teacher, student=student, device=dev, seed=seed, num_classes=info.num_classes,
+        teacher=teacher,
+        student=student,
+        device=dev,
+        seed=seed,
+        num_classes=info.num_classes,
         input_shape=(info.in_channels, info.image_size, info.image_size),
         train_loader_factory=train_loader_factory if method_obj.uses_real_data else None,
-        end_epoch=end_epoch, log=log,
+        end_epoch=end_epoch,
+        log=log,
     )
     method_obj.run(ctx)
     if not history:
         raise RuntimeError(f"method {method!r} finished without evaluating an epoch")
     student = student.to(memory_format=torch.contiguous_format).eval()
     ckpt = {
-        "arch": fp_ckpt["arch"], "dataset": info.name, "num_classes": info.num_classes,
-        "in_channels": info.in_channels, "image_size": info.image_size, "quant": quant_cfg.to_dict(),
+        "arch": fp_ckpt["arch"],
+        "dataset": info.name,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "image_size": info.image_size,
+        "quant": quant_cfg.to_dict(),
         "state_dict": {k: v.cpu() for k, v in student.state_dict().items()},
-        "method": method, "method_cfg": method_obj.config_dict(), "seed": seed,
+        "method": method,
+        "method_cfg": method_obj.config_dict(),
+        "seed": seed,
     }
     result = {
-        "method": method, "seed": seed, "quant": quant_cfg.to_dict(), "method_cfg": asdict(method_obj.cfg),
-        "history": history, "wall_time_s": timer(), "fp_test_top1": fp_ckpt.get("test_top1"),
+        "method": method,
+        "seed": seed,
+        "quant": quant_cfg.to_dict(),
+        "method_cfg": asdict(method_obj.cfg),
+        "history": history,
+        "wall_time_s": timer(),
+        "fp_test_top1": fp_ckpt.get("test_top1"),
     }
     save_checkpoint(out_model, ckpt)
     write_json(out_history, result)
@@ -100,4 +138,3 @@ def run_quantize(
     tracker.log_artifact(out_history)
     tracker.log_artifact(out_model, "checkpoint")
     return result
-

@@ -1,0 +1,26 @@
+# The two README commands: `make run` (main job on the embedded default) and `make test` (test suite).
+PYTHON ?= python3
+CORES ?= 2
+
+.PHONY: setup run test test-slow lint bench clean
+
+setup:
+	@PYTHON=$(PYTHON) bash scripts/setup.sh
+
+run: setup
+	$(PYTHON) -m snakemake --cores $(CORES) results/tables/hast.csv
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+test-slow: setup
+	$(PYTHON) -m pytest -q -m slow
+
+lint: setup
+	ruff check . && $(PYTHON) -m snakemake --lint
+
+bench: setup
+	$(PYTHON) benchmarks/bench_qat_step.py
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,77 @@
+"""Benchmark: one fake-quantized (W4A4) training step vs one FP training step.
+
+Same model (ResNet-20, 1x28x28, channels_last), same batch, same process, same optimizer; quantizers are
+calibrated and ranges frozen, as during fine-tuning. Prints the median step times and their ratio.
+
+    python benchmarks/bench_qat_step.py [--batch 128] [--iters 20] [--threads 2] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from zsqpipe.engine import resolve_device
+from zsqpipe.models import create_model
+from zsqpipe.quant import QuantConfig, quantize_model, set_quant_state
+
+
+def step_times(model, x, y, iters: int, warmup: int, device) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    times = []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet20")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = resolve_device(args.device)
+    fp = create_model(args.arch, num_classes=10, in_channels=1, image_size=28).to(dev)
+    fp = fp.to(memory_format=torch.channels_last).eval()
+    q = quantize_model(copy.deepcopy(fp), QuantConfig(weight_bits=args.bits, act_bits=args.bits))
+    x = torch.randn(args.batch, 1, 28, 28, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    set_quant_state(q, update_ranges=True)
+    with torch.no_grad():
+        q(x)
+    set_quant_state(q, update_ranges=False)
+    # interleave to share machine noise fairly
+    t_fp, t_q = [], []
+    for _ in range(2):
+        t_fp += step_times(fp, x, y, args.iters // 2, args.warmup, dev)
+        t_q += step_times(q, x, y, args.iters // 2, args.warmup, dev)
+    m_fp, m_q = statistics.median(t_fp), statistics.median(t_q)
+    print(f"device={dev} threads={args.threads} arch={args.arch} batch={args.batch} W{args.bits}A{args.bits}")
+    print(f"FP step:        {m_fp * 1e3:8.1f} ms (median of {len(t_fp)})")
+    print(f"fake-quant step:{m_q * 1e3:8.1f} ms (median of {len(t_q)})")
+    print(f"ratio (quant / FP): {m_q / m_fp:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from zsqpipe.cli import cli
+
+FP = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 32, "lr": 0.05, "eval_batch_size": 64}
+REAL = {"epochs": 2, "iters_per_epoch": 2, "batch_size": 32, "calib_batches": 2}
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture
+def pipeline(tmp_path, fashion_dir, no_debian_data):
+    """data -> fp-model on the tiny fixture; returns the paths."""
+    manifest = tmp_path / "manifest.json"
+    r = invoke(
+        "data",
+        "--dataset",
+        "fashion_mnist",
+        "--params",
+        json.dumps({"data_dir": str(fashion_dir), "val_size": 40}),
+        "--out",
+        manifest,
+    )
+    assert r.exit_code == 0, r.output
+    fp = tmp_path / "fp.pt"
+    r = invoke(
+        "fp-model",
+        "--data",
+        manifest,
+        "--arch",
+        "resnet20",
+        "--params",
+        json.dumps(FP),
+        "--out-model",
+        fp,
+        "--out-metrics",
+        tmp_path / "fp.json",
+        "--device",
+        "cpu",
+        "--threads",
+        1,
+    )
+    assert r.exit_code == 0, r.output
+    return {"manifest": manifest, "fp": fp, "tmp": tmp_path}
+
+
+def quantize(p, method, params, seed=0, bits=4, tag="a"):
+    out = p["tmp"] / f"{method}-{tag}"
+    r = invoke(
+        "quantize",
+        "--fp",
+        p["fp"],
+        "--data",
+        p["manifest"],
+        "--method",
+        method,
+        "--wbits",
+        bits,
+        "--abits",
+        bits,
+        "--seed",
+        seed,
+        "--method-params",
+        json.dumps(params),
+        "--out-model",
+        out / "model.pt",
+        "--out-history",
+        out / "history.json",
+        "--device",
+        "cpu",
+        "--threads",
+        1,
+    )
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_help_for_every_command():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("data", "fp-model", "quantize", "evaluate", "aggregate", "tracking-init"):
+        assert cmd in r.output
+        sub = invoke(cmd, "--help")
+        assert sub.exit_code == 0 and "Usage" in sub.output
+
+
+def test_full_chain_and_table(pipeline):
+    p = pipeline
+    outs = {
+        m: quantize(p, m, REAL if m == "real" else {"calib_images": 64, "batch_size": 32})
+        for m in ("real", "ptq")
+    }
+    metrics = []
+    for method, out in outs.items():
+        cell = {
+            "dataset": "fashion_mnist",
+            "arch": "resnet20",
+            "method": method,
+            "w_bits": 4,
+            "a_bits": 4,
+            "seed": 0,
+        }
+        r = invoke(
+            "evaluate",
+            "--model",
+            out / "model.pt",
+            "--history",
+            out / "history.json",
+            "--data",
+            p["manifest"],
+            "--cell",
+            json.dumps(cell),
+            "--out",
+            out / "metrics.json",
+            "--device",
+            "cpu",
+        )
+        assert r.exit_code == 0, r.output
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["checkpoint_matches_history"] is True
+        assert m["best_top1"] >= m["last_top1"] and m["bitops"] > 0 and m["model_size_bits"] > 0
+        assert "top5" not in m  # only for >= 100 classes
+        metrics.append(out / "metrics.json")
+    hist = json.loads((outs["real"] / "history.json").read_text())
+    assert len(hist["history"]) == 2
+    r = invoke("aggregate", *metrics, "--out-csv", p["tmp"] / "t.csv", "--out-md", p["tmp"] / "t.md")
+    assert r.exit_code == 0, r.output
+    import pandas as pd
+
+    table = pd.read_csv(p["tmp"] / "t.csv")
+    assert set(table["method"]) == {"real", "ptq"} and (table["n_seeds"] == 1).all()
+    md = (p["tmp"] / "t.md").read_text()
+    assert "test-selected" in md and "W4A4" in md
+
+
+def test_same_seed_same_metrics(pipeline):
+    a = json.loads((quantize(pipeline, "real", REAL, tag="a") / "history.json").read_text())
+    b = json.loads((quantize(pipeline, "real", REAL, tag="b") / "history.json").read_text())
+    strip = lambda h: [{k: v for k, v in e.items() if k != "time_s"} for e in h["history"]]  # noqa: E731
+    assert strip(a) == strip(b)
+    c = json.loads((quantize(pipeline, "real", REAL, seed=1, tag="c") / "history.json").read_text())
+    assert strip(a) != strip(c)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--wbits", "0", "--abits", "4"], "quant.weight_bits"),
+        (["--wbits", "4", "--abits", "4", "--method", "magic"], "unknown method 'magic'"),
+        (["--wbits", "4", "--abits", "4", "--method-params", '{"lrr": 1}'], "methods.real.lrr"),
+        (["--wbits", "4", "--abits", "4", "--method-params", "{not json"], "--method-params: not valid JSON"),
+    ],
+)
+def test_quantize_bad_input_is_one_line(pipeline, args, needle):
+    p = pipeline
+    base = [
+        "quantize",
+        "--fp",
+        p["fp"],
+        "--data",
+        p["manifest"],
+        "--out-model",
+        p["tmp"] / "x.pt",
+        "--out-history",
+        p["tmp"] / "x.json",
+        "--device",
+        "cpu",
+    ]
+    if "--method" not in args:
+        base += ["--method", "real"]
+    r = CliRunner().invoke(cli, [str(a) for a in base + args])
+    assert r.exit_code == 1
+    err = [ln for ln in r.output.splitlines() if ln.startswith("zsqpipe quantize: error:")]
+    assert len(err) == 1 and needle in err[0], r.output
+    assert not (p["tmp"] / "x.pt").exists() and not (p["tmp"] / "x.json").exists()
+
+
+def test_corrupt_checkpoint_is_reported(pipeline):
+    p = pipeline
+    bad = p["tmp"] / "bad.pt"
+    bad.write_bytes(p["fp"].read_bytes()[:1000])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "quantize",
+            "--fp",
+            str(bad),
+            "--data",
+            str(p["manifest"]),
+            "--method",
+            "ptq",
+            "--wbits",
+            "4",
+            "--abits",
+            "4",
+            "--out-model",
+            str(p["tmp"] / "m.pt"),
+            "--out-history",
+            str(p["tmp"] / "h.json"),
+        ],
+    )
+    assert r.exit_code == 1 and "truncated or corrupt" in r.output

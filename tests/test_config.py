@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zsqpipe.config import FPConfig, from_dict, validate_config
+from zsqpipe.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_and_smoke_configs_are_valid():
+    for name in ("config.yaml", "smoke.yaml"):
+        cfg = validate_config(yaml.safe_load((REPO / "config" / name).read_text()))
+        assert cfg["tables"]["hast"]["methods"]
+        assert cfg["methods"]["real"]["epochs"] >= 1
+
+
+def test_defaults_fill_empty_config():
+    cfg = validate_config({})
+    assert cfg["datasets"] == ["fashion_mnist"] and cfg["quant"]["ema_mode"] == "correct"
+
+
+@pytest.mark.parametrize(
+    "bad,key",
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"methods": {"real": {"lrr": 0.1}}}, "methods.real.lrr"),
+        ({"fp_model": {"epochs": "three"}}, "fp_model.epochs"),
+        ({"tables": {"hast": {"bits": ["w0a4"]}}}, "tables.hast.bits.0"),
+        ({"quant": {"first_layer_bits": 0}}, "quant.first_layer_bits"),
+        ({"tables": {"hast": {"methods": ["magic"]}}}, "tables.hast.methods.0"),
+        ({"device": "tpu"}, "device"),
+        ({"tracking": "yes"}, "tracking"),
+    ],
+)
+def test_bad_config_one_line_naming_key(bad, key):
+    with pytest.raises(ConfigError) as e:
+        validate_config(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and f"'{key}'" in msg
+
+
+def test_stage_config_dataclass_is_strict():
+    with pytest.raises(ConfigError, match="fp_model.nope"):
+        from_dict(FPConfig, {"nope": 1}, "fp_model")
+    with pytest.raises(ConfigError, match="fp_model.epochs"):
+        from_dict(FPConfig, {"epochs": 2.5}, "fp_model")
+    assert from_dict(FPConfig, {"lr": 1}, "fp_model").lr == 1
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("bogus_key: 1", "bogus_key"),
+        ("tables: {hast: {bits: [w0a0]}}", "tables.hast.bits.0"),
+        ("tables: {hast: {methods: [magic]}}", "tables.hast.methods.0"),
+    ],
+)
+def test_snakemake_rejects_bad_config_in_one_line(tmp_path, override, key):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(override + "\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(cfg),
+            "--workflow-profile",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if "invalid config" in ln]
+    assert len(lines) == 1 and f"'{key}'" in lines[0], r.stderr

@@ -1,0 +1,160 @@
+"""Integration: config/smoke.yaml through the `snakemake` command (rerun semantics, MLflow, bad input)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from workflow_helpers import REPO, planned_jobs, snakemake, write_config
+
+N_TRACKED_JOBS = (
+    7  # data, fp_model, 2 x quantize, 2 x evaluate, aggregate_hast (mlflow_init creates the store)
+)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("smoke")
+    cfg = write_config(wd / "smoke.yaml")
+    t0 = time.time()
+    snakemake(wd, cfg, "--cores", "2")
+    return {"wd": wd, "cfg": cfg, "seconds": time.time() - t0}
+
+
+def test_smoke_table(smoke):
+    table = pd.read_csv(smoke["wd"] / "results/tables/hast.csv")
+    assert sorted(table["method"]) == ["ptq", "real"]
+    assert (table["bits"] == "W4A4").all() and (table["n_seeds"] == 1).all()
+    for col in ("last_top1_mean", "best_top1_mean", "val_selected_top1_mean", "fp_top1", "wall_time_s_mean"):
+        assert table[col].notna().all()
+    assert (smoke["wd"] / "results/tables/hast.md").is_file()
+    assert smoke["seconds"] < 240  # the whole DAG is quick (budget: under 2 minutes on an idle 2-core CPU)
+
+
+def test_every_rule_has_log_and_benchmark(smoke):
+    logs = list((smoke["wd"] / "results/logs").rglob("*.log"))
+    benches = list((smoke["wd"] / "results/benchmarks").rglob("*.tsv"))
+    assert len(logs) == len(benches) == N_TRACKED_JOBS + 1
+
+
+def test_mlflow_run_per_job(smoke):
+    import mlflow
+
+    info = json.loads((smoke["wd"] / "results/mlflow/tracking.json").read_text())
+    assert info["tracking_uri"].startswith("sqlite:////")
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    runs = mlflow.search_runs(experiment_ids=[info["experiment_id"]])
+    assert len(runs) == N_TRACKED_JOBS
+    assert (runs["status"] == "FINISHED").all()
+    assert sorted(runs["tags.zsq.rule"].value_counts().items()) == [
+        ("aggregate_hast", 1),
+        ("data", 1),
+        ("evaluate", 2),
+        ("fp_model", 1),
+        ("quantize", 2),
+    ]
+    for col in ("tags.zsq.config_hash", "tags.zsq.git_commit", "tags.zsq.wildcards"):
+        assert runs[col].notna().all()
+    q = runs[runs["tags.zsq.rule"] == "quantize"]
+    assert q["params.method"].notna().all() and q["params.quant.ema_mode"].notna().all()
+    assert q["metrics.test_top1"].notna().all()
+    client = mlflow.MlflowClient()
+    for run_id in q["run_id"]:
+        names = {a.path for a in client.list_artifacts(run_id)}
+        assert {"history.json", "checkpoint", "logs"} <= names
+        assert len(client.get_metric_history(run_id, "test_top1")) == 2 or "ptq" in str(
+            client.get_run(run_id).data.params
+        )
+
+
+def test_nothing_to_do_after_run(smoke):
+    r = snakemake(smoke["wd"], smoke["cfg"], "-n")
+    assert "Nothing to be done" in r.stdout + r.stderr
+
+
+def test_quant_setting_reruns_only_affected_cells(smoke):
+    wd = smoke["wd"]
+    cfg = write_config(wd / "more_bits.yaml", tables__hast__bits=["w4a4", "w3a3"])
+    jobs = planned_jobs(wd, cfg)
+    rules = sorted(r for r, _ in jobs)
+    assert rules == ["aggregate_hast", "evaluate", "evaluate", "quantize", "quantize"]
+    assert all("abits=3" in w for r, w in jobs if r in ("quantize", "evaluate"))
+    cfg = write_config(wd / "ptq_change.yaml", methods__ptq__calib_images=256)
+    jobs = planned_jobs(wd, cfg)
+    assert sorted(r for r, _ in jobs) == ["aggregate_hast", "evaluate", "quantize"]
+    assert all("method=ptq" in w for r, w in jobs if r == "quantize")
+    cfg = write_config(wd / "ema.yaml", quant={"ema_mode": "official"})
+    assert (
+        sorted(r for r, _ in planned_jobs(wd, cfg))
+        == ["aggregate_hast"] + ["evaluate"] * 2 + ["quantize"] * 2
+    )
+
+
+def test_fp_recipe_change_reruns_everything_downstream(smoke):
+    wd = smoke["wd"]
+    cfg = write_config(wd / "fp.yaml", fp_model__lr=0.04)
+    rules = sorted(r for r, _ in planned_jobs(wd, cfg))
+    assert rules == ["aggregate_hast"] + ["evaluate"] * 2 + ["fp_model"] + ["quantize"] * 2
+
+
+def test_tracking_toggle_reruns_nothing_but_init(smoke):
+    wd = smoke["wd"]
+    cfg = write_config(wd / "notrack.yaml", tracking=False)
+    assert [r for r, _ in planned_jobs(wd, cfg)] == ["mlflow_init"]
+
+
+@pytest.mark.slow
+def test_killed_job_reruns_cleanly(smoke, tmp_path):
+    """SIGKILL the workflow while `quantize` trains; the rerun completes and matches an uninterrupted run."""
+    wd = tmp_path / "kill"
+    shutil.copytree(smoke["wd"] / "results", wd / "results", copy_function=shutil.copy2)
+    shutil.rmtree(wd / "results/quant")
+    shutil.rmtree(wd / "results/tables")
+    cfg = write_config(
+        tmp_path / "kill.yaml",
+        tables__hast__methods=["real"],
+        tracking=False,
+        methods__real__iters_per_epoch=15,
+        methods__real__epochs=3,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(wd),
+        "--configfile",
+        str(cfg),
+        "--cores",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    log = wd / "results/logs/quantize/fashion_mnist/resnet20/real/w4a4/seed0.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and "epoch 0" in log.read_text()):
+        time.sleep(0.5)
+    assert log.is_file() and "epoch 0" in log.read_text(), "quantize never reached epoch 0"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = wd / "results/quant/fashion_mnist/resnet20/real/w4a4/seed0"
+    assert not (out / "model.pt").exists() and not (out / "history.json").exists()  # nothing half-written
+    snakemake(wd, cfg, "--cores", "2")  # the default profile has rerun-incomplete
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["checkpoint_matches_history"]
+    assert not list(wd.rglob(".tmp-*"))
+    # same seed, uninterrupted: identical result
+    ref_wd = tmp_path / "ref"
+    shutil.copytree(wd / "results", ref_wd / "results", copy_function=shutil.copy2)
+    shutil.rmtree(ref_wd / "results/quant")
+    snakemake(ref_wd, cfg, "--cores", "2")
+    ref = json.loads((ref_wd / out.relative_to(wd) / "metrics.json").read_text())
+    assert ref["top1"] == metrics["top1"] and ref["best_top1"] == metrics["best_top1"]

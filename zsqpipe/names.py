@@ -1,0 +1,9 @@
+"""Names of the registered datasets, architectures and methods, importable without torch.
+
+The Snakefile builds its wildcard constraints from these at parse time; the registries in
+``zsqpipe.data``, ``zsqpipe.models`` and ``zsqpipe.methods`` are checked against them by the tests.
+"""
+
+DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagenet")
+ARCH_NAMES = ("resnet20", "resnet18", "mobilenet_v2")
+METHOD_NAMES = ("real", "ptq")
