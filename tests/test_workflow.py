@@ -5,12 +5,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
-from workflow_helpers import REPO, planned_jobs, snakemake, write_config
+from workflow_helpers import REPO, planned_jobs, snakemake, snakemake_cmd, write_config
 
 N_TRACKED_JOBS = (
     7  # data, fp_model, 2 x quantize, 2 x evaluate, aggregate_hast (mlflow_init creates the store)
@@ -122,19 +121,7 @@ def test_killed_job_reruns_cleanly(smoke, tmp_path):
         methods__real__iters_per_epoch=15,
         methods__real__epochs=3,
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(wd),
-        "--configfile",
-        str(cfg),
-        "--cores",
-        "2",
-    ]
+    cmd = snakemake_cmd(wd, cfg, "--cores", "2")
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

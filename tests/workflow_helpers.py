@@ -24,19 +24,13 @@ def write_config(path: Path, base: str = "smoke.yaml", **overrides) -> Path:
     return path
 
 
+def snakemake_cmd(workdir: Path, configfile: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(configfile), *args]  # fmt: skip
+
+
 def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900, check: bool = True):
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(configfile),
-        *args,
-    ]
+    cmd = snakemake_cmd(workdir, configfile, *args)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and r.returncode != 0:
         raise AssertionError(

@@ -72,7 +72,7 @@ class FPConfig:
     """Full-precision training recipe (or ``checkpoint``: load a local file instead of training)."""
 
     checkpoint: str | None = None
-    epochs: int = 3
+    epochs: int = 2
     max_steps_per_epoch: int | None = (
         None  # cap on optimizer steps per epoch (smoke tests); null = full epochs
     )
@@ -85,8 +85,8 @@ class FPConfig:
     schedule: str = "onecycle"
     warmup_frac: float = 0.15
     milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
-    label_smoothing: float = 0.0
-    augment: bool = True
+    label_smoothing: float = 0.1
+    augment: bool = False
     seed: int = 0
     eval_batch_size: int = 1000
     channels_last: bool = True
