@@ -84,3 +84,27 @@ def test_snakemake_rejects_bad_config_in_one_line(tmp_path, override, key):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if "invalid config" in ln]
     assert len(lines) == 1 and f"'{key}'" in lines[0], r.stderr
+
+
+def test_schema_defaults_match_dataclasses():
+    """Schema and stage dataclasses agree on keys and defaults (so `{}` means the same to both)."""
+    from dataclasses import asdict
+
+    from zsqpipe.config import DataConfig
+    from zsqpipe.methods import get_method
+    from zsqpipe.names import METHOD_NAMES
+    from zsqpipe.quant import QuantConfig
+
+    cfg = validate_config({})
+
+    def norm(d):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    assert cfg["data"] == norm(asdict(DataConfig()))
+    fp = dict(cfg["fp_model"])
+    fp.pop("checkpoints")
+    assert fp == {k: v for k, v in norm(asdict(FPConfig())).items() if k != "checkpoint"}
+    q = norm(QuantConfig().to_dict())
+    assert cfg["quant"] == {k: v for k, v in q.items() if k not in ("weight_bits", "act_bits")}
+    for name in METHOD_NAMES:
+        assert cfg["methods"][name] == norm(get_method(name)().config_dict()), name

@@ -15,7 +15,7 @@ from zsqpipe.methods.real import calibrate
 
 @dataclass(frozen=True)
 class PTQConfig:
-    calib_images: int = 1024
+    calib_images: int = 512
     batch_size: int = 128
 
 

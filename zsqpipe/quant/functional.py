@@ -1,4 +1,4 @@
-"""Fake quantization on an integer window, using PyTorch's fused fake-quant kernels.
+"""Fake quantization on an integer window (GDFQ's asymmetric quantizer), with a choice of STE.
 
 GDFQ-family asymmetric quantization (``quantization_utils/quant_utils.py`` in GDFQ/HAST) of x with range
 [lo, hi] and k bits: step s = (hi - lo) / (2^k - 1), a = round(lo / s), and
@@ -6,9 +6,11 @@ GDFQ-family asymmetric quantization (``quantization_utils/quant_utils.py`` in GD
     x_hat = s * clamp(round(x / s), a, a + 2^k - 1).
 
 This equals PyTorch's ``fake_quantize_per_{tensor,channel}_affine`` with quant range [0, 2^k - 1] and zero
-point z = -a (the tensor-qparams variants accept any z, so a range that excludes 0 is kept as GDFQ keeps it).
-The forward is the fused kernel. The backward is chosen by ``ste``: ``identity`` passes the gradient unchanged
-(GDFQ's straight-through estimator), ``clipped`` uses the kernel's own backward (zero outside the window).
+point z = -a (checked bit-exactly in tests/test_quant.py), but a range that excludes 0 is kept as GDFQ keeps it.
+The forward is written as three in-place elementwise ops because PyTorch's fused CPU kernel, which also
+builds its gradient mask, is ~2x slower on a 2-core CPU (benchmarks/bench_fake_quant.py). The backward is chosen by
+``ste``: ``identity`` passes the gradient unchanged (GDFQ's straight-through estimator), ``clipped`` zeroes it
+where round(x / s) falls outside the window (PyTorch's fake-quant backward).
 """
 
 from __future__ import annotations
@@ -19,42 +21,44 @@ _EPS = 1e-8
 
 
 def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step size and zero point (as float) for range [lo, hi] at ``bits``; lo/hi are broadcastable tensors."""
+    """Step size and zero point (as float, PyTorch's convention) for range [lo, hi] at ``bits``."""
     n = 2**bits - 1
     scale = (hi - lo).clamp_min(_EPS) / n
     zero_point = -torch.round(lo / scale)
     return scale, zero_point
 
 
-class _IdentitySTE(torch.autograd.Function):
+class _FakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fn, *args):
-        ctx.n_args = len(args)
-        return fn(x, *args)
+    def forward(ctx, x, scale, q_lo, q_hi, clipped: bool):
+        q = torch.mul(x, 1.0 / scale).round_()  # PyTorch's kernels multiply by 1/scale too
+        if clipped:
+            ctx.save_for_backward((q >= q_lo) & (q <= q_hi))
+        ctx.clipped = clipped
+        return q.clamp_(q_lo, q_hi).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        return (grad, None) + (None,) * ctx.n_args
+        if ctx.clipped:
+            (mask,) = ctx.saved_tensors
+            grad = grad * mask
+        return grad, None, None, None, None
 
 
-def _per_tensor(x, scale, zero_point, qmax):
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, qmax)
-
-
-def _per_channel(x, scale, zero_point, axis, qmax):
-    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, 0, qmax)
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ste: str = "identity"
+):
+    """Fake-quantize ``x`` with (broadcastable) ``scale`` and float ``zero_point`` on the grid [0, 2^bits - 1]."""
+    q_lo = -zero_point
+    return _FakeQuant.apply(x, scale, q_lo, q_lo + (2**bits - 1), ste == "clipped")
 
 
 def fake_quant_per_tensor(
     x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, ste: str = "identity"
 ):
     """Asymmetric per-tensor fake quantization of ``x`` to ``bits`` over [lo, hi] (0-d or 1-element tensors)."""
-    scale, zp = qparams(lo.reshape(1).float(), hi.reshape(1).float(), bits)
-    zp = zp.to(torch.int32)
-    qmax = 2**bits - 1
-    if ste == "identity":
-        return _IdentitySTE.apply(x, _per_tensor, scale, zp, qmax)
-    return _per_tensor(x, scale, zp, qmax)
+    scale, zp = qparams(lo.reshape(()).float(), hi.reshape(()).float(), bits)
+    return fake_quant(x, scale, zp, bits, ste)
 
 
 def fake_quant_per_channel(
@@ -62,7 +66,6 @@ def fake_quant_per_channel(
 ):
     """Asymmetric per-channel fake quantization along ``axis`` (lo/hi: one value per channel)."""
     scale, zp = qparams(lo.float(), hi.float(), bits)
-    qmax = 2**bits - 1
-    if ste == "identity":
-        return _IdentitySTE.apply(x, _per_channel, scale, zp, axis, qmax)
-    return _per_channel(x, scale, zp, axis, qmax)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return fake_quant(x, scale.view(shape), zp.view(shape), bits, ste)
