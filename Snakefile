@@ -10,6 +10,7 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/fp_model.smk"
+include: "workflow/rules/synthesize.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/aggregate.smk"
 

@@ -176,6 +176,29 @@ def fp_model_cmd(
             tracker.log_artifact(log_file, "logs")
 
 
+@cli.command("synthesize")
+@click.option("--fp", "fp_ckpt", type=EXISTING, required=True, help="FP checkpoint from `zsqpipe fp-model`.")
+@click.option("--synthesizer", required=True, help="Synthesizer name (hast, zeroq, intraq, ...).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--params", "params_json", default="{}", help="The synthesizer's settings as JSON.")
+@click.option("--out", type=PATH, required=True, help="Output folder: shard-*.parquet + manifest.json.")
+@runtime_options
+@tracking_options
+@stage_command
+def synthesize_cmd(fp_ckpt, synthesizer, seed, params_json, out, device, threads, tracking, rule, wildcards,
+                   log_file):  # fmt: skip
+    """Synthesize samples from the FP model alone (no real data) and write verified Parquet shards."""
+    from zsqpipe.stages.synthesize import run_synthesize
+
+    params = _json(params_json, "--params")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"synthesizer": synthesizer, "cfg": params,
+                                                               "seed": seed})  # fmt: skip
+    with tracker.run(name, tags):
+        run_synthesize(fp_ckpt, synthesizer, params, seed, out, device, threads, tracker, _log)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
 @cli.command("quantize")
 @click.option("--fp", "fp_ckpt", type=EXISTING, required=True, help="FP checkpoint from `zsqpipe fp-model`.")
 @click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
@@ -187,12 +210,15 @@ def fp_model_cmd(
     "--quant-params", default="{}", help="QuantConfig fields as JSON (bits come from --wbits/--abits)."
 )
 @click.option("--method-params", default="{}", help="The method's hyperparameters as JSON.")
+@click.option("--samples", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder of synthetic samples from `zsqpipe synthesize` (methods that train on them).")
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
 @runtime_options
 @tracking_options
 @stage_command
 def quantize_cmd(
+    samples,
     fp_ckpt,
     manifest,
     method,
@@ -235,6 +261,7 @@ def quantize_cmd(
             threads,
             tracker,
             _log,
+            samples=samples,
         )
         if log_file:
             tracker.log_artifact(log_file, "logs")

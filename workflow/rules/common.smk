@@ -6,7 +6,7 @@ import sys
 from zsqpipe.codehash import code_version
 from zsqpipe.config import canonical_json, validate_config
 from zsqpipe.errors import ConfigError
-from zsqpipe.names import ARCH_NAMES, DATASET_NAMES, METHOD_NAMES
+from zsqpipe.names import ARCH_NAMES, DATASET_NAMES, METHOD_NAMES, METHOD_SYNTHESIZER, SYNTHESIZER_NAMES
 
 
 try:
@@ -24,6 +24,7 @@ wildcard_constraints:
     wbits=r"\d+",
     abits=r"\d+",
     seed=r"\d+",
+    synth="|".join(SYNTHESIZER_NAMES) or "none",
 
 
 RESULTS = "results"
@@ -68,6 +69,26 @@ def quant_params(wildcards):
 
 def method_params(wildcards):
     return canonical_json(config["methods"].get(wildcards.method, {}))
+
+
+def samples_input(wildcards):
+    """The synthetic-sample folder a method trains on (same dataset, arch and seed), if any."""
+    synth = METHOD_SYNTHESIZER.get(wildcards.method)
+    if synth is None:
+        return []
+    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{synth}/seed{wildcards.seed}"]
+
+
+def samples_flag(wildcards, input):
+    return f"--samples {input.samples}" if input.samples else ""
+
+
+def synth_params(wildcards):
+    return canonical_json(config["synthesis"].get(wildcards.synth, {}))
+
+
+def synth_code(wildcards):
+    return code_version("zsqpipe.stages.synthesize", f"zsqpipe.zsq.synth_{wildcards.synth}")
 
 
 def quantize_code(wildcards):

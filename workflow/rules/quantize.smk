@@ -6,12 +6,14 @@ rule quantize:
         fp=f"{RESULTS}/models/{{dataset}}/{{arch}}/fp.pt",
         data=f"{RESULTS}/data/{{dataset}}/manifest.json",
         tracking=ancient(TRACKING),
+        samples=samples_input,
     output:
         model=f"{QUANT_DIR}/model.pt",
         history=f"{QUANT_DIR}/history.json",
     params:
         quant=quant_params,
         method=method_params,
+        samples=samples_flag,
         device=config["device"],
         code=quantize_code,
     log:
@@ -28,7 +30,7 @@ rule quantize:
     shell:
         "python3 -m zsqpipe quantize --fp {input.fp} --data {input.data} --method {wildcards.method}"
         " --wbits {wildcards.wbits} --abits {wildcards.abits} --seed {wildcards.seed}"
-        " --quant-params {params.quant:q} --method-params {params.method:q}"
+        " --quant-params {params.quant:q} --method-params {params.method:q} {params.samples}"
         " --out-model {output.model} --out-history {output.history} --device {params.device}"
         " --threads {threads} --tracking {input.tracking} --rule quantize --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"

@@ -52,6 +52,7 @@ class QuantContext:
     train_loader_factory: Callable[..., Any] | None  # (batch_size, seed, augment=True) -> loader
     end_epoch: Callable[[int, dict[str, float]], dict[str, float]]
     log: Callable[[str], None] = print
+    samples: Any = None  # zsqpipe.data.shards.ShardSet of the method's synthesizer, if it has one
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,6 +61,7 @@ class Method:
 
     name: ClassVar[str] = "base"
     uses_real_data: ClassVar[bool] = False
+    synthesizer: ClassVar[str | None] = None  # offline samples it trains on (names.METHOD_SYNTHESIZER)
     Config: ClassVar[type] = object
 
     def __init__(self, cfg: dict[str, Any] | None = None):

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from zsqpipe.data import make_loader
+from zsqpipe.data.shards import ShardSet
 from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
+from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import save_checkpoint, sha256_file, write_json
 from zsqpipe.methods import QuantContext, get_method
 from zsqpipe.quant import QuantConfig, quantize_model
@@ -39,9 +41,17 @@ def run_quantize(
     threads: int | None = None,
     tracker: Tracker | None = None,
     log=print,
+    samples: Path | None = None,
 ) -> dict:
     tracker = tracker or Tracker()
     method_obj = get_method(method)(method_cfg)
+    shard_set = None
+    if method_obj.synthesizer is not None:
+        if samples is None:
+            raise ConfigError(f"method {method!r} trains on {method_obj.synthesizer!r} samples: pass --samples")
+        shard_set = ShardSet.open(Path(samples) / "manifest.json")
+        if shard_set.manifest.get("fp_checkpoint_sha256") != sha256_file(fp_checkpoint):
+            raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
     dev = resolve_device(device)
     setup_runtime(threads, seed)
     data = load_prepared(dataset_manifest)
@@ -106,6 +116,7 @@ def run_quantize(
         train_loader_factory=train_loader_factory if method_obj.uses_real_data else None,
         end_epoch=end_epoch,
         log=log,
+        samples=shard_set,
     )
     method_obj.run(ctx)
     if not history:

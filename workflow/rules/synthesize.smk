@@ -1,0 +1,28 @@
+# Data-free sample synthesis from the FP model (no real data is read), written as verified Parquet shards.
+
+
+rule synthesize:
+    input:
+        fp=f"{RESULTS}/models/{{dataset}}/{{arch}}/fp.pt",
+        tracking=ancient(TRACKING),
+    output:
+        directory(f"{RESULTS}/samples/{{dataset}}/{{arch}}/{{synth}}/seed{{seed}}"),
+    params:
+        cfg=synth_params,
+        device=config["device"],
+        code=synth_code,
+    log:
+        f"{LOGS}/synthesize/{{dataset}}/{{arch}}/{{synth}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/synthesize/{{dataset}}/{{arch}}/{{synth}}/seed{{seed}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpus,
+    conda:
+        "../envs/zsqpipe.yaml"
+    shell:
+        "python3 -m zsqpipe synthesize --fp {input.fp} --synthesizer {wildcards.synth} --seed {wildcards.seed}"
+        " --params {params.cfg:q} --out {output} --device {params.device} --threads {threads}"
+        " --tracking {input.tracking} --rule synthesize --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"

@@ -1,0 +1,1 @@
+"""Zero-shot quantization building blocks: BN-statistics losses, sample synthesis, generators, ZSQ losses."""
