@@ -108,3 +108,17 @@ def test_schema_defaults_match_dataclasses():
     assert cfg["quant"] == {k: v for k, v in q.items() if k not in ("weight_bits", "act_bits")}
     for name in METHOD_NAMES:
         assert cfg["methods"][name] == norm(get_method(name)().config_dict()), name
+
+
+def test_variants_are_checked_against_their_base_method():
+    ok = validate_config({"variants": {"real_ce0": {"method": "real", "methods": {"ce_weight": 0.0}}}})
+    assert ok["variants"]["real_ce0"]["methods"] == {"ce_weight": 0.0}
+    cases = [
+        ({"v": {"method": "real", "methods": {"cew": 0.0}}}, "variants.v.methods.cew"),
+        ({"v": {"method": "real", "methods": {"ce_weight": "x"}}}, "variants.v.methods.ce_weight"),
+        ({"v": {"method": "magic"}}, "variants.v.method"),
+        ({"v": {"method": "ptq", "synthesis": {"iters": 1}}}, "variants.v.synthesis"),
+    ]
+    for variants, key in cases:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate_config({"variants": variants})

@@ -94,6 +94,17 @@ def test_quant_setting_reruns_only_affected_cells(smoke):
     )
 
 
+def test_variant_adds_only_its_cells(smoke):
+    wd = smoke["wd"]
+    cfg = write_config(wd / "variant.yaml", variants={"real_ce0": {"method": "real", "methods": {"ce_weight": 0.0}}},
+                       tables__hast__methods=["real", "ptq", "real_ce0"])  # fmt: skip
+    jobs = planned_jobs(wd, cfg)
+    assert sorted(r for r, _ in jobs) == ["aggregate_hast", "evaluate", "quantize"]
+    assert all("method=real_ce0" in w for r, w in jobs if r == "quantize")
+    r = snakemake(wd, cfg, "-n", "-p")
+    assert "--method real " in r.stdout and '"ce_weight":0.0' in r.stdout
+
+
 def test_fp_recipe_change_reruns_everything_downstream(smoke):
     wd = smoke["wd"]
     cfg = write_config(wd / "fp.yaml", fp_model__lr=0.04)

@@ -44,6 +44,9 @@ def test_registered_names_match_schema():
         METHOD_NAMES
     )
     assert set(schema["methods"]["properties"]) == set(METHOD_NAMES)
+    assert set(schema["variants"]["additionalProperties"]["properties"]["method"]["enum"]) == set(
+        METHOD_NAMES
+    )
     for name in METHOD_NAMES:
         assert get_method(name).name == name
 

@@ -210,8 +210,12 @@ def synthesize_cmd(fp_ckpt, synthesizer, seed, params_json, out, device, threads
     "--quant-params", default="{}", help="QuantConfig fields as JSON (bits come from --wbits/--abits)."
 )
 @click.option("--method-params", default="{}", help="The method's hyperparameters as JSON.")
-@click.option("--samples", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="Folder of synthetic samples from `zsqpipe synthesize` (methods that train on them).")
+@click.option(
+    "--samples",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Folder of synthetic samples from `zsqpipe synthesize` (methods that train on them).",
+)
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
 @runtime_options
@@ -300,15 +304,21 @@ def evaluate_cmd(
 @click.option("--out-csv", type=PATH, required=True)
 @click.option("--out-md", type=PATH, required=True)
 @click.option("--title", default="zsqpipe results", show_default=True)
+@click.option(
+    "--paper",
+    "paper_json",
+    default="{}",
+    help='Published top-1 as JSON {dataset: {arch: {method: {"w4a4": value}}}}: a "paper" column.',
+)
 @tracking_options
 @stage_command
-def aggregate_cmd(metrics, out_csv, out_md, title, tracking, rule, wildcards, log_file):
+def aggregate_cmd(metrics, out_csv, out_md, title, paper_json, tracking, rule, wildcards, log_file):
     """Build a results table (CSV + Markdown) from METRICS files (mean ± std over seeds)."""
     from zsqpipe.stages.aggregate import run_aggregate
 
     tracker, name, tags = _tracker(tracking, rule, wildcards, {"metrics": [str(m) for m in metrics]})
     with tracker.run(name, tags):
-        table = run_aggregate(list(metrics), out_csv, out_md, title)
+        table = run_aggregate(list(metrics), out_csv, out_md, title, _json(paper_json, "--paper"))
         tracker.log_params({"n_metrics": len(metrics), "rows": len(table)})
         tracker.log_artifact(out_csv, "tables")
         tracker.log_artifact(out_md, "tables")

@@ -151,7 +151,40 @@ def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     )
     if errors:
         raise ConfigError(_error_line(jsonschema.exceptions.best_match(errors)))
+    _validate_variants(schema, instance)
     return instance
+
+
+def _validate_variants(schema: dict, instance: dict) -> None:
+    """Each variant's overrides must be valid settings of its base method / synthesizer."""
+    import jsonschema
+
+    from zsqpipe.names import METHOD_SYNTHESIZER
+
+    props = schema["properties"]
+    for name, variant in instance.get("variants", {}).items():
+        base = variant["method"]
+        parts = [("methods", base)]
+        if variant.get("synthesis"):
+            if base not in METHOD_SYNTHESIZER:
+                raise ConfigError(
+                    f"config key 'variants.{name}.synthesis': method {base!r} has no synthesizer"
+                )
+            parts.append(("synthesis", METHOD_SYNTHESIZER[base]))
+        for section, key in parts:
+            sub_schema = {
+                **props[section]["properties"].get(key, {"type": "object"}),
+                "definitions": schema["definitions"],
+            }
+            merged = {**instance[section].get(key, {}), **variant.get(section, {})}
+            errors = list(jsonschema.Draft202012Validator(sub_schema).iter_errors(merged))
+            if errors:
+                err = jsonschema.exceptions.best_match(errors)
+                line = _error_line(err).split(": ", 1)[1]
+                where = ".".join(str(p) for p in err.absolute_path)
+                if err.validator == "additionalProperties":
+                    where = sorted(set(err.instance) - set(err.schema.get("properties", {})))[0]
+                raise ConfigError(f"config key 'variants.{name}.{section}.{where}': {line}")
 
 
 def canonical_json(obj: Any) -> str:

@@ -9,6 +9,7 @@ rule aggregate_hast:
         csv=f"{RESULTS}/tables/hast.csv",
         md=f"{RESULTS}/tables/hast.md",
     params:
+        paper=canonical_json(config["tables"]["hast"]["paper"]),
         code=code_version("zsqpipe.stages.aggregate"),
     log:
         f"{LOGS}/aggregate/hast.log",
@@ -19,5 +20,6 @@ rule aggregate_hast:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe aggregate {input.metrics} --out-csv {output.csv} --out-md {output.md}"
-        " --title 'HAST table: zero-shot quantization' --tracking {input.tracking} --rule aggregate_hast"
+        " --title 'HAST table: zero-shot quantization' --paper {params.paper:q} --tracking {input.tracking}"
+        " --rule aggregate_hast"
         " --log-file {log} > {log} 2>&1"

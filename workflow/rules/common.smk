@@ -17,14 +17,17 @@ config.clear()
 config.update(_validated)
 
 
+VARIANTS = config["variants"]
+
+
 wildcard_constraints:
     dataset="|".join(DATASET_NAMES),
     arch="|".join(ARCH_NAMES),
-    method="|".join(METHOD_NAMES),
+    method="|".join(list(METHOD_NAMES) + list(VARIANTS)),
     wbits=r"\d+",
     abits=r"\d+",
     seed=r"\d+",
-    synth="|".join(SYNTHESIZER_NAMES) or "none",
+    synth="(" + ("|".join(SYNTHESIZER_NAMES) or "none") + ")(@[A-Za-z0-9_]+)?",
 
 
 RESULTS = "results"
@@ -67,32 +70,57 @@ def quant_params(wildcards):
     return canonical_json(config["quant"])
 
 
+def base_method(name):
+    """A method name, or a variant's base method (config `variants`)."""
+    return VARIANTS[name]["method"] if name in VARIANTS else name
+
+
+def method_base(wildcards):
+    return base_method(wildcards.method)
+
+
 def method_params(wildcards):
-    return canonical_json(config["methods"].get(wildcards.method, {}))
+    base = base_method(wildcards.method)
+    overrides = VARIANTS.get(wildcards.method, {}).get("methods", {})
+    return canonical_json({**config["methods"].get(base, {}), **overrides})
+
+
+def sample_set(method):
+    """Name of the synthetic sample set a method (or variant) trains on: `<synthesizer>[@<variant>]`."""
+    synth = METHOD_SYNTHESIZER.get(base_method(method))
+    if synth is None:
+        return None
+    return f"{synth}@{method}" if VARIANTS.get(method, {}).get("synthesis") else synth
 
 
 def samples_input(wildcards):
     """The synthetic-sample folder a method trains on (same dataset, arch and seed), if any."""
-    synth = METHOD_SYNTHESIZER.get(wildcards.method)
-    if synth is None:
+    name = sample_set(wildcards.method)
+    if name is None:
         return []
-    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{synth}/seed{wildcards.seed}"]
+    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{name}/seed{wildcards.seed}"]
 
 
 def samples_flag(wildcards, input):
     return f"--samples {input.samples}" if input.samples else ""
 
 
+def synthesizer(wildcards):
+    return wildcards.synth.split("@")[0]
+
+
 def synth_params(wildcards):
-    return canonical_json(config["synthesis"].get(wildcards.synth, {}))
+    synth, _, variant = wildcards.synth.partition("@")
+    overrides = VARIANTS.get(variant, {}).get("synthesis", {})
+    return canonical_json({**config["synthesis"].get(synth, {}), **overrides})
 
 
 def synth_code(wildcards):
-    return code_version("zsqpipe.stages.synthesize", f"zsqpipe.zsq.synth_{wildcards.synth}")
+    return code_version("zsqpipe.stages.synthesize", f"zsqpipe.zsq.synth_{synthesizer(wildcards)}")
 
 
 def quantize_code(wildcards):
-    return code_version("zsqpipe.stages.quantize", f"zsqpipe.methods.{wildcards.method}")
+    return code_version("zsqpipe.stages.quantize", f"zsqpipe.methods.{base_method(wildcards.method)}")
 
 
 def cell_json(wildcards):

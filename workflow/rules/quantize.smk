@@ -12,6 +12,7 @@ rule quantize:
         history=f"{QUANT_DIR}/history.json",
     params:
         quant=quant_params,
+        base=method_base,
         method=method_params,
         samples=samples_flag,
         device=config["device"],
@@ -28,7 +29,7 @@ rule quantize:
     conda:
         "../envs/zsqpipe.yaml"
     shell:
-        "python3 -m zsqpipe quantize --fp {input.fp} --data {input.data} --method {wildcards.method}"
+        "python3 -m zsqpipe quantize --fp {input.fp} --data {input.data} --method {params.base}"
         " --wbits {wildcards.wbits} --abits {wildcards.abits} --seed {wildcards.seed}"
         " --quant-params {params.quant:q} --method-params {params.method:q} {params.samples}"
         " --out-model {output.model} --out-history {output.history} --device {params.device}"

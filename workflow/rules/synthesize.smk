@@ -8,6 +8,7 @@ rule synthesize:
     output:
         directory(f"{RESULTS}/samples/{{dataset}}/{{arch}}/{{synth}}/seed{{seed}}"),
     params:
+        synthesizer=synthesizer,
         cfg=synth_params,
         device=config["device"],
         code=synth_code,
@@ -23,6 +24,6 @@ rule synthesize:
     conda:
         "../envs/zsqpipe.yaml"
     shell:
-        "python3 -m zsqpipe synthesize --fp {input.fp} --synthesizer {wildcards.synth} --seed {wildcards.seed}"
+        "python3 -m zsqpipe synthesize --fp {input.fp} --synthesizer {params.synthesizer} --seed {wildcards.seed}"
         " --params {params.cfg:q} --out {output} --device {params.device} --threads {threads}"
         " --tracking {input.tracking} --rule synthesize --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"

@@ -21,7 +21,8 @@ ACCURACIES = ["last_top1", "best_top1", "val_selected_top1"]
 NOTE = (
     "last = test top-1 after the final epoch; best = highest test top-1 over epochs (model selection on the "
     "test set, as GDFQ/IntraQ/HAST/ZAQ report it); val-sel = test top-1 at the epoch with the best validation "
-    "accuracy. Values are mean ± sample std over seeds (std blank for a single seed)."
+    "accuracy. Values are mean ± sample std over seeds (std blank for a single seed). paper = the published "
+    "number for the same dataset/arch/method/bits (best-epoch, as the papers select), when the config lists one."
 )
 
 
@@ -38,8 +39,16 @@ def load_metrics(paths: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(df: pd.DataFrame, extra_columns: dict[str, str] | None = None) -> pd.DataFrame:
-    """Group by cell and compute mean/std over seeds."""
+def paper_value(paper: dict | None, row: dict) -> float:
+    """Published top-1 for a row from ``{dataset: {arch: {method: {"w4a4": value}}}}`` (NaN if absent)."""
+    try:
+        return float(paper[row["dataset"]][row["arch"]][row["method"]][f"w{row['w_bits']}a{row['a_bits']}"])
+    except (KeyError, TypeError):
+        return np.nan
+
+
+def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
+    """Group by cell and compute mean/std over seeds (plus the published number, when given)."""
     out = []
     for key, g in df.groupby(KEYS, sort=True):
         row = dict(zip(KEYS, key, strict=True))
@@ -54,8 +63,7 @@ def summarize(df: pd.DataFrame, extra_columns: dict[str, str] | None = None) -> 
         for col in ("model_size_bits", "bitops", "macs"):
             if col in g:
                 row[col] = float(g[col].mean())
-        for col, src in (extra_columns or {}).items():
-            row[col] = float(g[src].mean()) if src in g else np.nan
+        row["paper_top1"] = paper_value(paper, row)
         out.append(row)
     return pd.DataFrame(out)
 
@@ -74,6 +82,7 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         "bits",
         "FP",
         "seeds",
+        "paper",
         "last",
         "best (test-selected)",
         "val-sel",
@@ -90,6 +99,7 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
             r["bits"],
             f"{r['fp_top1']:.2f}",
             f"{r['n_seeds']} ({r['seeds']})",
+            "" if np.isnan(r["paper_top1"]) else f"{r['paper_top1']:.2f}",
             _pm(r["last_top1_mean"], r["last_top1_std"]),
             _pm(r["best_top1_mean"], r["best_top1_std"]),
             _pm(r["val_selected_top1_mean"], r["val_selected_top1_std"]),
@@ -102,9 +112,13 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
 
 
 def run_aggregate(
-    metrics_paths: list[Path], out_csv: Path, out_md: Path, title: str = "zsqpipe results"
+    metrics_paths: list[Path],
+    out_csv: Path,
+    out_md: Path,
+    title: str = "zsqpipe results",
+    paper: dict | None = None,
 ) -> pd.DataFrame:
-    table = summarize(load_metrics(metrics_paths))
+    table = summarize(load_metrics(metrics_paths), paper)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     write_text(out_md, to_markdown(table, title))

@@ -48,7 +48,9 @@ def run_quantize(
     shard_set = None
     if method_obj.synthesizer is not None:
         if samples is None:
-            raise ConfigError(f"method {method!r} trains on {method_obj.synthesizer!r} samples: pass --samples")
+            raise ConfigError(
+                f"method {method!r} trains on {method_obj.synthesizer!r} samples: pass --samples"
+            )
         shard_set = ShardSet.open(Path(samples) / "manifest.json")
         if shard_set.manifest.get("fp_checkpoint_sha256") != sha256_file(fp_checkpoint):
             raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")

@@ -53,5 +53,9 @@ class BNStatistics:
             mean = x.mean(dim=(2, 3))
             std = x.var(dim=(2, 3), unbiased=False).add(bn.eps).sqrt()
             target_std = bn.running_var.add(bn.eps).sqrt()
-            total = total + ((mean - bn.running_mean) ** 2).sum(1).mean() + ((std - target_std) ** 2).sum(1).mean()
+            total = (
+                total
+                + ((mean - bn.running_mean) ** 2).sum(1).mean()
+                + ((std - target_std) ** 2).sum(1).mean()
+            )
         return total

@@ -26,7 +26,9 @@ class GDFQGenerator(nn.Module):
         self.label_emb = nn.Embedding(num_classes, latent_dim)
         self.l1 = nn.Linear(latent_dim, 128 * self.init_size**2)
         self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(128))
-        self.conv_blocks1 = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2))
+        self.conv_blocks1 = nn.Sequential(
+            nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2)
+        )
         self.conv_blocks2 = nn.Sequential(
             nn.Conv2d(128, 64, 3, 1, 1), nn.BatchNorm2d(64, 0.8), nn.LeakyReLU(0.2),
             nn.Conv2d(64, channels, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False),
@@ -56,7 +58,9 @@ class ZAQGenerator(nn.Module):
         self.nz, self.init_size = nz, size // 4
         self.l1 = nn.Linear(nz, 128 * self.init_size**2)
         self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(128))
-        self.conv_blocks1 = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2))
+        self.conv_blocks1 = nn.Sequential(
+            nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2)
+        )
         self.conv_blocks2 = nn.Sequential(
             nn.Conv2d(128, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.LeakyReLU(0.2),
             nn.Conv2d(64, channels, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False),

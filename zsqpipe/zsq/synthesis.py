@@ -37,7 +37,9 @@ def get_synthesizer(name: str) -> tuple[Callable, type]:
     from zsqpipe.names import SYNTHESIZER_NAMES
 
     if name not in SYNTHESIZER_NAMES:
-        raise ConfigError(f"synthesizer: unknown synthesizer {name!r}; expected one of {list(SYNTHESIZER_NAMES)}")
+        raise ConfigError(
+            f"synthesizer: unknown synthesizer {name!r}; expected one of {list(SYNTHESIZER_NAMES)}"
+        )
     if name not in _SYNTHESIZERS:
         importlib.import_module(f"zsqpipe.zsq.synth_{name}")
     return _SYNTHESIZERS[name]
@@ -80,5 +82,7 @@ def teacher_confidence(teacher: nn.Module, images: torch.Tensor, labels: torch.T
     out = []
     for s in range(0, len(images), batch):
         logits = teacher(images[s : s + batch])
-        out.append(logits.softmax(1).gather(1, labels[s : s + batch, None].to(logits.device)).squeeze(1).cpu())
+        out.append(
+            logits.softmax(1).gather(1, labels[s : s + batch, None].to(logits.device)).squeeze(1).cpu()
+        )
     return torch.cat(out)

@@ -1,0 +1,272 @@
+"""``hast``: Hard Sample Matters a Lot in Zero-Shot Quantization (Li et al., CVPR 2023).
+
+Trains on the offline hard samples of the ``hast`` synthesizer (``zsqpipe/zsq/synth_hast.py``, the paper's
+L_HIL) and follows the official ``main_direct.py`` / ``trainer_direct.py`` (lihuantong/HAST) as described in
+``shared/reference/zero-shot-quantization.md`` §2.4 and §7.1:
+
+1. calibration (official epochs 0-3): a GDFQ generator is trained with CE + 0.1 * BNS on the teacher while the
+   quantized student forwards G(z) (detached) with activation ranges updating and no student step; then the
+   ranges are frozen and the generator discarded;
+2. fine-tuning on the streamed synthetic shards (random crop + flip), student in eval mode, per batch x:
+
+       L_S(x) = alpha * T^2 * KL_batchmean(softmax(P(x)/T) || softmax(S(x)/T))                 (L_KL)
+                + lambda * sum_{l in residual units} mean((a_l^S(x) - a_l^T(x))^2)              (L_FA)
+       a_l = L2-normalise over channels of mean_{H,W}(f_l^2)   (channel attention of unit l's body output)
+
+   sample difficulty promotion (paper: delta = argmax_{||delta||_inf <= eps} d(x + delta; theta_q)) as one FGSM
+   step x' = x + eps * sign(grad_x obj), no projection; teacher outputs on x' without gradient; and
+   L = L_S(x) + L_S(x') (+ ce_weight * CE on both, 0 in the official code).
+
+``fgsm_objective = "difficulty"`` (default, the paper): obj = mean_i (1 - softmax(S(x_i))_{y_i}), the
+difficulty under the quantized model with the sample's synthesis label y. ``"kd_fa"`` (the official code):
+obj = L_S(x), the gradient flowing through teacher and student. Defaults for lambda / eps are the official
+effective values (1000 / 0.01, hard-coded in ``options.py``; the hocon per-dataset values are never read).
+See docs/methods/hast.md for every option and deviation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsqpipe.engine import kd_kl
+from zsqpipe.errors import ConfigError
+from zsqpipe.methods.base import Method, QuantContext, register_method
+from zsqpipe.quant import set_quant_state
+from zsqpipe.zsq.bnstats import BNStatistics
+from zsqpipe.zsq.finetune import finetune, synthetic_batches
+from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
+
+FGSM_OBJECTIVES = ("difficulty", "kd_fa")
+OFFICIAL_EMA_MIN_STEPS = 200  # below this, quant.ema_mode=official has not settled (docs/quantization.md)
+
+
+@dataclass(frozen=True)
+class HASTConfig:
+    # fine-tuning loop (zsqpipe.zsq.finetune): official 147 x 200 steps, batch 64, SGD lr 1e-5, steps [20, 40, 60]
+    epochs: int = 2
+    iters_per_epoch: int = 20
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
+    augment: bool = True  # random crop + flip of the synthetic batches (official: RRC(0.5, 1) + HFlip)
+    bn_train: bool = False  # official: student in eval mode (BN running statistics fixed)
+    # losses
+    kd_alpha: float = 20.0  # alpha (official 20)
+    kd_temperature: float = 20.0  # T (official 20): L_KL = alpha * T^2 * KL_batchmean = 8000 * KL
+    fa_weight: float = 1000.0  # lambda; official effective value (options.py); paper C100 2000, ImageNet 4000
+    ce_weight: float = 0.0  # CE(S(x), y) with the synthesis label; official: computed, not used (0)
+    # ablation switches (paper Table: HSS, SDP, FA)
+    difficulty_promotion: bool = True  # SDP: add L_S(x') on the FGSM copy x'
+    feature_alignment: bool = True  # FA: the L_FA term
+    fgsm_eps: float = 0.01  # official effective value (options.py); paper C100 0.02
+    fgsm_objective: str = "difficulty"  # "difficulty" (paper: 1 - p under S) or "kd_fa" (official code)
+    # calibration with a GDFQ generator (official: 4 epochs x 200 iterations, batch 16)
+    calib_iters: int = 50
+    calib_batch_size: int = 16
+    generator_lr: float = 1e-3
+    generator_latent_dim: int = 100
+    generator_bns_weight: float = 0.1
+
+    def __post_init__(self):
+        if self.fgsm_objective not in FGSM_OBJECTIVES:
+            raise ConfigError(
+                f"methods.hast.fgsm_objective: expected one of {list(FGSM_OBJECTIVES)}, got {self.fgsm_objective!r}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def channel_attention(f: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C): mean over H, W of f^2, L2-normalised over channels."""
+    return F.normalize(f.float().pow(2).mean(dim=(2, 3)), dim=1)
+
+
+def attention_loss(student_feats, teacher_feats) -> torch.Tensor:
+    """sum_l mean((a_l^S - a_l^T)^2) over matching feature maps (unweighted; lambda is applied by the caller)."""
+    total = 0.0
+    for fs, ft in zip(student_feats, teacher_feats, strict=True):
+        total = total + (channel_attention(fs) - channel_attention(ft)).pow(2).mean()
+    return total
+
+
+def difficulty(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean sample difficulty d = 1 - softmax(logits)[label] (the paper's d(x; theta))."""
+    return 1.0 - F.softmax(logits, dim=1).gather(1, labels[:, None]).mean()
+
+
+def fgsm_step(objective: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x' = x + eps * sign(d objective / d x), detached; the graph of ``objective`` is kept for later use."""
+    (grad,) = torch.autograd.grad(objective, x, retain_graph=True)
+    return (x + eps * grad.sign()).detach()
+
+
+# ------------------------------------------------------------------------------------- feature hooks
+
+
+def feature_points(model: nn.Module) -> list[str]:
+    """Names of the modules whose outputs are aligned: the residual branch of every residual unit.
+
+    - zsqpipe/pytorchcv ResNet-20 (``ResUnit.body``, a ``ResBlock``): the ``*.body`` modules, as the official code;
+    - torchvision ResNet ``BasicBlock`` / ``Bottleneck``: ``bn2`` / ``bn3`` (the residual branch before the add,
+      the same tensor as pytorchcv's ``ResUnit.body`` output);
+    - torchvision MobileNetV2 ``InvertedResidual``: the last module of ``conv`` (the projection conv's BN), the
+      counterpart of pytorchcv ``LinearBottleneck.conv3`` (conv + BN); every block, with or without a skip.
+    """
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from zsqpipe.models.resnet_cifar import ResBlock
+
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, ResBlock) and name.rsplit(".", 1)[-1] == "body":
+            names.append(name)
+        elif isinstance(m, BasicBlock):
+            names.append(f"{name}.bn2")
+        elif isinstance(m, Bottleneck):
+            names.append(f"{name}.bn3")
+        elif isinstance(m, InvertedResidual):
+            names.append(f"{name}.conv.{len(m.conv) - 1}")
+    return names
+
+
+class FeatureHooks:
+    """Keeps the latest output of each named module (overwritten every forward, so memory stays bounded)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"hast: feature point {missing[0]!r} not found in the model")
+        self.outputs: list[torch.Tensor | None] = [None] * len(names)
+        self.handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(names)]
+
+    def _hook(self, i: int):
+        def hook(_m, _inp, out):
+            self.outputs[i] = out
+
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = list(self.outputs), [None] * len(self.outputs)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# ---------------------------------------------------------------------------------------------- method
+
+
+def calibrate_with_generator(ctx: QuantContext, c: HASTConfig) -> None:
+    """Official epochs 0-3: train a GDFQ generator on the teacher (CE + 0.1 BNS) while the quantized student
+    forwards its detached samples with activation ranges updating (no student step); then freeze the ranges."""
+    student, teacher = ctx.student, ctx.teacher
+    if c.calib_iters < OFFICIAL_EMA_MIN_STEPS and any(
+        getattr(m, "ema_mode", None) == "official" for m in student.modules()
+    ):
+        ctx.log(
+            f"warning: quant.ema_mode=official with {c.calib_iters} calibration steps: the official range update "
+            f"inflates ranges for its first ~150 steps (docs/quantization.md); use >= {OFFICIAL_EMA_MIN_STEPS}"
+        )
+    generator = GDFQGenerator(ctx.num_classes, tuple(ctx.input_shape), c.generator_latent_dim).to(ctx.device)
+    generator.train()
+    opt = torch.optim.Adam(generator.parameters(), lr=c.generator_lr, betas=(0.5, 0.999))
+    rng = torch.Generator().manual_seed(ctx.seed)
+    bn_stats = BNStatistics(teacher)
+    student.eval()
+    set_quant_state(student, enabled=True, update_ranges=True)
+    total = 0.0
+    try:
+        for _ in range(c.calib_iters):
+            x, _, loss = gdfq_generator_step(
+                generator, teacher, bn_stats, opt, c.calib_batch_size, rng, ctx.device, c.generator_bns_weight
+            )
+            total += loss
+            with torch.no_grad():
+                student(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        bn_stats.remove()
+        set_quant_state(student, update_ranges=False)
+    ctx.log(f"hast: calibrated activation ranges on {c.calib_iters} generator batches "
+            f"(mean L_G {total / max(c.calib_iters, 1):.4f}); generator discarded")  # fmt: skip
+
+
+@register_method("hast")
+class HAST(Method):
+    uses_real_data = False
+    synthesizer = "hast"
+    Config = HASTConfig
+
+    def run(self, ctx: QuantContext) -> None:
+        c = self.cfg
+        if ctx.samples is None:
+            raise ValueError("hast: no synthetic samples (ctx.samples) to fine-tune on")
+        student, teacher = ctx.student, ctx.teacher
+        teacher.eval()
+        calibrate_with_generator(ctx, c)
+
+        hooks_s = hooks_t = None
+        if c.feature_alignment:
+            names = feature_points(teacher)
+            if not names:
+                raise ValueError(
+                    "hast: feature_alignment found no residual unit to hook in this architecture"
+                )
+            hooks_t, hooks_s = FeatureHooks(teacher, names), FeatureHooks(student, names)
+            ctx.log(f"hast: feature alignment on {len(names)} units ({names[0]} ... {names[-1]})")
+        batches = synthetic_batches(ctx.samples, c.batch_size, ctx.seed, ctx.device, c.augment)
+
+        def student_loss(s_logits, s_feats, t_logits, t_feats, y):
+            loss = c.kd_alpha * kd_kl(s_logits, t_logits, c.kd_temperature)
+            if c.feature_alignment:
+                loss = loss + c.fa_weight * attention_loss(s_feats, t_feats)
+            if c.ce_weight:
+                loss = loss + c.ce_weight * F.cross_entropy(s_logits, y)
+            return loss
+
+        def forward(model, hooks, x):
+            logits = model(x)
+            return logits, (hooks.take() if hooks is not None else None)
+
+        def teacher_no_grad(x):
+            with torch.no_grad():
+                return forward(teacher, hooks_t, x)
+
+        def step(_it: int) -> torch.Tensor:
+            x, y = next(batches)
+            if not c.difficulty_promotion:
+                s = forward(student, hooks_s, x)
+                return student_loss(*s, *teacher_no_grad(x), y)
+            x.requires_grad_(True)
+            s = forward(student, hooks_s, x)
+            if c.fgsm_objective == "kd_fa":  # official: signed gradient of L_S(x) through teacher and student
+                t = forward(teacher, hooks_t, x)
+                x_adv = fgsm_step(student_loss(*s, *t, y), x, c.fgsm_eps)
+                t = (t[0].detach(), [f.detach() for f in t[1]] if t[1] is not None else None)
+            else:  # paper: increase the difficulty 1 - p under the quantized model
+                x_adv = fgsm_step(difficulty(s[0], y), x, c.fgsm_eps)
+                t = teacher_no_grad(x)
+            loss = student_loss(*s, *t, y)
+            s_adv = forward(student, hooks_s, x_adv)
+            return loss + student_loss(*s_adv, *teacher_no_grad(x_adv), y)
+
+        student.train(c.bn_train)  # evaluate() in ctx.end_epoch restores this mode after each epoch
+        try:
+            finetune(ctx, c, step)
+        finally:
+            for h in (hooks_s, hooks_t):
+                if h is not None:
+                    h.remove()
