@@ -108,6 +108,12 @@ def test_schema_defaults_match_dataclasses():
     assert cfg["quant"] == {k: v for k, v in q.items() if k not in ("weight_bits", "act_bits")}
     for name in METHOD_NAMES:
         assert cfg["methods"][name] == norm(get_method(name)().config_dict()), name
+    from zsqpipe.names import SYNTHESIZER_NAMES
+    from zsqpipe.zsq.synthesis import get_synthesizer
+
+    assert set(cfg["synthesis"]) == set(SYNTHESIZER_NAMES)
+    for name in SYNTHESIZER_NAMES:
+        assert cfg["synthesis"][name] == norm(asdict(get_synthesizer(name)[1]())), name
 
 
 def test_variants_are_checked_against_their_base_method():

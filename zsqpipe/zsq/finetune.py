@@ -8,6 +8,7 @@ import torch
 
 from zsqpipe.data.loaders import random_crop_flip
 from zsqpipe.data.shards import ShardSet
+from zsqpipe.errors import ConfigError
 from zsqpipe.engine import make_optimizer, make_scheduler
 from zsqpipe.methods.base import QuantContext
 
@@ -22,6 +23,9 @@ def synthetic_batches(
     """
     gen = torch.Generator().manual_seed(seed)
     pad = padding if padding is not None else max(2, shards.shape[-1] // 8)
+    largest = max(e["rows"] for e in shards.manifest["shards"])
+    if batch_size > largest:
+        raise ConfigError(f"batch_size {batch_size} exceeds the largest sample shard ({largest} samples)")
     epoch = 0
     while True:
         for x, y in shards.iter_batches(batch_size, seed=seed + epoch):

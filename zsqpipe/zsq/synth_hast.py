@@ -67,7 +67,7 @@ def synthesize_hast(teacher: nn.Module, cfg: HASTSynthConfig, ctx: SynthContext)
     """Optimise ``cfg.num_samples`` images in batches of ``cfg.batch_size``; returns (images, labels) on CPU."""
     if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.iters < 0:
         raise ValueError("synthesis.hast: num_samples and batch_size must be >= 1, iters >= 0")
-    teacher.eval()
+    teacher = teacher.eval().to(memory_format=torch.channels_last)  # ~1.5-2x faster on CPU (in place)
     bn_stats = BNStatistics(teacher)
     images, labels = [], []
     try:
@@ -76,6 +76,7 @@ def synthesize_hast(teacher: nn.Module, cfg: HASTSynthConfig, ctx: SynthContext)
             size = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
             y_cpu = torch.randint(0, ctx.num_classes, (size,), generator=ctx.generator)
             x0 = torch.randn(size, *ctx.shape, generator=ctx.generator).to(ctx.device)
+            x0 = x0.contiguous(memory_format=torch.channels_last)
             y = y_cpu.to(ctx.device)
 
             def loss_fn(x, _step, y=y):

@@ -65,7 +65,7 @@ def optimise_batch(
 ) -> torch.Tensor:
     """Adam on the pixels of ``x0`` for ``iters`` steps with ReduceLROnPlateau on the loss; returns x."""
     x = x0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)  # IntraQ/HAST distill_data.py
+    opt = torch.optim.Adam([x], lr=lr)  # ZeroQ/IntraQ/HAST distill_data.py: Adam(lr=0.5), default betas
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=min_lr, patience=patience)
     for step in range(iters):
         loss = loss_fn(x, step)

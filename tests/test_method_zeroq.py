@@ -1,0 +1,183 @@
+"""ZeroQ: distillation losses, initialisation, synthesis without real data, and a tiny end-to-end run."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from zsqpipe.data import forbid_real_data
+from zsqpipe.data.shards import ShardSet, write_shards
+from zsqpipe.methods.base import QuantContext
+from zsqpipe.methods.zeroq import ZeroQ
+from zsqpipe.models import create_model
+from zsqpipe.quant import QuantConfig, quantize_model
+from zsqpipe.zsq.bnstats import BNStatistics
+from zsqpipe.zsq.synth_zeroq import (
+    UNIFORM_VARIANCE,
+    ZeroQSynthConfig,
+    initial_images,
+    input_stats_loss,
+    optimise_pixels,
+    synthesize_zeroq,
+)
+from zsqpipe.zsq.synthesis import SynthContext
+
+
+def standardised(n, c, h, w, seed=0):
+    """Images whose every (image, channel) plane has mean 0 and biased variance 1."""
+    z = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+    z = z - z.mean(dim=(2, 3), keepdim=True)
+    return z / z.var(dim=(2, 3), unbiased=False, keepdim=True).sqrt()
+
+
+def tiny_net(channels=1, classes=3):
+    return nn.Sequential(
+        nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes),
+    ).eval()  # fmt: skip
+
+
+def test_per_sample_bn_loss_is_zero_when_every_image_matches_the_running_stats():
+    mean, std = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.5])
+    x = mean[None, :, None, None] + std[None, :, None, None] * standardised(3, 2, 5, 5)
+    bn = nn.BatchNorm2d(2).eval()
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(std**2)
+    stats = BNStatistics(nn.Sequential(bn))
+    stats.layers[0](x)
+    assert float(stats.per_sample_loss()) == pytest.approx(0.0, abs=1e-9)
+    bn.running_mean.add_(1.0)  # a mismatch is penalised: 2 channels x 1^2 per image
+    assert float(stats.per_sample_loss()) == pytest.approx(2.0, abs=1e-5)
+    stats.remove()
+
+
+def test_zeroq_loss_with_input_term_reaches_zero_for_standard_normal_statistics():
+    x = standardised(4, 2, 6, 6)
+    model = nn.Sequential(nn.BatchNorm2d(2)).eval()  # running stats (0, 1) = the images' statistics
+    stats = BNStatistics(model)
+    model(x)
+    total = stats.per_sample_loss() + input_stats_loss(x, eps=0.0)
+    assert float(total) == pytest.approx(0.0, abs=1e-9)
+    stats.remove()
+
+
+def test_per_sample_and_input_losses_match_hand_computed_values():
+    # image 0: constant 1 (mean 1, std 0); image 1: +-1 columns (mean 0, std 1)
+    x = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[1.0, -1.0], [1.0, -1.0]]]])
+    # input term: mean_b (mu_b^2 + (sigma_b - 1)^2) = ((1 + 1) + (0 + 0)) / 2
+    assert float(input_stats_loss(x, eps=0.0)) == pytest.approx(1.0)
+    # ZeroQ BN term with target (mu, sigma) = (0.5, 2): mean_b ((mu_b - 0.5)^2 + (sigma_b - 2)^2)
+    bn = nn.BatchNorm2d(1, eps=0.0).eval()
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(4.0)
+    stats = BNStatistics(nn.Sequential(bn))
+    bn(x)
+    expected = ((0.25 + 4.0) + (0.25 + 1.0)) / 2
+    assert float(stats.per_sample_loss()) == pytest.approx(expected)
+    stats.remove()
+
+
+def test_initialisations():
+    gen = torch.Generator().manual_seed(0)
+    official = initial_images("zeroq_uniform", (64, 1, 8, 8), gen)
+    assert float(official.abs().max()) <= 127.5 / UNIFORM_VARIANCE + 1e-7  # ZeroQ issue #20: ~ +-0.024
+    corrected = initial_images("uniform", (64, 1, 8, 8), gen)
+    assert float(corrected.var()) == pytest.approx(1.0, abs=0.05)
+    assert float(corrected.abs().max()) <= 127.5 / math.sqrt(UNIFORM_VARIANCE) + 1e-6
+    assert float(initial_images("gaussian", (64, 1, 8, 8), gen).std()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_optimise_pixels_descends():
+    x, last = optimise_pixels(torch.zeros(2, 1, 2, 2), lambda x, _s: ((x - 1.0) ** 2).sum(), 60, 0.5, 100)
+    assert last < 8.0 * 0.05 and float(((x - 1.0) ** 2).sum()) < last + 1e-6
+
+
+def test_synthesis_reads_no_real_data_and_labels_are_teacher_argmax():
+    teacher = tiny_net()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    cfg = ZeroQSynthConfig(num_samples=6, batch_size=4, iters=3, init="zeroq_uniform")
+    ctx = SynthContext(
+        3, (1, 8, 8), torch.device("cpu"), torch.Generator().manual_seed(0), log=lambda _m: None
+    )
+    with forbid_real_data("test"):
+        images, labels = synthesize_zeroq(teacher, cfg, ctx)
+    assert images.shape == (6, 1, 8, 8) and labels.shape == (6,)
+    assert float(images.abs().max()) > 0.1  # Adam at lr 0.5 moved the +-0.024 initial pixels
+    with torch.no_grad():
+        assert torch.equal(labels, teacher(images).argmax(1))
+    assert not any(m._forward_hooks for m in teacher.modules())  # hooks removed
+
+
+def small_cnn(classes=10):
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
+    )  # fmt: skip
+
+
+def make_ctx(tmp_path, n=8, size=8, seed=0, arch="small"):
+    """A quantize context on a tiny ShardSet; ``arch`` "resnet20" or a small conv net (faster)."""
+    torch.manual_seed(seed)
+    teacher = (create_model("resnet20", 10, 1, size) if arch == "resnet20" else small_cnn()).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=4))
+    for p in student.parameters():
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 1, size, size, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    write_shards(tmp_path / "shards", images, labels, torch.zeros(n), "test", seed, shard_size=n)
+    history = []
+    ctx = QuantContext(
+        teacher=teacher.to(memory_format=torch.channels_last),
+        student=student.to(memory_format=torch.channels_last),
+        device=torch.device("cpu"),
+        seed=seed,
+        num_classes=10,
+        input_shape=(1, size, size),
+        train_loader_factory=None,
+        end_epoch=lambda epoch, extra: history.append((epoch, extra)) or {},
+        log=lambda _m: None,
+        samples=ShardSet.open(tmp_path / "shards" / "manifest.json"),
+    )
+    return ctx, history
+
+
+def act_quantizers(model):
+    return [m for m in model.modules() if hasattr(m, "update_ranges") and hasattr(m, "ema_mode")]
+
+
+def test_zeroq_end_to_end_finetune(tmp_path):
+    ctx, history = make_ctx(tmp_path, arch="resnet20")
+    before = {k: v.clone() for k, v in ctx.student.state_dict().items() if "weight" in k}
+    cfg = {"calib_batches": 1, "epochs": 2, "iters_per_epoch": 1, "batch_size": 4, "lr": 0.01}
+    ZeroQ(cfg).run(ctx)
+    assert [e for e, _ in history] == [0, 1]
+    assert all(math.isfinite(extra["train_loss"]) for _, extra in history)
+    assert act_quantizers(ctx.student) and not any(q.update_ranges for q in act_quantizers(ctx.student))
+    after = ctx.student.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_zeroq_calibration_only(tmp_path):
+    ctx, history = make_ctx(tmp_path)
+    before = {k: v.clone() for k, v in ctx.student.state_dict().items() if "weight" in k}
+    ZeroQ({"finetune": False, "calib_batches": 2, "batch_size": 16}).run(ctx)  # batch capped at 8
+    assert history == [(0, {})]
+    after = ctx.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_zeroq_rejects_unknown_options(tmp_path):
+    ctx, _ = make_ctx(tmp_path)
+    from zsqpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        ZeroQ({"augment": "mixup"}).run(ctx)
+    with pytest.raises(ConfigError):
+        initial_images("laplace", (1, 1, 2, 2), torch.Generator())

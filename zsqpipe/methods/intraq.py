@@ -1,0 +1,123 @@
+"""``intraq``: IntraQ fine-tuning (Zhong et al., CVPR 2022) on the ``intraq`` synthetic images
+(``zsqpipe/zsq/synth_intraq.py``), following the official ``zysxmu/IntraQ: trainer_direct.py`` and
+``main_direct.py`` as described in the reference note §2.3:
+
+1. calibration of the activation ranges, then ranges frozen:
+   - ``calibration: shards`` (default): ``calib_batches`` batches of the synthetic set through the student;
+   - ``calibration: generator`` (the official code): a GDFQ generator is trained for ``generator_steps``
+     steps on L_G = CE(P(G(z, y)), y) + bns_weight * BNS (``zsqpipe.zsq.generators``, batch 16 in the code)
+     and each of its batches runs through the student with range updates on; the generator is then dropped;
+2. fine-tuning, ``epochs`` x ``iters_per_epoch`` SGD steps on shard batches augmented with
+   RandomResizedCrop(scale (aug_margin, 1)) + horizontal flip:
+       L_S = alpha * T^2 * KL(softmax(P(x)/T) || softmax(S(x)/T)) + CE(S(x), y)   (KL batchmean)
+   with alpha = ``kd_weight`` = 20, T = ``kd_temperature`` = 20 (8,000 x batchmean KL), y the sampled
+   labels stored in the shards, the student in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zsqpipe.engine import kd_kl
+from zsqpipe.errors import ConfigError
+from zsqpipe.methods.base import Method, QuantContext, register_method
+from zsqpipe.methods.real import OFFICIAL_EMA_MIN_STEPS, calibrate
+from zsqpipe.methods.zeroq import check_augment, shard_stream
+from zsqpipe.quant import set_quant_state
+from zsqpipe.zsq.bnstats import BNStatistics
+from zsqpipe.zsq.finetune import finetune
+from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
+
+CALIBRATIONS = ("shards", "generator")
+
+
+@dataclass(frozen=True)
+class IntraQConfig:
+    calibration: str = "shards"  # shards | generator (official: GDFQ generator, 4 epochs x 200 steps)
+    calib_batches: int = 4  # calibration "shards": 4 x 128 = one pass over the 512 default samples
+    generator_steps: int = 100  # calibration "generator": official 800 (4 epochs x 200)
+    generator_batch_size: int = 16  # official 16
+    generator_lr: float = 1e-3
+    generator_latent_dim: int = 100
+    bns_weight: float = 0.1
+    epochs: int = 2
+    iters_per_epoch: int = 25
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 2.5e-4  # x alpha 20 = 0.005, the `real` step size (paper: 1e-4 for 147 x 200 steps)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
+    kd_temperature: float = 20.0
+    kd_weight: float = 20.0  # alpha
+    ce_weight: float = 1.0
+    augment: str = "rrc"  # rrc (official) | crop_flip | none
+    aug_margin: float = 0.5
+
+
+def calibrate_with_generator(ctx: QuantContext, c: IntraQConfig) -> None:
+    """IntraQ/HAST calibration epochs: train a GDFQ generator on the teacher, student ranges follow its output."""
+    if c.generator_steps < OFFICIAL_EMA_MIN_STEPS and any(
+        getattr(m, "ema_mode", None) == "official" for m in ctx.student.modules()
+    ):
+        ctx.log(
+            f"warning: quant.ema_mode=official with {c.generator_steps} generator steps: the official range "
+            f"update inflates ranges for its first ~150 steps; use >= {OFFICIAL_EMA_MIN_STEPS}"
+        )
+    shape = tuple(ctx.input_shape)
+    generator = GDFQGenerator(ctx.num_classes, shape, c.generator_latent_dim).to(ctx.device)
+    generator.train()
+    opt = torch.optim.Adam(generator.parameters(), lr=c.generator_lr, betas=(0.5, 0.999))
+    rng = torch.Generator().manual_seed(ctx.seed)
+    stats = BNStatistics(ctx.teacher)
+    set_quant_state(ctx.student, enabled=True, update_ranges=True)
+    loss_g = float("nan")
+    try:
+        for _ in range(c.generator_steps):
+            x, _y, loss_g = gdfq_generator_step(
+                generator, ctx.teacher, stats, opt, c.generator_batch_size, rng, ctx.device, c.bns_weight
+            )
+            with torch.no_grad():
+                ctx.student(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        stats.remove()
+        set_quant_state(ctx.student, update_ranges=False)
+    ctx.log(f"intraq: ranges calibrated on {c.generator_steps} generator batches (last L_G {loss_g:.3f})")
+
+
+@register_method("intraq")
+class IntraQ(Method):
+    uses_real_data = False
+    synthesizer = "intraq"
+    Config = IntraQConfig
+
+    def run(self, ctx: QuantContext) -> None:
+        c = self.cfg
+        check_augment(c, "intraq")
+        if c.calibration not in CALIBRATIONS:
+            raise ConfigError(
+                f"methods.intraq.calibration: expected one of {list(CALIBRATIONS)}, got {c.calibration!r}"
+            )
+        student, teacher = ctx.student, ctx.teacher
+        student.eval()
+        if c.calibration == "generator":
+            calibrate_with_generator(ctx, c)
+        else:
+            calibrate(student, shard_stream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)
+        batches = shard_stream(ctx, c.batch_size, ctx.seed + 1, c.augment, c.aug_margin)
+
+        def step(_it: int) -> torch.Tensor:
+            x, y = next(batches)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+            return c.kd_weight * kd_kl(s_logits, t_logits, c.kd_temperature) + c.ce_weight * F.cross_entropy(
+                s_logits, y
+            )
+
+        finetune(ctx, c, step)

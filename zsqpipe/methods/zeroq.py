@@ -1,0 +1,114 @@
+"""``zeroq``: ZeroQ's distilled data (Cai et al., CVPR 2020, Eq. 2; synthesizer ``zeroq``,
+``zsqpipe/zsq/synth_zeroq.py``) used the way later papers re-implement ZeroQ at low bit-widths (IntraQ's
+tables, IntraQ issue #1; reference note §2.6):
+
+1. calibration: ``calib_batches`` batches of the distilled samples through the quantized student with
+   activation ranges updating (ZeroQ ``classification/uniform_test.py``: one forward pass of the distilled
+   data), then ranges are frozen;
+2. fine-tuning (``finetune: true``, the re-implementation): ``epochs`` x ``iters_per_epoch`` SGD steps on
+   streamed shard batches with knowledge distillation only,
+       L = kd_weight * T^2 * KL(softmax(P(x)/T) || softmax(S(x)/T))   (batchmean; ``engine.kd_kl``)
+   (+ ``ce_weight`` * CE on the teacher-argmax labels, 0 by default), student in eval mode, batches
+   augmented with IntraQ's RandomResizedCrop(scale (aug_margin, 1)) + flip.
+``finetune: false`` is the original protocol (calibration only, one evaluation), as in the official
+``uniform_test.py`` (which is W8A8 only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zsqpipe.engine import kd_kl
+from zsqpipe.errors import ConfigError
+from zsqpipe.methods.base import Method, QuantContext, register_method
+from zsqpipe.methods.real import calibrate
+from zsqpipe.zsq.augment import random_resized_crop_flip
+from zsqpipe.zsq.finetune import finetune, synthetic_batches
+
+AUGMENTS = ("rrc", "crop_flip", "none")
+
+
+@dataclass(frozen=True)
+class ZeroQConfig:
+    finetune: bool = True  # false = the original ZeroQ protocol: calibrate ranges, no training
+    calib_batches: int = 4  # 4 x 128 = one pass over the 512 default samples
+    epochs: int = 2
+    iters_per_epoch: int = 25
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 2.5e-4  # x kd_weight 20 = 0.005, the `real` step size (paper harness: 1e-4 for 30k steps)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
+    kd_temperature: float = 20.0  # IntraQ harness T
+    kd_weight: float = 20.0  # IntraQ harness alpha (8,000 x batchmean KL with T = 20)
+    ce_weight: float = 0.0  # KD only (IntraQ issue #1: "KD, or KD+CE")
+    augment: str = "rrc"  # rrc (IntraQ's RandomResizedCrop + flip) | crop_flip (pad-crop + flip) | none
+    aug_margin: float = 0.5  # RandomResizedCrop scale lower bound
+
+
+def check_augment(cfg, name: str) -> None:
+    if cfg.augment not in AUGMENTS:
+        raise ConfigError(f"methods.{name}.augment: expected one of {list(AUGMENTS)}, got {cfg.augment!r}")
+    if not 0.0 < cfg.aug_margin <= 1.0:
+        raise ConfigError(f"methods.{name}.aug_margin: expected a value in (0, 1], got {cfg.aug_margin}")
+
+
+def shard_stream(
+    ctx: QuantContext, batch_size: int, seed: int, augment: str = "none", aug_margin: float = 0.5
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (images, labels) batches of ``ctx.samples`` with the chosen augmentation.
+
+    ``synthetic_batches`` drops ragged batches, so the batch is capped at the largest shard (with a warning)
+    rather than waiting forever for a full one.
+    """
+    if ctx.samples is None:
+        raise ConfigError("this method trains on synthetic shards, but the context has no samples")
+    largest = max(int(e["rows"]) for e in ctx.samples.manifest["shards"])
+    if batch_size > largest:
+        ctx.log(f"warning: batch {batch_size} > {largest} samples per shard; using batches of {largest}")
+        batch_size = largest
+    batches = synthetic_batches(ctx.samples, batch_size, seed, ctx.device, augment=augment == "crop_flip")
+    if augment != "rrc":
+        yield from batches
+        return
+    gen = torch.Generator().manual_seed(seed)
+    for x, y in batches:
+        x = random_resized_crop_flip(x, (aug_margin, 1.0), gen)
+        yield x.contiguous(memory_format=torch.channels_last), y
+
+
+@register_method("zeroq")
+class ZeroQ(Method):
+    uses_real_data = False
+    synthesizer = "zeroq"
+    Config = ZeroQConfig
+
+    def run(self, ctx: QuantContext) -> None:
+        c = self.cfg
+        check_augment(c, "zeroq")
+        student, teacher = ctx.student, ctx.teacher
+        student.eval()
+        calibrate(student, shard_stream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)
+        if not c.finetune:
+            ctx.end_epoch(0, {})
+            return
+        batches = shard_stream(ctx, c.batch_size, ctx.seed + 1, c.augment, c.aug_margin)
+
+        def step(_it: int) -> torch.Tensor:
+            x, y = next(batches)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+            loss = c.kd_weight * kd_kl(s_logits, t_logits, c.kd_temperature)
+            if c.ce_weight:
+                loss = loss + c.ce_weight * F.cross_entropy(s_logits, y)
+            return loss
+
+        finetune(ctx, c, step)
