@@ -8,8 +8,8 @@ import torch
 
 from zsqpipe.data.loaders import random_crop_flip
 from zsqpipe.data.shards import ShardSet
-from zsqpipe.errors import ConfigError
 from zsqpipe.engine import make_optimizer, make_scheduler
+from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import QuantContext
 
 
