@@ -11,9 +11,7 @@ import pandas as pd
 import pytest
 from workflow_helpers import REPO, planned_jobs, snakemake, snakemake_cmd, write_config
 
-N_TRACKED_JOBS = (
-    7  # data, fp_model, 2 x quantize, 2 x evaluate, aggregate_hast (mlflow_init creates the store)
-)
+N_TRACKED_JOBS = 7  # data, fp_model, 2 x quantize, 2 x evaluate, aggregate (mlflow_init creates the store)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +44,13 @@ def test_mlflow_run_per_job(smoke):
 
     info = json.loads((smoke["wd"] / "results/mlflow/tracking.json").read_text())
     assert info["tracking_uri"].startswith("sqlite:////")
-    mlflow.set_tracking_uri(info["tracking_uri"])
+    client = mlflow.MlflowClient(tracking_uri=info["tracking_uri"])
+    mlflow.set_tracking_uri(info["tracking_uri"])  # exports MLFLOW_TRACKING_URI; workflow_helpers drops it
     runs = mlflow.search_runs(experiment_ids=[info["experiment_id"]])
     assert len(runs) == N_TRACKED_JOBS
     assert (runs["status"] == "FINISHED").all()
     assert sorted(runs["tags.zsq.rule"].value_counts().items()) == [
-        ("aggregate_hast", 1),
+        ("aggregate", 1),
         ("data", 1),
         ("evaluate", 2),
         ("fp_model", 1),
@@ -62,7 +61,6 @@ def test_mlflow_run_per_job(smoke):
     q = runs[runs["tags.zsq.rule"] == "quantize"]
     assert q["params.method"].notna().all() and q["params.quant.ema_mode"].notna().all()
     assert q["metrics.test_top1"].notna().all()
-    client = mlflow.MlflowClient()
     for run_id in q["run_id"]:
         names = {a.path for a in client.list_artifacts(run_id)}
         assert {"history.json", "checkpoint", "logs"} <= names
@@ -81,17 +79,14 @@ def test_quant_setting_reruns_only_affected_cells(smoke):
     cfg = write_config(wd / "more_bits.yaml", tables__hast__bits=["w4a4", "w3a3"])
     jobs = planned_jobs(wd, cfg)
     rules = sorted(r for r, _ in jobs)
-    assert rules == ["aggregate_hast", "evaluate", "evaluate", "quantize", "quantize"]
+    assert rules == ["aggregate", "evaluate", "evaluate", "quantize", "quantize"]
     assert all("abits=3" in w for r, w in jobs if r in ("quantize", "evaluate"))
     cfg = write_config(wd / "ptq_change.yaml", methods__ptq__calib_images=256)
     jobs = planned_jobs(wd, cfg)
-    assert sorted(r for r, _ in jobs) == ["aggregate_hast", "evaluate", "quantize"]
+    assert sorted(r for r, _ in jobs) == ["aggregate", "evaluate", "quantize"]
     assert all("method=ptq" in w for r, w in jobs if r == "quantize")
     cfg = write_config(wd / "ema.yaml", quant={"ema_mode": "official"})
-    assert (
-        sorted(r for r, _ in planned_jobs(wd, cfg))
-        == ["aggregate_hast"] + ["evaluate"] * 2 + ["quantize"] * 2
-    )
+    assert sorted(r for r, _ in planned_jobs(wd, cfg)) == ["aggregate"] + ["evaluate"] * 2 + ["quantize"] * 2
 
 
 def test_variant_adds_only_its_cells(smoke):
@@ -99,7 +94,7 @@ def test_variant_adds_only_its_cells(smoke):
     cfg = write_config(wd / "variant.yaml", variants={"real_ce0": {"method": "real", "methods": {"ce_weight": 0.0}}},
                        tables__hast__methods=["real", "ptq", "real_ce0"])  # fmt: skip
     jobs = planned_jobs(wd, cfg)
-    assert sorted(r for r, _ in jobs) == ["aggregate_hast", "evaluate", "quantize"]
+    assert sorted(r for r, _ in jobs) == ["aggregate", "evaluate", "quantize"]
     assert all("method=real_ce0" in w for r, w in jobs if r == "quantize")
     r = snakemake(wd, cfg, "-n", "-p")
     assert "--method real " in r.stdout and '"ce_weight":0.0' in r.stdout
@@ -109,7 +104,7 @@ def test_fp_recipe_change_reruns_everything_downstream(smoke):
     wd = smoke["wd"]
     cfg = write_config(wd / "fp.yaml", fp_model__lr=0.04)
     rules = sorted(r for r, _ in planned_jobs(wd, cfg))
-    assert rules == ["aggregate_hast"] + ["evaluate"] * 2 + ["fp_model"] + ["quantize"] * 2
+    assert rules == ["aggregate"] + ["evaluate"] * 2 + ["fp_model"] + ["quantize"] * 2
 
 
 def test_tracking_toggle_reruns_nothing_but_init(smoke):

@@ -40,9 +40,6 @@ def test_registered_names_match_schema():
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["properties"]
     assert set(schema["datasets"]["items"]["enum"]) == set(DATASET_NAMES) == set(DATASETS)
     assert set(schema["archs"]["items"]["enum"]) == set(ARCH_NAMES) <= set(available_models())
-    assert set(schema["tables"]["properties"]["hast"]["properties"]["methods"]["items"]["enum"]) <= set(
-        METHOD_NAMES
-    )
     assert set(schema["methods"]["properties"]) == set(METHOD_NAMES)
     assert set(schema["variants"]["additionalProperties"]["properties"]["method"]["enum"]) == set(
         METHOD_NAMES

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def snakemake_cmd(workdir: Path, configfile: Path, *args: str) -> list[str]:
 
 def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900, check: bool = True):
     cmd = snakemake_cmd(workdir, configfile, *args)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     if check and r.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"

@@ -152,7 +152,20 @@ def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     if errors:
         raise ConfigError(_error_line(jsonschema.exceptions.best_match(errors)))
     _validate_variants(schema, instance)
+    _validate_tables(instance)
     return instance
+
+
+def _validate_tables(instance: dict) -> None:
+    from zsqpipe.names import METHOD_NAMES
+
+    known = list(METHOD_NAMES) + list(instance.get("variants", {}))
+    for table, t in instance["tables"].items():
+        for i, m in enumerate(t["methods"]):
+            if m not in known:
+                raise ConfigError(
+                    f"config key 'tables.{table}.methods.{i}': {m!r} is not a method or variant {known}"
+                )
 
 
 def _validate_variants(schema: dict, instance: dict) -> None:

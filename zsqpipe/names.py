@@ -6,7 +6,11 @@ The Snakefile builds its wildcard constraints from these at parse time; the regi
 
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagenet")
 ARCH_NAMES = ("resnet20", "resnet18", "mobilenet_v2")
-METHOD_NAMES = ("real", "ptq", "zeroq", "intraq", "hast")
-SYNTHESIZER_NAMES = ("zeroq", "intraq", "hast")  # offline sample synthesizers (module zsqpipe/zsq/synth_<name>.py)
+METHOD_NAMES = ("real", "ptq", "zeroq", "intraq", "hast", "gdfq", "qimera", "zaq")
+SYNTHESIZER_NAMES = (
+    "zeroq",
+    "intraq",
+    "hast",
+)  # offline sample synthesizers (module zsqpipe/zsq/synth_<name>.py)
 # Methods that fine-tune on offline synthetic samples, and the synthesizer whose shards they read.
 METHOD_SYNTHESIZER: dict[str, str] = {"zeroq": "zeroq", "intraq": "intraq", "hast": "hast"}

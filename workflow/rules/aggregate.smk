@@ -1,25 +1,25 @@
-# Result tables, built from metrics files only.
+# Result tables, built from metrics files only (one per entry of config `tables`).
 
 
-rule aggregate_hast:
+rule aggregate:
     input:
-        metrics=table_metrics("hast"),
+        metrics=table_metrics,
         tracking=ancient(TRACKING),
     output:
-        csv=f"{RESULTS}/tables/hast.csv",
-        md=f"{RESULTS}/tables/hast.md",
+        csv=f"{RESULTS}/tables/{{table}}.csv",
+        md=f"{RESULTS}/tables/{{table}}.md",
     params:
-        paper=canonical_json(config["tables"]["hast"]["paper"]),
+        title=table_title,
+        paper=table_paper,
         code=code_version("zsqpipe.stages.aggregate"),
     log:
-        f"{LOGS}/aggregate/hast.log",
+        f"{LOGS}/aggregate/{{table}}.log",
     benchmark:
-        f"{BENCH}/aggregate/hast.tsv"
+        f"{BENCH}/aggregate/{{table}}.tsv"
     localrule: True
     conda:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe aggregate {input.metrics} --out-csv {output.csv} --out-md {output.md}"
-        " --title 'HAST table: zero-shot quantization' --paper {params.paper:q} --tracking {input.tracking}"
-        " --rule aggregate_hast"
-        " --log-file {log} > {log} 2>&1"
+        " --title {params.title:q} --paper {params.paper:q} --tracking {input.tracking}"
+        " --rule aggregate --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"

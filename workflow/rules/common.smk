@@ -1,4 +1,5 @@
 # Helpers shared by all rules: config validation, params builders, code versions, output paths.
+import hashlib
 import os
 import shutil
 import sys
@@ -27,7 +28,8 @@ wildcard_constraints:
     wbits=r"\d+",
     abits=r"\d+",
     seed=r"\d+",
-    synth="(" + ("|".join(SYNTHESIZER_NAMES) or "none") + ")(@[A-Za-z0-9_]+)?",
+    synth="(" + ("|".join(SYNTHESIZER_NAMES) or "none") + ")(@[0-9a-f]{8})?",
+    table="|".join(config["tables"]),
 
 
 RESULTS = "results"
@@ -85,12 +87,21 @@ def method_params(wildcards):
     return canonical_json({**config["methods"].get(base, {}), **overrides})
 
 
+def overrides_tag(overrides):
+    """Short stable name for a set of synthesis overrides (variants with equal overrides share samples)."""
+    return hashlib.sha256(canonical_json(overrides).encode()).hexdigest()[:8]
+
+
+SYNTH_OVERRIDES = {overrides_tag(v["synthesis"]): v["synthesis"] for v in VARIANTS.values() if v.get("synthesis")}
+
+
 def sample_set(method):
-    """Name of the synthetic sample set a method (or variant) trains on: `<synthesizer>[@<variant>]`."""
+    """Name of the synthetic sample set a method (or variant) trains on: `<synthesizer>[@<overrides tag>]`."""
     synth = METHOD_SYNTHESIZER.get(base_method(method))
     if synth is None:
         return None
-    return f"{synth}@{method}" if VARIANTS.get(method, {}).get("synthesis") else synth
+    overrides = VARIANTS.get(method, {}).get("synthesis")
+    return f"{synth}@{overrides_tag(overrides)}" if overrides else synth
 
 
 def samples_input(wildcards):
@@ -110,8 +121,8 @@ def synthesizer(wildcards):
 
 
 def synth_params(wildcards):
-    synth, _, variant = wildcards.synth.partition("@")
-    overrides = VARIANTS.get(variant, {}).get("synthesis", {})
+    synth, _, tag = wildcards.synth.partition("@")
+    overrides = SYNTH_OVERRIDES[tag] if tag else {}
     return canonical_json({**config["synthesis"].get(synth, {}), **overrides})
 
 
@@ -141,9 +152,17 @@ def parse_bits(pair):
     return int(w), int(a)
 
 
-def table_metrics(table):
+def table_title(wildcards):
+    return config["tables"][wildcards.table]["title"]
+
+
+def table_paper(wildcards):
+    return canonical_json(config["tables"][wildcards.table]["paper"])
+
+
+def table_metrics(wildcards):
     """metrics.json of every cell of a results table (datasets x archs x methods x bits x seeds)."""
-    t = config["tables"][table]
+    t = config["tables"][wildcards.table]
     out = []
     for dataset in config["datasets"]:
         for arch in config["archs"]:
