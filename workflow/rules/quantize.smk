@@ -21,7 +21,7 @@ rule quantize:
         f"{LOGS}/quantize/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/quantize/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.tsv"
-    threads: 2
+    threads: 1  # several small jobs in parallel use a CPU better than one job with many threads
     resources:
         mem_mb=8000,
         runtime=240,

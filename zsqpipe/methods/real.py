@@ -25,7 +25,7 @@ from zsqpipe.quant import set_quant_state
 @dataclass(frozen=True)
 class RealConfig:
     epochs: int = 2
-    iters_per_epoch: int = 25
+    iters_per_epoch: int = 20
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.005
@@ -34,7 +34,7 @@ class RealConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
-    calib_batches: int = 10
+    calib_batches: int = 8
     kd_temperature: float = 4.0
     kd_weight: float = 1.0
     ce_weight: float = 1.0

@@ -12,11 +12,10 @@ from __future__ import annotations
 import types
 
 from torch import nn
-from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
-from torchvision.models import resnet18 as tv_resnet18
-from torchvision.models.resnet import BasicBlock
 
 from zsqpipe.models.registry import register_model
+
+# torchvision is imported inside the builders: it costs seconds at start-up and most jobs never need it.
 
 SMALL_INPUT = 64
 
@@ -31,6 +30,9 @@ def _basic_block_forward(self, x):
 @register_model
 def resnet18(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> nn.Module:
     """torchvision ResNet-18; CIFAR-style stem for inputs <= 64 px."""
+    from torchvision.models import resnet18 as tv_resnet18
+    from torchvision.models.resnet import BasicBlock
+
     model = tv_resnet18(weights=None, num_classes=num_classes)
     small = image_size <= SMALL_INPUT
     if small or in_channels != 3:
@@ -48,6 +50,8 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, image_size: int = 22
 @register_model
 def mobilenet_v2(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> nn.Module:
     """torchvision MobileNetV2 (width 1.0); stride-1 stem for inputs <= 64 px."""
+    from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
+
     model = tv_mobilenet_v2(weights=None, num_classes=num_classes)
     first = model.features[0][0]
     stride = 1 if image_size <= SMALL_INPUT else 2

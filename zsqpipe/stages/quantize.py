@@ -20,7 +20,7 @@ from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import save_checkpoint, sha256_file, write_json
 from zsqpipe.methods import QuantContext, get_method
 from zsqpipe.quant import QuantConfig, quantize_model
-from zsqpipe.stages.common import eval_loader
+from zsqpipe.stages.common import combine, eval_loader, split_test
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.model_io import model_from_checkpoint
 from zsqpipe.tracking import Tracker
@@ -77,18 +77,20 @@ def run_quantize(
     )
 
     val = eval_loader(data.val, info, EVAL_BATCH, dev)
-    test = eval_loader(data.test, info, EVAL_BATCH, dev)
+    probe, test_rest = split_test(data.test, info, dev)
     history: list[dict] = []
     timer = Timer()
 
     def end_epoch(epoch: int, extra: dict) -> dict:
-        v, t = evaluate(student, val), evaluate(student, test)
+        v, p = evaluate(student, val), evaluate(student, probe)
+        t = combine(p, evaluate(student, test_rest)) if test_rest is not None else p
         rec = {
             "epoch": epoch,
             **extra,
             "val_top1": v["top1"],
             "test_top1": t["top1"],
             "test_top5": t["top5"],
+            "probe_correct": round(p["top1"] * p["n"] / 100),
             "time_s": timer(),
         }
         history.append(rec)
@@ -123,6 +125,9 @@ def run_quantize(
     method_obj.run(ctx)
     if not history:
         raise RuntimeError(f"method {method!r} finished without evaluating an epoch")
+    final_probe = evaluate(student, probe)
+    if round(final_probe["top1"] * final_probe["n"] / 100) != history[-1]["probe_correct"]:
+        raise RuntimeError(f"method {method!r} changed the model after its last evaluated epoch")
     student = student.to(memory_format=torch.contiguous_format).eval()
     ckpt = {
         "arch": fp_ckpt["arch"],
