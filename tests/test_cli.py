@@ -206,3 +206,31 @@ def test_corrupt_checkpoint_is_reported(pipeline):
         ],
     )
     assert r.exit_code == 1 and "truncated or corrupt" in r.output
+
+
+@pytest.mark.parametrize("method", ["hast", "zeroq", "intraq"])
+def test_synthesize_then_quantize_on_shards(pipeline, method):
+    p = pipeline
+    samples = p["tmp"] / f"samples-{method}"
+    r = invoke("synthesize", "--fp", p["fp"], "--synthesizer", method, "--seed", 0,
+               "--params", json.dumps({"num_samples": 16, "batch_size": 8, "iters": 2}), "--out", samples,
+               "--device", "cpu", "--threads", 1)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert manifest["count"] == 16 and manifest["shape"] == [1, 28, 28]
+    tiny = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 8}
+    if method == "hast":
+        tiny.update(calib_iters=2, calib_batch_size=4)
+    else:
+        tiny.update(calib_batches=1)
+    out = p["tmp"] / f"q-{method}"
+    r = invoke("quantize", "--fp", p["fp"], "--data", p["manifest"], "--method", method, "--wbits", 4, "--abits", 4,
+               "--method-params", json.dumps(tiny), "--samples", samples, "--out-model", out / "model.pt",
+               "--out-history", out / "history.json", "--device", "cpu", "--threads", 1)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert len(json.loads((out / "history.json").read_text())["history"]) == 1
+    # without samples the zero-shot method refuses to run
+    r = CliRunner().invoke(cli, ["quantize", "--fp", str(p["fp"]), "--data", str(p["manifest"]), "--method", method,
+                                 "--wbits", "4", "--abits", "4", "--out-model", str(out / "m2.pt"),
+                                 "--out-history", str(out / "h2.json")])  # fmt: skip
+    assert r.exit_code == 1 and "--samples" in r.output

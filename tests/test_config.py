@@ -128,3 +128,20 @@ def test_variants_are_checked_against_their_base_method():
     for variants, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate_config({"variants": variants})
+
+
+def test_paper_configs_are_valid_over_the_default():
+    """config/paper/*.yaml validate when layered over config/config.yaml, as `--configfile` does."""
+
+    def merge(a, b):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return out
+
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    papers = sorted((REPO / "config" / "paper").glob("*.yaml"))
+    assert len(papers) == 4
+    for path in papers:
+        cfg = validate_config(merge(base, yaml.safe_load(path.read_text())))
+        assert cfg["device"] == "cuda" and cfg["tables"]["hast"]["paper"], path.name
