@@ -148,6 +148,7 @@ def test_killed_job_reruns_cleanly(smoke, tmp_path):
     ref_wd = tmp_path / "ref"
     shutil.copytree(wd / "results", ref_wd / "results", copy_function=shutil.copy2)
     shutil.rmtree(ref_wd / "results/quant")
+    shutil.rmtree(ref_wd / "results/tables")
     snakemake(ref_wd, cfg, "--cores", "2")
     ref = json.loads((ref_wd / out.relative_to(wd) / "metrics.json").read_text())
     assert ref["top1"] == metrics["top1"] and ref["best_top1"] == metrics["best_top1"]
