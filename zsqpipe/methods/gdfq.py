@@ -30,7 +30,7 @@ from torch import nn
 from zsqpipe.engine import kd_kl, make_optimizer, make_scheduler
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.methods.real import OFFICIAL_EMA_MIN_STEPS
+from zsqpipe.methods.real import warn_short_official_calibration
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
@@ -152,13 +152,7 @@ class GDFQ(Method):
         student_steps = (c.epochs - c.warmup_epochs) * c.iters_per_epoch
         sched_s = make_scheduler(opt_s, c.schedule, max(student_steps, 1), milestones=c.milestones)
         warm_steps = c.warmup_epochs * c.iters_per_epoch
-        if warm_steps < OFFICIAL_EMA_MIN_STEPS and any(
-            getattr(m, "ema_mode", None) == "official" for m in student.modules()
-        ):
-            ctx.log(
-                f"warning: quant.ema_mode=official with {warm_steps} warm-up steps: the official range update "
-                f"inflates ranges for its first ~150 steps (docs/quantization.md); use >= {OFFICIAL_EMA_MIN_STEPS}"
-            )
+        warn_short_official_calibration(student, warm_steps, ctx.log)
         rng = torch.Generator().manual_seed(ctx.seed)
         bn_stats = BNStatistics(teacher)
         try:

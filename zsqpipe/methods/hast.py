@@ -35,13 +35,13 @@ from torch import nn
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
+from zsqpipe.methods.real import warn_short_official_calibration
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.finetune import finetune, synthetic_batches
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 
 FGSM_OBJECTIVES = ("difficulty", "kd_fa")
-OFFICIAL_EMA_MIN_STEPS = 200  # below this, quant.ema_mode=official has not settled (docs/quantization.md)
 
 
 @dataclass(frozen=True)
@@ -174,13 +174,7 @@ def calibrate_with_generator(ctx: QuantContext, c: HASTConfig) -> None:
     """Official epochs 0-3: train a GDFQ generator on the teacher (CE + 0.1 BNS) while the quantized student
     forwards its detached samples with activation ranges updating (no student step); then freeze the ranges."""
     student, teacher = ctx.student, ctx.teacher
-    if c.calib_iters < OFFICIAL_EMA_MIN_STEPS and any(
-        getattr(m, "ema_mode", None) == "official" for m in student.modules()
-    ):
-        ctx.log(
-            f"warning: quant.ema_mode=official with {c.calib_iters} calibration steps: the official range update "
-            f"inflates ranges for its first ~150 steps (docs/quantization.md); use >= {OFFICIAL_EMA_MIN_STEPS}"
-        )
+    warn_short_official_calibration(student, c.calib_iters, ctx.log)
     generator = GDFQGenerator(ctx.num_classes, tuple(ctx.input_shape), c.generator_latent_dim).to(ctx.device)
     generator.train()
     opt = torch.optim.Adam(generator.parameters(), lr=c.generator_lr, betas=(0.5, 0.999))

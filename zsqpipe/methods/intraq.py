@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.methods.real import OFFICIAL_EMA_MIN_STEPS, calibrate
+from zsqpipe.methods.real import calibrate, warn_short_official_calibration
 from zsqpipe.methods.zeroq import check_augment, shard_stream
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
@@ -62,13 +62,7 @@ class IntraQConfig:
 
 def calibrate_with_generator(ctx: QuantContext, c: IntraQConfig) -> None:
     """IntraQ/HAST calibration epochs: train a GDFQ generator on the teacher, student ranges follow its output."""
-    if c.generator_steps < OFFICIAL_EMA_MIN_STEPS and any(
-        getattr(m, "ema_mode", None) == "official" for m in ctx.student.modules()
-    ):
-        ctx.log(
-            f"warning: quant.ema_mode=official with {c.generator_steps} generator steps: the official range "
-            f"update inflates ranges for its first ~150 steps; use >= {OFFICIAL_EMA_MIN_STEPS}"
-        )
+    warn_short_official_calibration(ctx.student, c.generator_steps, ctx.log)
     shape = tuple(ctx.input_shape)
     generator = GDFQGenerator(ctx.num_classes, shape, c.generator_latent_dim).to(ctx.device)
     generator.train()
