@@ -12,7 +12,13 @@ def test_registry():
 
 @pytest.mark.parametrize(
     "name,channels,size,classes",
-    [("resnet20", 1, 28, 10), ("resnet20", 3, 32, 100), ("resnet18", 1, 28, 10), ("mobilenet_v2", 3, 32, 10)],
+    [
+        ("resnet20", 1, 28, 10),
+        ("resnet20", 3, 32, 100),
+        ("resnet18", 1, 28, 10),
+        ("mobilenet_v2", 3, 32, 10),
+        ("mobilenet_v2_small", 1, 28, 10),
+    ],
 )
 def test_forward_shapes(name, channels, size, classes):
     model = create_model(name, num_classes=classes, in_channels=channels, image_size=size).eval()

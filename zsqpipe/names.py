@@ -5,7 +5,7 @@ The Snakefile builds its wildcard constraints from these at parse time; the regi
 """
 
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagenet")
-ARCH_NAMES = ("resnet20", "resnet18", "mobilenet_v2")
+ARCH_NAMES = ("resnet20", "resnet18", "mobilenet_v2", "mobilenet_v2_small")
 METHOD_NAMES = ("real", "ptq", "zeroq", "intraq", "hast", "gdfq", "qimera", "zaq")
 SYNTHESIZER_NAMES = (
     "zeroq",

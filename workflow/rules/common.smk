@@ -69,7 +69,8 @@ def fp_checkpoint_input(wildcards):
 
 
 def quant_params(wildcards):
-    return canonical_json(config["quant"])
+    overrides = VARIANTS.get(wildcards.method, {}).get("quant", {})
+    return canonical_json({**config["quant"], **overrides})
 
 
 def base_method(name):
@@ -165,7 +166,7 @@ def table_metrics(wildcards):
     t = config["tables"][wildcards.table]
     out = []
     for dataset in config["datasets"]:
-        for arch in config["archs"]:
+        for arch in t["archs"]:
             for method in t["methods"]:
                 for pair in t["bits"]:
                     w, a = parse_bits(pair)

@@ -91,7 +91,9 @@ def _read_idx(path: Path) -> np.ndarray:
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(raw) - offset != expected:
-        raise DataError(f"{path} is truncated or corrupt: {len(raw) - offset} bytes of data, expected {expected}")
+        raise DataError(
+            f"{path} is truncated or corrupt: {len(raw) - offset} bytes of data, expected {expected}"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -105,7 +107,12 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
 
 def _fashion_mnist(split: str, data_dir: Path, allow_download: bool) -> ImageData:
     img_stem, lbl_stem = FASHION_MNIST_FILES[split]
-    candidates = [data_dir, data_dir / "fashion_mnist", data_dir / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+    candidates = [
+        data_dir,
+        data_dir / "fashion_mnist",
+        data_dir / "FashionMNIST" / "raw",
+        DEBIAN_FASHION_MNIST,
+    ]
     img, lbl = _find_idx(candidates, img_stem), _find_idx(candidates, lbl_stem)
     if (img is None or lbl is None) and allow_download:
         from torchvision.datasets import FashionMNIST
@@ -126,10 +133,14 @@ def _fashion_mnist(split: str, data_dir: Path, allow_download: bool) -> ImageDat
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"fashion_mnist: {img} and {lbl} do not form an image/label pair")
     if img.parent != lbl.parent:
-        raise DataError(f"fashion_mnist: {img.name} and {lbl.name} were found in different folders "
-                        f"({img.parent}, {lbl.parent}); keep the four IDX files together")
+        raise DataError(
+            f"fashion_mnist: {img.name} and {lbl.name} were found in different folders "
+            f"({img.parent}, {lbl.parent}); keep the four IDX files together"
+        )
     return ImageData(
-        torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), [img, lbl],
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        [img, lbl],
         img.parent.resolve(),
     )
 

@@ -79,15 +79,40 @@ class BatchLoader:
             yield x, self.data.labels[idx].to(self.device, non_blocking=True)
 
 
-def make_loader(data, info: DatasetInfo, batch_size: int, train: bool, seed: int = 0, device="cpu",
-                channels_last: bool = False, augment: bool | None = None, workers: int = 4):
+def make_loader(
+    data,
+    info: DatasetInfo,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    device="cpu",
+    channels_last: bool = False,
+    augment: bool | None = None,
+    workers: int = 4,
+):
     """A loader for ``data``: :class:`BatchLoader` for in-memory data, a ``DataLoader`` otherwise.
 
     ``train`` shuffles and drops the last partial batch; ``augment`` (default: ``train``) applies the
     random crop + flip of in-memory datasets (ImageNet's transform is fixed by its split).
     """
     if isinstance(data, ImageData):
-        return BatchLoader(data, info, batch_size, shuffle=train, augment=train if augment is None else augment,
-                           drop_last=train, seed=seed, device=device, channels_last=channels_last)
-    return DataLoader(data, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-                      generator=torch.Generator().manual_seed(seed), pin_memory=torch.device(device).type == "cuda")
+        return BatchLoader(
+            data,
+            info,
+            batch_size,
+            shuffle=train,
+            augment=train if augment is None else augment,
+            drop_last=train,
+            seed=seed,
+            device=device,
+            channels_last=channels_last,
+        )
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.device(device).type == "cuda",
+    )

@@ -95,7 +95,9 @@ class ShardSet:
         manifest_path = Path(manifest_path)
         m = read_json(manifest_path)
         if m.get("format") != SHARD_FORMAT:
-            raise IntegrityError(f"{manifest_path}: not a zsqpipe shard manifest (format {m.get('format')!r})")
+            raise IntegrityError(
+                f"{manifest_path}: not a zsqpipe shard manifest (format {m.get('format')!r})"
+            )
         return cls(manifest_path, m)
 
     @property
@@ -133,7 +135,9 @@ class ShardSet:
         parts = [self.read_shard(e) for e in self.manifest["shards"]]
         return {k: torch.cat([p[k] for p in parts]) for k in ("images", "labels", "difficulty")}
 
-    def iter_batches(self, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[tuple[torch.Tensor, ...]]:
+    def iter_batches(
+        self, batch_size: int, seed: int, shuffle: bool = True
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         """Stream (images, labels) batches shard by shard (seeded shard order and within-shard shuffling)."""
         gen = torch.Generator().manual_seed(seed)
         entries = self.manifest["shards"]

@@ -8,18 +8,27 @@ The upper bound that every zero-shot table compares to. Same harness as the GDFQ
    with the student in eval mode (BN uses its running statistics; its affine parameters train), as in the
    GDFQ/IntraQ/HAST trainers.
 After every epoch the student is evaluated on the validation split and on the test set.
+
+Options from the QAT-technique papers (issue 5): ``talr`` (a dict of :class:`zsqpipe.quant.talr.TALRConfig`,
+``{}`` = paper defaults) replaces the learning rate of the quantized layers' latent weights by the
+transition-adaptive one (docs/methods/talr.md); ``grad_quant`` (a dict of
+:class:`zsqpipe.gradquant.GradQuantConfig`, e.g. ``{bits: 4}``) quantizes the output gradient of every
+quantized layer with LBT's adaptive clipping interval (docs/methods/lbt.md). Both default to off.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from zsqpipe.engine import infinite, kd_kl, make_optimizer, make_scheduler
+from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.quant import set_quant_state
+from zsqpipe.quant.talr import TALR, TALRConfig, talr_param_groups
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,18 @@ class RealConfig:
     kd_weight: float = 1.0
     ce_weight: float = 1.0
     bn_train: bool = False
+    talr: dict[str, Any] | None = None  # TALRConfig fields; None = ordinary LR schedule
+    grad_quant: dict[str, Any] | None = None  # GradQuantConfig fields; None = FP gradients
+
+    def __post_init__(self):  # one-line errors at construction, not mid-run
+        self.talr_config()
+        self.grad_quant_config()
+
+    def talr_config(self) -> TALRConfig | None:
+        return None if self.talr is None else TALRConfig.from_dict(self.talr, prefix="methods.real.talr")
+
+    def grad_quant_config(self) -> GradQuantConfig:
+        return GradQuantConfig.from_dict(self.grad_quant or {}, prefix="methods.real.grad_quant")
 
 
 OFFICIAL_EMA_MIN_STEPS = 200
@@ -78,8 +99,13 @@ class RealData(Method):
         student.eval()
         calibrate(student, batches, c.calib_batches, ctx.log)
         student.train(c.bn_train)
-        opt = make_optimizer(student.parameters(), c.optimizer, c.lr, c.momentum, c.weight_decay, c.nesterov)
-        sched = make_scheduler(opt, c.schedule, c.epochs * c.iters_per_epoch, milestones=c.milestones)
+        steps = c.epochs * c.iters_per_epoch
+        talr_cfg = c.talr_config()
+        params = student.parameters() if talr_cfg is None else talr_param_groups(student, talr_cfg.scope)
+        opt = make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay, c.nesterov)
+        sched = make_scheduler(opt, c.schedule, steps, milestones=c.milestones)
+        talr = TALR(opt, student, steps, talr_cfg) if talr_cfg is not None else None
+        grads = enable_grad_quant(student, c.grad_quant_config())
         for epoch in range(c.epochs):
             total = 0.0
             for _ in range(c.iters_per_epoch):
@@ -92,8 +118,19 @@ class RealData(Method):
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                (talr or opt).step()  # TALR sets the latent weights' LR to U before the step
+                grads.update_intervals()
                 sched.step()
                 total += float(loss.detach())
-            ctx.end_epoch(epoch, {"train_loss": total / c.iters_per_epoch, "lr": opt.param_groups[0]["lr"]})
+            extra = {"train_loss": total / c.iters_per_epoch, "lr": opt.param_groups[-1]["lr"]}
+            if talr is not None:
+                st = list(talr.stats().values())
+                extra.update(
+                    {f"talr_{k}_mean": sum(s[k] for s in st) / len(st) for k in ("k", "K", "R", "U")}
+                )
+            if grads.layers:
+                gam = list(grads.gammas().values())
+                extra["grad_gamma_mean"] = sum(gam) / len(gam)
+            ctx.end_epoch(epoch, extra)
             student.train(c.bn_train)
+        grads.remove()

@@ -69,3 +69,52 @@ def fake_quant_per_channel(
     shape = [1] * x.dim()
     shape[axis] = -1
     return fake_quant(x, scale.view(shape), zp.view(shape), bits, ste)
+
+
+class _LSQ(torch.autograd.Function):
+    """v = gamma * x / s, q = clamp(round(v), q_n, q_p); out = q * s / gamma (``post=None``) or q * post."""
+
+    @staticmethod
+    def forward(ctx, x, s, q_n: int, q_p: int, gamma: float, grad_scale: float, post):
+        ctx.save_for_backward(x, s)
+        ctx.args = (q_n, q_p, gamma, grad_scale, post)
+        q = torch.mul(x, gamma / s).round_().clamp_(q_n, q_p)
+        return q.mul_(s / gamma) if post is None else q.mul_(post)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s = ctx.saved_tensors
+        q_n, q_p, gamma, grad_scale, post = ctx.args
+        v = torch.mul(x, gamma / s)
+        inside = (v > q_n).logical_and_(v < q_p)
+        # d out / dx: 1 inside the clipping range with post-scaling by s, post * gamma / s with a constant one
+        grad_x = grad * inside if post is None else grad * inside * (post * gamma / s)
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            if post is None:  # LSQ: d out / ds = (q - v) / gamma inside, q (= q_n or q_p) / gamma outside
+                ds = torch.round(v).clamp_(q_n, q_p).sub_(v.mul_(inside))
+                grad_s = ds.mul_(grad).sum_to_size(s.shape) * (grad_scale / gamma)
+            else:  # constant post-scale: d out / ds = -post * v / s inside, 0 outside
+                grad_s = v.mul_(inside).mul_(grad).sum_to_size(s.shape) * (-grad_scale * post / s)
+        return grad_x, grad_s, None, None, None, None, None
+
+
+def lsq_quantize(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    q_n: int,
+    q_p: int,
+    gamma: float = 1.0,
+    grad_scale: float = 1.0,
+    post: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """LSQ fake quantization (Esser et al., ICLR 2020, Eq. 1-3, gradient scale of Sec. 2.2) and the modified
+    LSQ of transition-rate scheduling (Lee et al., ICCV 2025, Eq. 13).
+
+    ``s`` (broadcastable to ``x``) is the learnable step; the integer grid is [q_n, q_p]. With ``post=None``
+    (LSQ, gamma = 1) the output is ``s * clamp(round(x / s), q_n, q_p)``; with a constant ``post`` (no
+    post-scaling by s, Eq. 13) it is ``post * clamp(round(gamma * x / s), q_n, q_p)``, ``post = 1 / gamma``
+    being Eq. 13 exactly. Backward: straight-through round, zero gradient for x outside the clipping range
+    (v <= q_n or v >= q_p, v = gamma * x / s), the exact gradient for s, multiplied by ``grad_scale``.
+    """
+    return _LSQ.apply(x, s, q_n, q_p, gamma, grad_scale, post)

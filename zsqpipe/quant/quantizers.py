@@ -6,18 +6,27 @@ A quantizer maps a float tensor to its fake-quantized value. Two phase switches 
 - ``enabled``: apply fake quantization (otherwise identity);
 - ``update_ranges``: update range statistics from the data seen (calibration).
 
-Later algorithms (LSQ, ...) subclass :class:`Quantizer` and register under a new name.
+Later algorithms subclass :class:`Quantizer` and register under a new name: ``lsq``, ``lsq_tensor``,
+``lsq_nopost`` and ``lsq_nopost_fixed`` (learned step sizes, docs/methods/lsq.md) are at the end of this file.
+Weight quantizers also give the integer level of every weight (``levels``), which transition-rate scheduling
+counts (zsqpipe/quant/talr.py).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from zsqpipe.errors import ConfigError
-from zsqpipe.quant.functional import fake_quant_per_channel, fake_quant_per_tensor
+from zsqpipe.quant.functional import (
+    fake_quant_per_channel,
+    fake_quant_per_tensor,
+    lsq_quantize,
+    qparams,
+)
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 
@@ -43,7 +52,7 @@ def create_quantizer(name: str, kind: str, bits: int, **kwargs) -> Quantizer:
         raise ConfigError(
             f"quant.{kind}_quantizer: {name!r} cannot quantize {kind}s (it supports {cls.kinds})"
         )
-    return cls(bits=bits, **kwargs)
+    return cls(bits=bits, kind=kind, **kwargs)
 
 
 class Quantizer(nn.Module):
@@ -62,6 +71,10 @@ class Quantizer(nn.Module):
     @property
     def active(self) -> bool:
         return self.enabled and self.bits < 32
+
+    def levels(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer level of every element of ``w`` (weight quantizers; used to count transitions)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose integer levels")
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ste={self.ste}"
@@ -82,6 +95,14 @@ class MinMaxChannelQuantizer(Quantizer):
             return w
         flat = w.detach().flatten(1)
         return fake_quant_per_channel(w, flat.min(1).values, flat.max(1).values, self.bits, 0, self.ste)
+
+    @torch.no_grad()
+    def levels(self, w: torch.Tensor) -> torch.Tensor:
+        flat = w.flatten(1)
+        scale, zp = qparams(flat.min(1).values.float(), flat.max(1).values.float(), self.bits)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        q = torch.mul(w, 1.0 / scale.view(shape)).round_()
+        return torch.maximum(torch.minimum(q, (2**self.bits - 1 - zp).view(shape)), -zp.view(shape)).int()
 
 
 @register_quantizer("ema_minmax")
@@ -142,3 +163,152 @@ class EMAMinMaxQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}, ema_mode={self.ema_mode}"
+
+
+@register_quantizer("lsq")
+class LSQQuantizer(Quantizer):
+    """LSQ, learned step size quantization (Esser et al., ICLR 2020, Eq. 1-3; docs/methods/lsq.md).
+
+    x_hat = s * clamp(round(x / s), -Q_N, Q_P) with a learnable step s (``scale``): weights signed
+    (Q_N = 2^(b-1), Q_P = 2^(b-1) - 1), one step per output channel (``per_channel=False``: one per tensor);
+    activations (post-ReLU here) unsigned (Q_N = 0, Q_P = 2^b - 1), one step per tensor. The gradient of s is
+    scaled by g = 1 / sqrt(N * Q_P), N = number of elements of the quantized tensor (weights of the layer,
+    activations of the batch, as the OQAT code); x gets the clipped straight-through gradient (``ste`` is
+    ignored). Init s = 2 * mean|x| / sqrt(Q_P) (per channel for per-channel weights): averaged over the batches
+    seen while ``update_ranges`` is on (calibration), else from the first batch / the weights.
+    """
+
+    kinds = ("weight", "act")
+    post_scaling = True  # LSQ multiplies by s after rounding; subclasses without it use a constant
+
+    def __init__(
+        self,
+        bits: int,
+        kind: str = "weight",
+        per_channel: bool | None = None,
+        signed: bool | None = None,
+        ste: str = "identity",
+        **_,
+    ):
+        super().__init__(bits, ste)
+        self.kind = kind
+        self.per_channel = kind == "weight" if per_channel is None else per_channel
+        signed = kind == "weight" if signed is None else signed
+        if self.per_channel and kind != "weight":
+            raise ConfigError(f"{self.registry_name}: per-channel steps are for weights only")
+        if signed and bits < 2:
+            raise ConfigError(
+                f"{self.registry_name}: signed (weight) quantization needs >= 2 bits, got {bits}"
+            )
+        b = min(self.bits, 31)
+        self.q_n, self.q_p = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if signed else (0, 2**b - 1)
+        self.gamma = 1.0
+        self.scale = nn.Parameter(torch.ones(()))  # resized (per channel) and set when first initialised
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._n = 0  # python-side copy of num_updates (avoids a device sync per forward)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("scale", "post"):
+            src, dst = state_dict.get(prefix + name), getattr(self, name, None)
+            if src is not None and dst is not None and src.shape != dst.shape:
+                dst.data = torch.empty_like(src, device=dst.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._n = int(self.num_updates.item())
+
+    def _shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (-1,) + (1,) * (x.dim() - 1) if self.per_channel else ()
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Initialise s = gamma * 2 * mean|x| / sqrt(Q_P), a running mean over the calls (calibration)."""
+        a = x.detach().abs().float()
+        m = a.flatten(1).mean(1) if self.per_channel else a.mean()
+        init = (m * (2 * self.gamma / math.sqrt(self.q_p))).clamp_min(1e-8)
+        if self._n == 0 or self.scale.shape != init.shape:
+            self.scale.data = init
+        else:
+            self.scale.data.add_((init - self.scale.data) / (self._n + 1))
+        self._n += 1
+        self.num_updates.fill_(self._n)
+        self._set_post()
+
+    def _set_post(self) -> None:
+        pass
+
+    def _post(self, x: torch.Tensor) -> torch.Tensor | float | None:
+        return None  # post-scaling by the learned step
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale.clamp_min(1e-8).view(self._shape(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.update_ranges or (self.active and self._n == 0):
+            self.observe(x)
+        if not self.active:
+            return x
+        s = self._step(x).to(x.dtype)
+        g = 1.0 / math.sqrt(x.numel() * self.q_p)
+        return lsq_quantize(x, s, self.q_n, self.q_p, self.gamma, g, self._post(x))
+
+    @torch.no_grad()
+    def levels(self, w: torch.Tensor) -> torch.Tensor:
+        s = self._step(w).to(w.dtype)
+        return torch.mul(w, self.gamma / s).round_().clamp_(self.q_n, self.q_p).int()
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.bits}, kind={self.kind}, per_channel={self.per_channel}, "
+            f"q=[{self.q_n}, {self.q_p}], gamma={self.gamma:g}"
+        )
+
+
+@register_quantizer("lsq_tensor")
+class LSQTensorQuantizer(LSQQuantizer):
+    """LSQ with one step per tensor for weights too (the LSQ paper's and OQAT's choice)."""
+
+    def __init__(self, bits: int, kind: str = "weight", **kwargs):
+        kwargs.setdefault("per_channel", False)
+        super().__init__(bits, kind, **kwargs)
+
+
+@register_quantizer("lsq_nopost")
+class LSQNoPostQuantizer(LSQQuantizer):
+    """Modified LSQ of transition-rate scheduling (Lee et al., ICCV 2025, Eq. 13), no post-scaling by s:
+
+    x_q = (1 / gamma) * round(clip(gamma * x / s, alpha, beta)), (alpha, beta, gamma) = (-2^(b-1), 2^(b-1) - 1,
+    2^(b-1)) for weights and (0, 2^b - 1, 2^b) for activations; one learnable s per quantizer. The output is a
+    fixed-point number in [-1, 1) or [0, 1) whatever the input scale, so it relies on a normalisation layer
+    after the quantized layer (BatchNorm in training mode). x gets gradient 1/s inside the range; s gets
+    -x / s^2 inside and 0 outside, scaled by the LSQ factor g (an assumption: the paper only says "following
+    LSQ"). Init s = gamma * 2 * mean|x| / sqrt(Q_P), the range of LSQ's initial step (an assumption).
+    """
+
+    post_scaling = False
+
+    def __init__(self, bits: int, kind: str = "weight", **kwargs):
+        kwargs.setdefault("per_channel", False)
+        super().__init__(bits, kind, **kwargs)
+        self.gamma = float(-self.q_n if self.q_n < 0 else self.q_p + 1)
+
+    def _post(self, x: torch.Tensor) -> torch.Tensor | float | None:
+        return 1.0 / self.gamma
+
+
+@register_quantizer("lsq_nopost_fixed")
+class LSQFixedPostQuantizer(LSQNoPostQuantizer):
+    """Eq. 13 followed by a *fixed* de-normalisation h (the paper's Eq. 3 allows "omitted (or fixed)"):
+    x_q = delta * round(clip(gamma * x / s, alpha, beta)) with the constant delta = s_init / gamma (a buffer set
+    at initialisation), so the output starts at LSQ's scale. The gradients are those of Eq. 13 times
+    delta * gamma; use it where the quantizer output does not feed a normalisation layer (residual shortcuts
+    after a quantized ReLU, classifiers) or where BatchNorm runs in eval mode.
+    """
+
+    def __init__(self, bits: int, kind: str = "weight", **kwargs):
+        super().__init__(bits, kind, **kwargs)
+        self.register_buffer("post", torch.ones(()))
+
+    def _set_post(self) -> None:
+        self.post = (self.scale.detach() / self.gamma).clone()
+
+    def _post(self, x: torch.Tensor) -> torch.Tensor | float | None:
+        return self.post.view(self._shape(x)).to(x.dtype)

@@ -18,6 +18,7 @@ from zsqpipe.config import FPConfig
 from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
+from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.io import save_checkpoint, sha256_file, write_json
 from zsqpipe.models import create_model
 from zsqpipe.stages.common import eval_loader
@@ -65,6 +66,7 @@ def train_fp(model, data, cfg: FPConfig, device, tracker: Tracker, log=print) ->
         len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     )
     sched = make_scheduler(opt, cfg.schedule, cfg.epochs * steps_per_epoch, cfg.warmup_frac, cfg.milestones)
+    grads = enable_grad_quant(model, GradQuantConfig.from_dict(cfg.grad_quant or {}, "fp_model.grad_quant"))
     history, timer = [], Timer()
     for epoch in range(cfg.epochs):
         model.train()
@@ -76,14 +78,18 @@ def train_fp(model, data, cfg: FPConfig, device, tracker: Tracker, log=print) ->
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            grads.update_intervals()
             sched.step()
             total += float(loss.detach())
             steps += 1
         v = evaluate(model, val)
         rec = {"epoch": epoch, "train_loss": total / max(steps, 1), "val_top1": v["top1"], "time_s": timer()}
+        if grads.layers:
+            rec["grad_gamma_mean"] = sum(grads.gammas().values()) / len(grads.layers)
         history.append(rec)
         tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
         log(f"epoch {epoch}: loss {rec['train_loss']:.4f} val {v['top1']:.2f} ({rec['time_s']:.0f}s)")
+    grads.remove()
     return history
 
 

@@ -1,0 +1,196 @@
+"""Transition-rate (TR) scheduling with a transition-adaptive learning rate (TALR) as an optimizer wrapper.
+
+Lee, Jeon, Kim, Ham, "Scheduling Weight Transitions for Quantization-Aware Training" (ICCV 2025; arXiv
+2404.19248 "Transition Rate Scheduling for QAT"); no official code is available. docs/methods/talr.md has the
+equations, options and deviations. Per iteration t, for each TALR scope (a layer, or the whole model):
+
+    k^t = (1/N) sum_i 1[w_d^t(i) != w_d^{t-1}(i)]          (Eq. 5, w_d: integer levels of the quantized weights)
+    K^t = m K^{t-1} + (1 - m) k^t                           (Eq. 10)
+    U^t = max(0, U^{t-1} + eta (R^t - K^t))                 (Eq. 11, R^t: scheduled target TR)
+    w^{t+1} = w^t - U^t g^t                                 (Eq. 12, g^t: the wrapped optimizer's update)
+
+Eq. 12 is realised by setting the learning rate of the latent weights' parameter group(s) to U before the
+wrapped optimizer's step; every other parameter keeps its own (scheduled) learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from zsqpipe.errors import ConfigError
+from zsqpipe.quant.quantize import quant_layers
+
+SCOPES = ("layer", "global")
+SCHEDULES = ("cosine", "step", "constant")
+_KEY = "talr_layers"  # param-group key listing the layers whose latent weights the group holds
+
+
+@dataclass(frozen=True)
+class TALRConfig:
+    """scope: ``layer`` (one K and U per quantized layer, the paper's "TR scheduling in a single layer") or
+    ``global`` (one K and U over all quantized weights). momentum: m of Eq. 10. eta: step of Eq. 11 (None = the
+    initial TALR U^0, which is the wrapped optimizer's learning rate). target_rate: R^0 (None = tr_factor *
+    sqrt(weight bits) per layer). schedule: decay of R^t from R^0 over the training steps (cosine to 0;
+    ``step``: x ``decay`` at each fraction in ``milestones``; ``constant``). freeze_weight_scales: stop training
+    the step sizes of weight quantizers (the paper does with TALR: otherwise weights change level without a
+    latent update)."""
+
+    scope: str = "layer"
+    momentum: float = 0.99
+    eta: float | None = None
+    target_rate: float | None = None
+    tr_factor: float = 5e-3
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    decay: float = 0.1
+    freeze_weight_scales: bool = True
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ConfigError(f"talr.scope: expected one of {list(SCOPES)}, got {self.scope!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"talr.schedule: expected one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"talr.momentum: expected a number in [0, 1), got {self.momentum!r}")
+        for key in ("eta", "target_rate"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ConfigError(f"talr.{key}: expected null or a positive number, got {v!r}")
+        if not self.tr_factor > 0:
+            raise ConfigError(f"talr.tr_factor: expected a positive number, got {self.tr_factor!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], prefix: str = "talr") -> TALRConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"{prefix}.{unknown[0]}: unknown key")
+        d = dict(d)
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
+        try:
+            return cls(**d)
+        except ConfigError as err:  # name the key as the caller's config spells it
+            raise ConfigError(str(err).replace("talr.", f"{prefix}.", 1)) from None
+
+    def target(self, r0: float, step: int, total_steps: int) -> float:
+        """R^t for step t of ``total_steps``."""
+        p = min(step / max(total_steps, 1), 1.0)
+        if self.schedule == "cosine":
+            return r0 * 0.5 * (1.0 + math.cos(math.pi * p))
+        if self.schedule == "step":
+            return r0 * self.decay ** sum(p >= m for m in self.milestones)
+        return r0
+
+
+def _talr_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in quant_layers(model) if m.weight_quantizer.bits < 32]
+
+
+def talr_param_groups(model: nn.Module, scope: str = "layer", **other: Any) -> list[dict[str, Any]]:
+    """Parameter groups for the wrapped optimizer: the latent weights of the quantized layers (one group per
+    layer for ``scope="layer"``, one group for ``"global"``), then every other parameter in a last group (with
+    the options ``other``, e.g. its own ``lr`` or ``weight_decay``)."""
+    layers = _talr_layers(model)
+    if not layers:
+        raise ConfigError("talr: the model has no quantized layer (call quantize_model first)")
+    if scope == "layer":
+        groups = [{"params": [m.weight], _KEY: [n]} for n, m in layers]
+    else:
+        groups = [{"params": [m.weight for _, m in layers], _KEY: [n for n, _ in layers]}]
+    taken = {id(m.weight) for _, m in layers}
+    rest = [p for p in model.parameters() if id(p) not in taken]
+    return groups + ([{"params": rest, **other}] if rest else [])
+
+
+def freeze_weight_scales(model: nn.Module) -> None:
+    """Stop gradients to the learnable step sizes (``scale``) of the weight quantizers."""
+    for _, m in quant_layers(model):
+        scale = getattr(m.weight_quantizer, "scale", None)
+        if isinstance(scale, nn.Parameter):
+            scale.requires_grad_(False)
+
+
+class TALR:
+    """Wraps ``optimizer`` (built on :func:`talr_param_groups`) and replaces the learning rate of the latent
+    weights by the transition-adaptive one. Call ``step()`` instead of ``optimizer.step()``; an LR scheduler
+    on the wrapped optimizer may keep running: TALR groups get U back before every step.
+
+    ``stats()`` gives k, K, R and U per scope (the last step) for logging.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        total_steps: int,
+        cfg: TALRConfig | None = None,
+    ):
+        self.optimizer, self.cfg, self.total_steps = optimizer, cfg or TALRConfig(), int(total_steps)
+        self.groups = [g for g in optimizer.param_groups if _KEY in g]
+        if not self.groups:
+            raise ConfigError(
+                f"talr: the optimizer has no parameter group with {_KEY!r} (use talr_param_groups)"
+            )
+        self.layers = [[(n, model.get_submodule(n)) for n in g[_KEY]] for g in self.groups]
+        self.U = [float(g["lr"]) for g in self.groups]
+        self.eta = [self.cfg.eta if self.cfg.eta is not None else u for u in self.U]
+        self.K = [0.0] * len(self.groups)
+        self.k = [0.0] * len(self.groups)
+        self.R0 = [self._r0(layers) for layers in self.layers]
+        self.R = list(self.R0)
+        self.t = 0
+        self._levels: list[list[torch.Tensor]] | None = None
+        if self.cfg.freeze_weight_scales:
+            freeze_weight_scales(model)
+
+    def _r0(self, layers: list[tuple[str, nn.Module]]) -> float:
+        if self.cfg.target_rate is not None:
+            return self.cfg.target_rate
+        n = [m.weight.numel() for _, m in layers]
+        r = [self.cfg.tr_factor * math.sqrt(m.weight_quantizer.bits) for _, m in layers]
+        return sum(a * b for a, b in zip(n, r, strict=True)) / sum(n)
+
+    @torch.no_grad()
+    def _current_levels(self) -> list[list[torch.Tensor]]:
+        return [[m.weight_quantizer.levels(m.weight) for _, m in layers] for layers in self.layers]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._levels is None:
+            self._levels = self._current_levels()
+        for g, u in zip(self.groups, self.U, strict=True):
+            g["lr"] = u
+        loss = self.optimizer.step(closure)
+        new = self._current_levels()
+        counts = [
+            torch.stack([(a != b).sum() for a, b in zip(old, cur, strict=True)]).sum()
+            for old, cur in zip(self._levels, new, strict=True)
+        ]
+        changed = torch.stack(counts).tolist()  # one device sync per step
+        self._levels = new
+        self.t += 1
+        c = self.cfg
+        for i, layers in enumerate(self.layers):
+            self.k[i] = changed[i] / sum(m.weight.numel() for _, m in layers)
+            self.K[i] = c.momentum * self.K[i] + (1 - c.momentum) * self.k[i]
+            self.R[i] = c.target(self.R0[i], self.t, self.total_steps)
+            self.U[i] = max(0.0, self.U[i] + self.eta[i] * (self.R[i] - self.K[i]))
+            self.groups[i]["lr"] = self.U[i]
+        return loss
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        names = [g[_KEY][0] if len(g[_KEY]) == 1 else "global" for g in self.groups]
+        return {
+            n: {"k": self.k[i], "K": self.K[i], "R": self.R[i], "U": self.U[i]} for i, n in enumerate(names)
+        }
