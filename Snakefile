@@ -13,6 +13,7 @@ include: "workflow/rules/fp_model.smk"
 include: "workflow/rules/synthesize.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/nas.smk"
 
 
 rule all:

@@ -49,6 +49,11 @@ def test_stage_config_dataclass_is_strict():
     with pytest.raises(ConfigError, match="fp_model.epochs"):
         from_dict(FPConfig, {"epochs": 2.5}, "fp_model")
     assert from_dict(FPConfig, {"lr": 1}, "fp_model").lr == 1
+    # optional fields are type-checked too (``int | None`` used to accept anything)
+    with pytest.raises(ConfigError, match="fp_model.max_steps_per_epoch"):
+        from_dict(FPConfig, {"max_steps_per_epoch": "yes"}, "fp_model")
+    assert from_dict(FPConfig, {"max_steps_per_epoch": None}, "fp_model").max_steps_per_epoch is None
+    assert from_dict(FPConfig, {"max_steps_per_epoch": 3}, "fp_model").max_steps_per_epoch == 3
 
 
 @pytest.mark.parametrize(
@@ -141,7 +146,12 @@ def test_paper_configs_are_valid_over_the_default():
 
     base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     papers = sorted((REPO / "config" / "paper").glob("*.yaml"))
-    assert len(papers) == 4
+    names = {p.name for p in papers}
+    assert {"cifar10_resnet20.yaml", "cifar100_resnet20.yaml", "imagenet_resnet18.yaml"} <= names
+    assert {"imagenet_mobilenetv2.yaml", "cifar_resnet20_qat.yaml", "imagenet_qat.yaml"} <= names
     for path in papers:
-        cfg = validate_config(merge(base, yaml.safe_load(path.read_text())))
-        assert cfg["device"] == "cuda" and cfg["tables"]["hast"]["paper"], path.name
+        paper = yaml.safe_load(path.read_text())
+        cfg = validate_config(merge(base, paper))
+        if "tables" in paper:  # quantization paper configs: GPU budgets and published numbers to compare
+            assert cfg["device"] == "cuda", path.name
+            assert any(cfg["tables"][name]["paper"] for name in paper["tables"]), path.name

@@ -327,6 +327,88 @@ def aggregate_cmd(metrics, out_csv, out_md, title, paper_json, tracking, rule, w
             tracker.log_artifact(log_file, "logs")
 
 
+@cli.command("search")
+@click.option(
+    "--space", default="nb201", show_default=True, help="Search space (nb201 = NAS-Bench-201 cells)."
+)
+@click.option("--dataset", required=True, help="Benchmark dataset: cifar10, cifar100 or imagenet16.")
+@click.option("--strategy", required=True, help="Strategy: random, rea, reinforce, ase or ase_plus.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--budget", type=int, default=200, show_default=True, help="Benchmark queries (initial ones included)."
+)
+@click.option(
+    "--params", "params_json", default="{}", help="The strategy's settings as JSON (config nas.params)."
+)
+@click.option(
+    "--init-from",
+    type=EXISTING,
+    default=None,
+    help="ase_plus: a previous search result whose final nodes (or best cell) seed the initial nodes.",
+)
+@click.option(
+    "--benchmark",
+    "benchmark_path",
+    type=EXISTING,
+    default=None,
+    help="Ground-truth table (CSV, may be .gz) instead of the packaged NAS-Bench-201 one.",
+)
+@click.option("--out", type=PATH, required=True, help="Result JSON to write.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (the rule's `threads`).")
+@tracking_options
+@stage_command
+def search_cmd(space, dataset, strategy, seed, budget, params_json, init_from, benchmark_path, out, threads,
+               tracking, rule, wildcards, log_file):  # fmt: skip
+    """Search the tabular benchmark with STRATEGY on validation accuracy; report the found cell's test accuracy."""
+    from zsqpipe.stages.search import run_search
+
+    params = _json(params_json, "--params")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"space": space, "dataset": dataset,
+                                   "strategy": strategy, "seed": seed, "budget": budget, "cfg": params})  # fmt: skip
+    with tracker.run(name, tags):
+        run_search(dataset, strategy, seed, budget, params, out, space, init_from, benchmark_path, threads,
+                   tracker, _log)  # fmt: skip
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("nas-table")
+@click.argument("results", nargs=-1, type=EXISTING, required=True)
+@click.option("--out-csv", type=PATH, required=True)
+@click.option("--out-md", type=PATH, required=True)
+@click.option("--title", default="NAS-Bench-201 tabular search", show_default=True)
+@click.option(
+    "--paper",
+    "paper_json",
+    default="{}",
+    help='Published numbers as JSON {strategy: {dataset: {"mean": m, "std": s}}}: a "paper" column.',
+)
+@click.option(
+    "--benchmark",
+    "benchmark_path",
+    type=EXISTING,
+    default=None,
+    help="Ground-truth table for the optimum columns (default: the packaged NAS-Bench-201 one).",
+)
+@tracking_options
+@stage_command
+def nas_table_cmd(results, out_csv, out_md, title, paper_json, benchmark_path, tracking, rule, wildcards,
+                  log_file):  # fmt: skip
+    """Build the NAS table (CSV + Markdown) from `zsqpipe search` RESULTS (mean ± std over seeds)."""
+    from zsqpipe.stages.nas_table import run_nas_table
+
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"results": [str(r) for r in results]})
+    with tracker.run(name, tags):
+        table = run_nas_table(list(results), out_csv, out_md, title, _json(paper_json, "--paper"),
+                              benchmark_path)  # fmt: skip
+        tracker.log_params({"n_results": len(results), "rows": len(table)})
+        tracker.log_artifact(out_csv, "tables")
+        tracker.log_artifact(out_md, "tables")
+        _log(f"{len(table)} rows -> {out_csv}")
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
 def _terminate(signum, _frame):
     # SIGTERM (Snakemake, Slurm) unwinds like an exception: temp files are removed, the MLflow run is FAILED
     raise SystemExit(128 + signum)

@@ -47,13 +47,13 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
         if "None" in options:
             return
         raise ConfigError(f"{key}: expected {ann}, got null")
+    options = [opt for opt in options if opt != "None"]  # null was handled above
+    if any(opt not in _TYPES for opt in options):
+        return  # containers and other types: checked by the schema / the consumer
     for opt in options:
-        types = _TYPES.get(opt)
-        if types is None:
-            return  # containers and other types: checked by the schema / the consumer
         if isinstance(value, bool) and opt != "bool":
             continue
-        if isinstance(value, types):
+        if isinstance(value, _TYPES[opt]):
             return
     raise ConfigError(f"{key}: expected {ann}, got {type(value).__name__} {value!r}")
 

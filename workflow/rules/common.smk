@@ -7,6 +7,10 @@ import sys
 from zsqpipe.codehash import code_version
 from zsqpipe.config import canonical_json, validate_config
 from zsqpipe.errors import ConfigError
+from zsqpipe.io import sha256_file
+from zsqpipe.nas.benchmark import DATASETS as NAS_DATASETS
+from zsqpipe.nas.benchmark import DEFAULT_PATH as NAS_BENCHMARK
+from zsqpipe.nas.strategies import STRATEGY_NAMES
 from zsqpipe.names import ARCH_NAMES, DATASET_NAMES, METHOD_NAMES, METHOD_SYNTHESIZER, SYNTHESIZER_NAMES
 
 
@@ -175,3 +179,51 @@ def table_metrics(wildcards):
                             f"{RESULTS}/quant/{dataset}/{arch}/{method}/w{w}a{a}/seed{seed}/metrics.json"
                         )
     return out
+
+
+# ---- Tabular NAS (workflow/rules/nas.smk): search results and the nas table ----
+NAS = config["nas"]
+NAS_BENCHMARK_SHA = sha256_file(NAS_BENCHMARK)[:16]
+NAS_RESULT = f"{RESULTS}/nas/{{space}}/{{dataset}}/{{strategy}}/seed{{seed}}.json"
+
+
+def nas_strategy_params(strategy):
+    """A strategy's settings: nas.params.<strategy>; ase_plus = ase's settings + its own (init_from is the
+    workflow's business: it becomes an input file, not a strategy setting)."""
+    params = dict(NAS["params"].get(strategy, {}))
+    if strategy == "ase_plus":
+        params = {**NAS["params"]["ase"], **params}
+        params.pop("init_from", None)
+    return params
+
+
+def nas_params(wildcards):
+    return canonical_json(nas_strategy_params(wildcards.strategy))
+
+
+def nas_init_input(wildcards):
+    """ase_plus with nas.params.ase_plus.init_from: the seeding search's result (same space and seed)."""
+    if wildcards.strategy != "ase_plus" or not NAS["params"]["ase_plus"].get("init_from"):
+        return []
+    src = NAS["params"]["ase_plus"]["init_from"]
+    path = NAS_RESULT.format(
+        space=wildcards.space, dataset=src["dataset"], strategy=src["strategy"], seed=wildcards.seed
+    )
+    return [path]
+
+
+def nas_init_flag(wildcards, input):
+    return f"--init-from {input.init}" if input.init else ""
+
+
+def nas_code(wildcards):
+    return code_version("zsqpipe.stages.search", f"zsqpipe.nas.strategies.{wildcards.strategy}")
+
+
+def nas_results(wildcards):
+    return [
+        NAS_RESULT.format(space=NAS["space"], dataset=d, strategy=s, seed=seed)
+        for d in NAS["datasets"]
+        for s in NAS["strategies"]
+        for seed in NAS["seeds"]
+    ]
