@@ -14,6 +14,7 @@ include: "workflow/rules/synthesize.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/nas.smk"
+include: "workflow/rules/supernet.smk"
 
 
 rule all:

@@ -122,14 +122,31 @@ def test_query_log_refuses_past_budget():
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_search_never_reads_test_columns(strategy, shuffled_test_path, tmp_path):
-    """Permuting the test columns changes the reported test accuracy, never the search."""
+    """Permuting the test columns changes the reported test accuracy, never the search (every seed)."""
     params = {"init_archs": [BEST_C10]} if strategy == "ase_plus" else {}
-    a = run_search("cifar10", strategy, 1, 40, params, tmp_path / "a.json")
-    b = run_search("cifar10", strategy, 1, 40, params, tmp_path / "b.json", benchmark_path=shuffled_test_path)
-    for key in ("arch", "valid_acc", "history", "best_valid_so_far", "queries"):
-        assert a[key] == b[key], key
-    assert a["test_acc"] == ground_truth_test(a["arch"], "cifar10")
-    assert b["test_acc"] == ground_truth_test(a["arch"], "cifar10", shuffled_test_path)
+    ra = run_search("cifar10", strategy, [1, 2], 40, params, tmp_path / "a.json")
+    rb = run_search("cifar10", strategy, [1, 2], 40, params, tmp_path / "b.json",
+                    benchmark_path=shuffled_test_path)  # fmt: skip
+    assert ra["seeds"] == rb["seeds"] == [1, 2] and len(ra["records"]) == 2
+    for a, b in zip(ra["records"], rb["records"], strict=True):
+        for key in ("seed", "arch", "valid_acc", "history", "best_valid_so_far", "queries"):
+            assert a[key] == b[key], key
+        assert a["test_acc"] == ground_truth_test(a["arch"], "cifar10")
+        assert b["test_acc"] == ground_truth_test(a["arch"], "cifar10", shuffled_test_path)
+
+
+def test_seeds_in_one_job_equal_separate_jobs(tmp_path):
+    """Grouping seeds into one process changes nothing: each record is what a one-seed run writes."""
+    both = run_search("cifar100", "reinforce", [3, 1], 25, {}, tmp_path / "both.json")
+    one = run_search("cifar100", "reinforce", 1, 25, {}, tmp_path / "one.json")
+    assert [r["seed"] for r in both["records"]] == [3, 1] and one["seeds"] == [1]
+    a, b = both["records"][1], one["records"][0]
+    assert {k: v for k, v in a.items() if k != "wall_time_s"} == {
+        k: v for k, v in b.items() if k != "wall_time_s"
+    }
+    assert json.loads((tmp_path / "both.json").read_text()) == json.loads(json.dumps(both))
+    with pytest.raises(ConfigError, match="duplicate seed"):
+        run_search("cifar100", "random", [1, 1], 25, {}, tmp_path / "x.json")
 
 
 def test_ase_beats_random_on_cifar10():
@@ -166,14 +183,21 @@ def test_ase_plus_seeds_initial_nodes(tmp_path):
     assert r.best_valid >= ev(str_to_arch(BEST_C10))  # at least as good as its seed
     with pytest.raises(ConfigError, match="init_archs"):
         run_strategy("ase_plus", ev, 20, 0, {"init_archs": [BEST_C10] * 4})
-    # from a previous result file: its final nodes
-    prev = run_search("cifar10", "ase", 0, 30, {}, tmp_path / "c10.json")
-    rec = run_search(
-        "cifar100", "ase_plus", 0, 30, {}, tmp_path / "c100.json", init_from=tmp_path / "c10.json"
-    )
-    assert rec["init_archs"] == prev["nodes"] and rec["queries"] == 30
+    # from a previous result file: the final nodes of the record of the same seed
+    prev = run_search("cifar10", "ase", [0, 1], 30, {}, tmp_path / "c10.json")["records"]
+    assert prev[0]["nodes"] != prev[1]["nodes"]
+    recs = run_search(
+        "cifar100", "ase_plus", [1, 0], 30, {}, tmp_path / "c100.json", init_from=tmp_path / "c10.json"
+    )["records"]
+    assert recs[0]["init_archs"] == prev[1]["nodes"] and recs[1]["init_archs"] == prev[0]["nodes"]
+    assert all(r["queries"] == 30 for r in recs)
     with pytest.raises(ConfigError, match="ase_plus"):
         run_search("cifar100", "rea", 0, 30, {}, tmp_path / "x.json", init_from=tmp_path / "c10.json")
+    with pytest.raises(IntegrityError, match="no search result for seed 5") as e:
+        run_search(
+            "cifar100", "ase_plus", [0, 5], 30, {}, tmp_path / "x.json", init_from=tmp_path / "c10.json"
+        )
+    assert "\n" not in str(e.value) and not (tmp_path / "x.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,8 +246,15 @@ def test_cli_search_and_table(tmp_path):
     r = runner.invoke(cli, ["search", "--dataset", "cifar10", "--strategy", "rea", "--seed", "2", "--budget", "30",
                             "--params", '{"population": 5}', "--out", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.output
-    rec = json.loads(out.read_text())
-    assert rec["queries"] == 30 and rec["params"] == {"population": 5} and len(rec["best_valid_so_far"]) == 30
+    content = json.loads(out.read_text())
+    assert content["seeds"] == [2] and len(content["records"]) == 1
+    rec = content["records"][0]
+    assert (
+        rec["seed"] == 2
+        and rec["queries"] == 30
+        and rec["params"] == {"population": 5}
+        and len(rec["best_valid_so_far"]) == 30
+    )
     assert rec["test_acc"] == ground_truth_test(rec["arch"], "cifar10") and rec["index"] == arch_to_index(
         str_to_arch(rec["arch"])
     )
@@ -231,6 +262,15 @@ def test_cli_search_and_table(tmp_path):
                               "--out", str(tmp_path / "bad.json")])  # fmt: skip
     assert bad.exit_code == 1 and "nas.params.rea.x: unknown key" in bad.output
     assert not (tmp_path / "bad.json").exists()
+    many = tmp_path / "many.json"
+    for args in (["--seeds", "0,1,3"], ["--seed", "0", "--seed", "1", "--seeds", "3"]):
+        r = runner.invoke(cli, ["search", "--dataset", "cifar10", "--strategy", "random", "--budget", "10",
+                                "--out", str(many), *args])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert json.loads(many.read_text())["seeds"] == [0, 1, 3]
+    bad = runner.invoke(cli, ["search", "--dataset", "cifar10", "--strategy", "random", "--seeds", "0,x",
+                              "--out", str(tmp_path / "bad.json")])  # fmt: skip
+    assert bad.exit_code == 1 and "--seeds" in bad.output
     t = runner.invoke(cli, ["nas-table", str(out), "--out-csv", str(tmp_path / "t.csv"), "--out-md",
                             str(tmp_path / "t.md")])  # fmt: skip
     assert t.exit_code == 0, t.output
@@ -245,35 +285,43 @@ class RecordingTracker(Tracker):
         self.calls.append(("params", params))
 
     def log_metrics(self, metrics, step=None):
-        self.calls.append(("metrics", metrics))
+        self.calls.append(("metrics", metrics, step))
 
     def log_artifact(self, path, artifact_path=None):
         self.calls.append(("artifact", str(path)))
 
 
 def test_search_logs_to_tracker(tmp_path):
+    """One run per job: params once, per-seed metrics at step = the seed's position, the JSON as artifact."""
     tracker = RecordingTracker()
-    rec = run_search("imagenet16", "random", 0, 10, {}, tmp_path / "r.json", tracker=tracker)
-    kinds = dict(tracker.calls)
-    assert kinds["params"]["strategy"] == "random" and kinds["params"]["budget"] == 10
-    assert kinds["metrics"]["test_acc"] == rec["test_acc"] and kinds["metrics"]["queries"] == 10
-    assert kinds["artifact"] == str(tmp_path / "r.json")
+    out = run_search("imagenet16", "random", [4, 7], 10, {}, tmp_path / "r.json", tracker=tracker)
+    params = [c[1] for c in tracker.calls if c[0] == "params"]
+    assert len(params) == 1 and params[0]["strategy"] == "random" and params[0]["budget"] == 10
+    assert params[0]["seeds"] == [4, 7]
+    per_seed = [c for c in tracker.calls if c[0] == "metrics" and c[2] is not None]
+    assert [(m["seed"], step) for _, m, step in per_seed] == [(4, 0), (7, 1)]
+    for (_, m, _), rec in zip(per_seed, out["records"], strict=True):
+        assert m["test_acc"] == rec["test_acc"] and m["queries"] == 10
+    assert [c[1] for c in tracker.calls if c[0] == "artifact"] == [str(tmp_path / "r.json")]
 
 
 def test_nas_table_rows(tmp_path):
     paths = []
     for strategy in ("random", "rea"):
-        for seed in (0, 1):
-            paths.append(tmp_path / f"{strategy}{seed}.json")
-            run_search("cifar100", strategy, seed, 20, {}, paths[-1])
+        paths.append(tmp_path / f"{strategy}.json")
+        run_search("cifar100", strategy, [0, 1], 20, {}, paths[-1])
     paper = {"rea": {"cifar100": {"mean": 73.0, "std": 0.5}}}
     t = run_nas_table(paths, tmp_path / "nas.csv", tmp_path / "nas.md", "t", paper)
     assert list(t["strategy"]) == ["random", "rea"] and (t["n_seeds"] == 2).all()
     assert list(t["paper"]) == ["", "73.00 ± 0.50"] and (t["optimum_test"] == 73.51).all()
     assert (t["queries"] == 20).all() and t["test_acc_std"].notna().all()
     assert "73.00 ± 0.50" in (tmp_path / "nas.md").read_text()
+    assert list(t["seeds"]) == ["0 1", "0 1"]
     with pytest.raises(IntegrityError, match="duplicate"):
         run_nas_table(paths + paths[:1], tmp_path / "x.csv", tmp_path / "x.md")
+    (tmp_path / "empty.json").write_text('{"records": []}')
+    with pytest.raises(IntegrityError, match="without 'records'"):
+        run_nas_table([tmp_path / "empty.json"], tmp_path / "x.csv", tmp_path / "x.md")
 
 
 def test_every_strategy_is_registered():
@@ -286,7 +334,8 @@ def test_every_strategy_is_registered():
 
 
 def test_workflow_builds_nas_table(tmp_path):
-    """config/smoke.yaml's nas section (cifar10; random and ase; 2 seeds; 20 queries) through snakemake.
+    """config/smoke.yaml's nas section (cifar10; random and ase; 2 seeds; 20 queries) through snakemake:
+    one search job per strategy (both seeds in it).
 
     MLflow off: the search jobs would spend most of their time importing mlflow (test_workflow.py covers the
     tracked runs; test_search_logs_to_tracker what this stage logs)."""
@@ -297,12 +346,18 @@ def test_workflow_builds_nas_table(tmp_path):
         list(t["strategy"]) == ["random", "ase"] and (t["n_seeds"] == 2).all() and (t["queries"] == 20).all()
     )
     assert list(t["paper"].fillna("")) == ["", "94.23 ± 0.22"]
-    rec = json.loads((tmp_path / "results/nas/nb201/cifar10/ase/seed1.json").read_text())
+    content = json.loads((tmp_path / "results/nas/nb201/cifar10/ase.json").read_text())
+    assert content["seeds"] == [0, 1] and [r["seed"] for r in content["records"]] == [0, 1]
+    rec = content["records"][1]
     assert rec["params"]["lr"] == pytest.approx(0.009446763714621489) and len(rec["history"]) == 20
-    assert (tmp_path / "results/logs/search/nb201/cifar10/ase/seed1.log").is_file()
-    assert (tmp_path / "results/benchmarks/search/nb201/cifar10/ase/seed1.tsv").is_file()
-    # a strategy setting reaches its rule: only that strategy's searches and the table rerun
+    assert (tmp_path / "results/logs/search/nb201/cifar10/ase.log").is_file()
+    assert (tmp_path / "results/benchmarks/search/nb201/cifar10/ase.tsv").is_file()
+    # a strategy setting reaches its rule: only that strategy's search job and the table rerun
     cfg2 = write_config(tmp_path / "lr.yaml", tracking=False, nas__params={"ase": {"lr": 0.01}})
     jobs = planned_jobs(tmp_path, cfg2, "results/tables/nas.csv")
-    assert sorted(j[0] for j in jobs) == ["nas_table", "search", "search"]
+    assert sorted(j[0] for j in jobs) == ["nas_table", "search"]
     assert all("strategy=ase" in w for r, w in jobs if r == "search")
+    # the seeds are a param too: another seed list reruns every search job
+    cfg3 = write_config(tmp_path / "seeds.yaml", tracking=False, nas__seeds=[0, 1, 2])
+    jobs = planned_jobs(tmp_path, cfg3, "results/tables/nas.csv")
+    assert sorted(j[0] for j in jobs) == ["nas_table", "search", "search"]

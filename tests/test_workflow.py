@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,9 +114,26 @@ def test_tracking_toggle_reruns_nothing_but_init(smoke):
     assert [r for r, _ in planned_jobs(wd, cfg)] == ["mlflow_init"]
 
 
+def test_resume_toggle_reruns_nothing(smoke):
+    wd = smoke["wd"]
+    cfg = write_config(wd / "noresume.yaml", resume=False)
+    assert planned_jobs(wd, cfg) == []
+    r = snakemake(wd, cfg, "-n", "-p", "--forcerun", "quantize")
+    assert "--no-resume" in r.stdout and "--resume-root" not in r.stdout
+    r = snakemake(wd, smoke["cfg"], "-n", "-p", "--forcerun", "quantize")
+    assert "--resume-root results/.resume" in r.stdout
+
+
+def model_tensors(path):
+    import torch
+
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
 @pytest.mark.slow
-def test_killed_job_reruns_cleanly(smoke, tmp_path):
-    """SIGKILL the workflow while `quantize` trains; the rerun completes and matches an uninterrupted run."""
+def test_killed_job_resumes(smoke, tmp_path):
+    """SIGKILL the workflow while `quantize` trains, after an epoch checkpoint; the rerun resumes from it and
+    its result (history, weights, metrics) equals an uninterrupted run's."""
     wd = tmp_path / "kill"
     shutil.copytree(smoke["wd"] / "results", wd / "results", copy_function=shutil.copy2)
     shutil.rmtree(wd / "results/quant")
@@ -125,33 +143,47 @@ def test_killed_job_reruns_cleanly(smoke, tmp_path):
         tables__hast__methods=["real"],
         tracking=False,
         methods__real__iters_per_epoch=15,
-        methods__real__epochs=3,
+        methods__real__epochs=4,
     )
     cmd = snakemake_cmd(wd, cfg, "--cores", "2")
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    log = wd / "results/logs/quantize/fashion_mnist/resnet20/real/w4a4/seed0.log"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.is_file() and "epoch 0" in log.read_text()):
-        time.sleep(0.5)
-    assert log.is_file() and "epoch 0" in log.read_text(), "quantize never reached epoch 0"
+    cell = "quant/fashion_mnist/resnet20/real/w4a4/seed0"
+    resume_dir = wd / "results/.resume" / cell / "model.pt"
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(resume_dir.glob("*/state.pt")):
+        assert proc.poll() is None, "the workflow ended before the first epoch checkpoint"
+        time.sleep(0.2)
+    assert list(resume_dir.glob("*/state.pt")), "quantize never wrote an epoch checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    out = wd / "results/quant/fashion_mnist/resnet20/real/w4a4/seed0"
+    out = wd / "results" / cell
     assert not (out / "model.pt").exists() and not (out / "history.json").exists()  # nothing half-written
+    snakemake(wd, cfg, "--unlock")  # the killed Snakemake left its lock (its own advice)
     snakemake(wd, cfg, "--cores", "2")  # the default profile has rerun-incomplete
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["epochs"] == 3 and metrics["checkpoint_verified_on"] > 0
+    log = (wd / "results/logs/quantize/fashion_mnist/resnet20/real/w4a4/seed0.log").read_text()
+    m = re.search(r"resume: resumed from epoch (\d+)", log)
+    assert m and int(m.group(1)) > 0, log
+    assert not (wd / "results/.resume").exists()  # removed once the outputs were written
     assert not list(wd.rglob(".tmp-*"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 4 and metrics["checkpoint_verified_on"] > 0
     # same seed, uninterrupted: identical result
     ref_wd = tmp_path / "ref"
     shutil.copytree(wd / "results", ref_wd / "results", copy_function=shutil.copy2)
     shutil.rmtree(ref_wd / "results/quant")
     shutil.rmtree(ref_wd / "results/tables")
     snakemake(ref_wd, cfg, "--cores", "2")
-    ref = json.loads((ref_wd / out.relative_to(wd) / "metrics.json").read_text())
-    assert ref["top1"] == metrics["top1"] and ref["best_top1"] == metrics["best_top1"]
+    ref_out = ref_wd / "results" / cell
+    ref = json.loads((ref_out / "metrics.json").read_text())
+    assert (ref["top1"], ref["best_top1"]) == (metrics["top1"], metrics["best_top1"])
+    hist = [json.loads((d / "history.json").read_text()) for d in (out, ref_out)]
+    assert hist[0]["resumed_from_epoch"] == int(m.group(1)) and hist[1]["resumed_from_epoch"] is None
+    strip = [[{k: v for k, v in r.items() if k != "time_s"} for r in h["history"]] for h in hist]
+    assert strip[0] == strip[1]
+    a, b = model_tensors(out / "model.pt"), model_tensors(ref_out / "model.pt")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 @pytest.mark.slow

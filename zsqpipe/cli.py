@@ -83,6 +83,25 @@ def runtime_options(fn):
     return fn
 
 
+def resume_options(fn):
+    """Epoch checkpoints of long stages (zsqpipe.resume); see :func:`_resume_root`."""
+    fn = click.option(
+        "--resume-root",
+        type=PATH,
+        default=None,
+        help="Folder for epoch checkpoints, kept outside the outputs; a rerun resumes from the last one "
+        "(default: .resume next to the output; the workflow uses results/.resume).",
+    )(fn)
+    fn = click.option("--no-resume", is_flag=True, help="Neither resume nor write epoch checkpoints.")(fn)
+    return fn
+
+
+def _resume_root(resume_root: Path | None, no_resume: bool, output: Path) -> Path | None:
+    if no_resume:
+        return None
+    return resume_root if resume_root is not None else output.parent / ".resume"
+
+
 def _tracker(tracking, rule, wildcards, params: dict):
     from zsqpipe.io import sha256_json
     from zsqpipe.tracking import Tracker
@@ -99,7 +118,8 @@ def cli():
     """zsqpipe: zero-shot quantization and quantization-aware NAS, one command per pipeline stage.
 
     Normally run through Snakemake (`snakemake --cores 2 results/tables/hast.csv`); every command can also be
-    run by hand. Stages: data -> fp-model -> quantize -> evaluate -> aggregate.
+    run by hand. Stages: data -> fp-model -> quantize -> evaluate -> aggregate; NAS: search -> nas-table,
+    groundtruth + supernet-train -> supernet-table.
     """
 
 
@@ -158,11 +178,13 @@ def data_cmd(dataset, params_json, out, tracking, rule, wildcards, log_file):
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-metrics", type=PATH, required=True)
 @runtime_options
+@resume_options
 @tracking_options
 @stage_command
 def fp_model_cmd(
-    manifest, arch, params_json, out_model, out_metrics, device, threads, tracking, rule, wildcards, log_file
-):
+    manifest, arch, params_json, out_model, out_metrics, device, threads, resume_root, no_resume, tracking,
+    rule, wildcards, log_file
+):  # fmt: skip
     """Train the full-precision model from scratch, or load a local checkpoint."""
     from zsqpipe.config import FPConfig, from_dict
     from zsqpipe.stages.fp_model import run_fp_model
@@ -171,7 +193,8 @@ def fp_model_cmd(
     cfg = from_dict(FPConfig, params, "fp_model")
     tracker, name, tags = _tracker(tracking, rule, wildcards, params)
     with tracker.run(name, tags):
-        run_fp_model(manifest, arch, cfg, out_model, out_metrics, device, threads, tracker, _log)
+        run_fp_model(manifest, arch, cfg, out_model, out_metrics, device, threads, tracker, _log,
+                     resume_root=_resume_root(resume_root, no_resume, out_model))  # fmt: skip
         if log_file:
             tracker.log_artifact(log_file, "logs")
 
@@ -219,6 +242,7 @@ def synthesize_cmd(fp_ckpt, synthesizer, seed, params_json, out, device, threads
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
 @runtime_options
+@resume_options
 @tracking_options
 @stage_command
 def quantize_cmd(
@@ -235,6 +259,8 @@ def quantize_cmd(
     out_history,
     device,
     threads,
+    resume_root,
+    no_resume,
     tracking,
     rule,
     wildcards,
@@ -266,6 +292,7 @@ def quantize_cmd(
             tracker,
             _log,
             samples=samples,
+            resume_root=_resume_root(resume_root, no_resume, out_model),
         )
         if log_file:
             tracker.log_artifact(log_file, "logs")
@@ -327,13 +354,27 @@ def aggregate_cmd(metrics, out_csv, out_md, title, paper_json, tracking, rule, w
             tracker.log_artifact(log_file, "logs")
 
 
+def _seed_list(seed: tuple[int, ...], seeds: str | None) -> list[int]:
+    out = list(seed)
+    for tok in (seeds or "").split(","):
+        if tok.strip():
+            try:
+                out.append(int(tok))
+            except ValueError:
+                raise ConfigError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+    return out or [0]
+
+
 @cli.command("search")
 @click.option(
     "--space", default="nb201", show_default=True, help="Search space (nb201 = NAS-Bench-201 cells)."
 )
 @click.option("--dataset", required=True, help="Benchmark dataset: cifar10, cifar100 or imagenet16.")
 @click.option("--strategy", required=True, help="Strategy: random, rea, reinforce, ase or ase_plus.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, multiple=True, help="A search seed (repeatable; default: 0 alone).")
+@click.option(
+    "--seeds", default=None, help="Search seeds as a comma-separated list, e.g. 0,1,2 (with --seed: both)."
+)
 @click.option(
     "--budget", type=int, default=200, show_default=True, help="Benchmark queries (initial ones included)."
 )
@@ -344,7 +385,8 @@ def aggregate_cmd(metrics, out_csv, out_md, title, paper_json, tracking, rule, w
     "--init-from",
     type=EXISTING,
     default=None,
-    help="ase_plus: a previous search result whose final nodes (or best cell) seed the initial nodes.",
+    help="ase_plus: a previous search result; its record of the same seed (final nodes, or best cell) seeds "
+    "the initial nodes.",
 )
 @click.option(
     "--benchmark",
@@ -353,21 +395,24 @@ def aggregate_cmd(metrics, out_csv, out_md, title, paper_json, tracking, rule, w
     default=None,
     help="Ground-truth table (CSV, may be .gz) instead of the packaged NAS-Bench-201 one.",
 )
-@click.option("--out", type=PATH, required=True, help="Result JSON to write.")
+@click.option("--out", type=PATH, required=True, help="Result JSON to write (one record per seed).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (the rule's `threads`).")
 @tracking_options
 @stage_command
-def search_cmd(space, dataset, strategy, seed, budget, params_json, init_from, benchmark_path, out, threads,
-               tracking, rule, wildcards, log_file):  # fmt: skip
-    """Search the tabular benchmark with STRATEGY on validation accuracy; report the found cell's test accuracy."""
+def search_cmd(space, dataset, strategy, seed, seeds, budget, params_json, init_from, benchmark_path, out,
+               threads, tracking, rule, wildcards, log_file):  # fmt: skip
+    """Search the tabular benchmark with STRATEGY on validation accuracy, once per seed, in one process;
+    report each found cell's test accuracy."""
     from zsqpipe.stages.search import run_search
 
     params = _json(params_json, "--params")
+    seed_list = _seed_list(seed, seeds)
     tracker, name, tags = _tracker(tracking, rule, wildcards, {"space": space, "dataset": dataset,
-                                   "strategy": strategy, "seed": seed, "budget": budget, "cfg": params})  # fmt: skip
+                                   "strategy": strategy, "seeds": seed_list, "budget": budget,
+                                   "cfg": params})  # fmt: skip
     with tracker.run(name, tags):
-        run_search(dataset, strategy, seed, budget, params, out, space, init_from, benchmark_path, threads,
-                   tracker, _log)  # fmt: skip
+        run_search(dataset, strategy, seed_list, budget, params, out, space, init_from, benchmark_path,
+                   threads, tracker, _log)  # fmt: skip
         if log_file:
             tracker.log_artifact(log_file, "logs")
 
@@ -402,6 +447,115 @@ def nas_table_cmd(results, out_csv, out_md, title, paper_json, benchmark_path, t
         table = run_nas_table(list(results), out_csv, out_md, title, _json(paper_json, "--paper"),
                               benchmark_path)  # fmt: skip
         tracker.log_params({"n_results": len(results), "rows": len(table)})
+        tracker.log_artifact(out_csv, "tables")
+        tracker.log_artifact(out_md, "tables")
+        _log(f"{len(table)} rows -> {out_csv}")
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("groundtruth")
+@click.option(
+    "--dataset", required=True, help="fashion_mnist (trained stand-alone), cifar10 or cifar100 (NB201 table)."
+)
+@click.option(
+    "--chunk", type=int, default=0, show_default=True, help="Chunk of the sample (chunk_size cells each)."
+)
+@click.option(
+    "--data",
+    "manifest",
+    type=EXISTING,
+    default=None,
+    help="Manifest from `zsqpipe data` (datasets without NB201 ground truth: the cells are trained on it).",
+)
+@click.option(
+    "--params",
+    "params_json",
+    default="{}",
+    help="Sample and training recipe as JSON (config supernet.groundtruth).",
+)
+@click.option(
+    "--benchmark",
+    "benchmark_path",
+    type=EXISTING,
+    default=None,
+    help="Ground-truth table (CSV, may be .gz) instead of the packaged NAS-Bench-201 one.",
+)
+@click.option("--out", type=PATH, required=True, help="Ground-truth JSON of the chunk.")
+@runtime_options
+@tracking_options
+@stage_command
+def groundtruth_cmd(dataset, chunk, manifest, params_json, benchmark_path, out, device, threads, tracking, rule,
+                    wildcards, log_file):  # fmt: skip
+    """Ground-truth validation/test accuracy of a chunk of a fixed sample of NB201 Kendall-subset cells."""
+    from zsqpipe.stages.groundtruth import GroundTruthConfig, run_groundtruth
+
+    params = _json(params_json, "--params")
+    cfg = GroundTruthConfig.from_dict(params)
+    tracker, name, tags = _tracker(
+        tracking, rule, wildcards, {"dataset": dataset, "chunk": chunk, "cfg": params}
+    )
+    with tracker.run(name, tags):
+        run_groundtruth(dataset, chunk, cfg, out, manifest, device, threads, tracker, _log, benchmark_path)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("supernet-train")
+@click.argument("groundtruth", nargs=-1, type=EXISTING, required=True)
+@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@click.option("--method", required=True, help="spos or spos_calr_ms (SPOS + CaLR + momentum separation).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--params", "params_json", default="{}", help="Supernet recipe as JSON (config supernet.train)."
+)
+@click.option("--out-model", type=PATH, required=True, help="Supernet checkpoint to write.")
+@click.option("--out-history", type=PATH, required=True, help="Per-epoch training history (JSON).")
+@click.option("--out-metrics", type=PATH, required=True, help="Ranking metrics (JSON), written last.")
+@runtime_options
+@tracking_options
+@stage_command
+def supernet_train_cmd(groundtruth, manifest, method, seed, params_json, out_model, out_history, out_metrics,
+                       device, threads, tracking, rule, wildcards, log_file):  # fmt: skip
+    """Train the NB201 supernet, then rank the GROUNDTRUTH cells (files from `zsqpipe groundtruth`) with it:
+    Kendall-tau and the top-1 of the best-ranked cell."""
+    from zsqpipe.nas.calr import SupernetConfig
+    from zsqpipe.stages.supernet_train import run_supernet_train
+
+    params = _json(params_json, "--params")
+    for key in ("method", "seed"):
+        if key in params:
+            raise ConfigError(f"--params: {key!r} is given by --{key}")
+    cfg = SupernetConfig.from_dict({**params, "method": method, "seed": seed}, "supernet.train")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, cfg.to_dict())
+    with tracker.run(name, tags):
+        run_supernet_train(manifest, list(groundtruth), cfg, out_model, out_history, out_metrics, device, threads,
+                           tracker, _log)  # fmt: skip
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("supernet-table")
+@click.argument("metrics", nargs=-1, type=EXISTING, required=True)
+@click.option("--out-csv", type=PATH, required=True)
+@click.option("--out-md", type=PATH, required=True)
+@click.option("--title", default="NB201 supernet ranking", show_default=True)
+@click.option(
+    "--paper",
+    "paper_json",
+    default="{}",
+    help='Published numbers as JSON {method: {truth: {"tau": {"mean": m, "std": s}, "top1": {...}}}}.',
+)
+@tracking_options
+@stage_command
+def supernet_table_cmd(metrics, out_csv, out_md, title, paper_json, tracking, rule, wildcards, log_file):
+    """Build the supernet table (CSV + Markdown) from `zsqpipe supernet-train` METRICS (mean ± std over seeds)."""
+    from zsqpipe.stages.supernet_table import run_supernet_table
+
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"metrics": [str(m) for m in metrics]})
+    with tracker.run(name, tags):
+        table = run_supernet_table(list(metrics), out_csv, out_md, title, _json(paper_json, "--paper"))
+        tracker.log_params({"n_metrics": len(metrics), "rows": len(table)})
         tracker.log_artifact(out_csv, "tables")
         tracker.log_artifact(out_md, "tables")
         _log(f"{len(table)} rows -> {out_csv}")

@@ -141,6 +141,10 @@ class Timer:
     def __call__(self) -> float:
         return time.perf_counter() - self.start
 
+    def set(self, elapsed: float) -> None:
+        """Continue from ``elapsed`` seconds (a resumed run counts the time of the epochs it restored)."""
+        self.start = time.perf_counter() - elapsed
+
 
 def infinite(loader) -> Iterable:
     while True:

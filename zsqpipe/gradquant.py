@@ -173,6 +173,16 @@ class GradQuantHandle:
                     st.initialized = True
                 st.ratio = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """Per layer: the clipping ratio gamma and whether it was initialised (the rest lives within a step)."""
+        return {n: {"gamma": st.gamma, "initialized": st.initialized} for n, st in self.layers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.layers):
+            raise ValueError(f"grad_quant: state for layers {sorted(state)}, hooks on {sorted(self.layers)}")
+        for n, s in state.items():
+            self.layers[n].gamma, self.layers[n].initialized = float(s["gamma"]), bool(s["initialized"])
+
     def gammas(self) -> dict[str, float]:
         return {n: st.gamma for n, st in self.layers.items()}
 

@@ -1,4 +1,5 @@
 # Helpers shared by all rules: config validation, params builders, code versions, output paths.
+import functools
 import hashlib
 import os
 import shutil
@@ -10,6 +11,7 @@ from zsqpipe.errors import ConfigError
 from zsqpipe.io import sha256_file
 from zsqpipe.nas.benchmark import DATASETS as NAS_DATASETS
 from zsqpipe.nas.benchmark import DEFAULT_PATH as NAS_BENCHMARK
+from zsqpipe.nas.benchmark import SAMPLE_KEYS, TABLE_OF_DATASET, kendall_sample
 from zsqpipe.nas.strategies import STRATEGY_NAMES
 from zsqpipe.names import ARCH_NAMES, DATASET_NAMES, METHOD_NAMES, METHOD_SYNTHESIZER, SYNTHESIZER_NAMES
 
@@ -41,6 +43,10 @@ LOGS = "results/logs"
 BENCH = "results/benchmarks"
 TRACKING = "results/mlflow/tracking.json"
 QUANT_DIR = "results/quant/{dataset}/{arch}/{method}/w{wbits}a{abits}/seed{seed}"
+# Epoch checkpoints of fp_model/quantize, outside their outputs (zsqpipe/resume.py): the rules' `resume`
+# resource, like `threads` a run-time setting, not a param, because resuming never changes a result and
+# toggling config `resume` must rerun no job (params and the shell text are rerun triggers).
+RESUME = f"--resume-root {RESULTS}/.resume" if config["resume"] else "--no-resume"
 
 
 def gpus(wildcards=None):
@@ -184,7 +190,7 @@ def table_metrics(wildcards):
 # ---- Tabular NAS (workflow/rules/nas.smk): search results and the nas table ----
 NAS = config["nas"]
 NAS_BENCHMARK_SHA = sha256_file(NAS_BENCHMARK)[:16]
-NAS_RESULT = f"{RESULTS}/nas/{{space}}/{{dataset}}/{{strategy}}/seed{{seed}}.json"
+NAS_RESULT = f"{RESULTS}/nas/{{space}}/{{dataset}}/{{strategy}}.json"  # one record per seed of nas.seeds
 
 
 def nas_strategy_params(strategy):
@@ -202,14 +208,12 @@ def nas_params(wildcards):
 
 
 def nas_init_input(wildcards):
-    """ase_plus with nas.params.ase_plus.init_from: the seeding search's result (same space and seed)."""
+    """ase_plus with nas.params.ase_plus.init_from: the seeding search's result file (same space; the stage
+    takes the record of each seed from it)."""
     if wildcards.strategy != "ase_plus" or not NAS["params"]["ase_plus"].get("init_from"):
         return []
     src = NAS["params"]["ase_plus"]["init_from"]
-    path = NAS_RESULT.format(
-        space=wildcards.space, dataset=src["dataset"], strategy=src["strategy"], seed=wildcards.seed
-    )
-    return [path]
+    return [NAS_RESULT.format(space=wildcards.space, dataset=src["dataset"], strategy=src["strategy"])]
 
 
 def nas_init_flag(wildcards, input):
@@ -220,10 +224,82 @@ def nas_code(wildcards):
     return code_version("zsqpipe.stages.search", f"zsqpipe.nas.strategies.{wildcards.strategy}")
 
 
+NAS_SEEDS = ",".join(str(s) for s in NAS["seeds"])
+
+
 def nas_results(wildcards):
     return [
-        NAS_RESULT.format(space=NAS["space"], dataset=d, strategy=s, seed=seed)
+        NAS_RESULT.format(space=NAS["space"], dataset=d, strategy=s)
         for d in NAS["datasets"]
         for s in NAS["strategies"]
-        for seed in NAS["seeds"]
+    ]
+
+
+# ---- NB201 supernet (workflow/rules/supernet.smk): ground truth, supernets, results/tables/supernet.csv ----
+SUPERNET = config["supernet"]
+GT_RESULT = f"{RESULTS}/nas/groundtruth/{{dataset}}/chunk{{chunk}}.json"
+SUPERNET_DIR = f"{RESULTS}/nas/supernet/{{dataset}}/{{method}}/seed{{seed}}"
+
+
+def groundtruth_config(dataset):
+    """supernet.groundtruth for one dataset: the sample keys only for a NAS-Bench-201 table dataset (nothing
+    is trained, so the training recipe must not rerun it), else the recipe plus the supernet's C and N."""
+    gt = SUPERNET["groundtruth"]
+    if dataset in TABLE_OF_DATASET:
+        return {k: gt[k] for k in SAMPLE_KEYS}
+    return {**gt, "C": SUPERNET["train"]["C"], "N": SUPERNET["train"]["N"]}
+
+
+def groundtruth_params(wildcards):
+    return canonical_json(groundtruth_config(wildcards.dataset))
+
+
+@functools.cache
+def groundtruth_chunks(dataset):
+    """Number of groundtruth jobs of a dataset: 1 for a table dataset, else ceil(sample size / chunk_size).
+    The table is read only when num_archs is null (the sample is then the whole Kendall subset)."""
+    if dataset in TABLE_OF_DATASET:
+        return 1
+    gt = SUPERNET["groundtruth"]
+    n = gt["num_archs"]
+    if n is None:
+        n = len(kendall_sample(None, gt["sample_seed"], gt["exclude_disconnected"]))
+    return -(-n // gt["chunk_size"])
+
+
+def groundtruth_data_input(wildcards):
+    """Cells are trained on the dataset unless the NB201 table has its ground truth."""
+    if wildcards.dataset in TABLE_OF_DATASET:
+        return []
+    return [f"{RESULTS}/data/{wildcards.dataset}/manifest.json"]
+
+
+def groundtruth_data_flag(wildcards, input):
+    return f"--data {input.data}" if input.data else ""
+
+
+def groundtruth_device(wildcards):
+    return "cpu" if wildcards.dataset in TABLE_OF_DATASET else config["device"]
+
+
+def groundtruth_gpus(wildcards):
+    return 0 if wildcards.dataset in TABLE_OF_DATASET else gpus()
+
+
+def groundtruth_files(wildcards):
+    return [
+        GT_RESULT.format(dataset=wildcards.dataset, chunk=k) for k in range(groundtruth_chunks(wildcards.dataset))
+    ]
+
+
+def supernet_params(wildcards):
+    return canonical_json(SUPERNET["train"])
+
+
+def supernet_metrics(wildcards):
+    return [
+        f"{SUPERNET_DIR}/metrics.json".format(dataset=d, method=m, seed=s)
+        for d in SUPERNET["datasets"]
+        for m in SUPERNET["methods"]
+        for s in SUPERNET["seeds"]
     ]

@@ -22,10 +22,11 @@ rule fp_model:
         mem_mb=8000,
         runtime=240,
         gpu=gpus,
+        resume=RESUME,  # a run-time setting like threads, not a param: see common.smk
     conda:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe fp-model --data {input.data} --arch {wildcards.arch} --params {params.cfg:q}"
         " --out-model {output.model} --out-metrics {output.metrics} --device {params.device}"
-        " --threads {threads} --tracking {input.tracking} --rule fp_model --wildcards '{wildcards}'"
+        " --threads {threads} {resources.resume} --tracking {input.tracking} --rule fp_model --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"

@@ -26,6 +26,7 @@ rule quantize:
         mem_mb=8000,
         runtime=240,
         gpu=gpus,
+        resume=RESUME,  # a run-time setting like threads, not a param: see common.smk
     conda:
         "../envs/zsqpipe.yaml"
     shell:
@@ -33,7 +34,7 @@ rule quantize:
         " --wbits {wildcards.wbits} --abits {wildcards.abits} --seed {wildcards.seed}"
         " --quant-params {params.quant:q} --method-params {params.method:q} {params.samples}"
         " --out-model {output.model} --out-history {output.history} --device {params.device}"
-        " --threads {threads} --tracking {input.tracking} --rule quantize --wildcards '{wildcards}'"
+        " --threads {threads} {resources.resume} --tracking {input.tracking} --rule quantize --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"
 
 

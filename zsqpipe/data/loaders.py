@@ -8,6 +8,8 @@ seed fixes the data order. ImageNet goes through a standard ``DataLoader``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -66,17 +68,75 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.data)
-        order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
+        order = self.new_order()
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.data.images[idx].to(self.device, non_blocking=True)
-            if self.augment:
-                x = random_crop_flip(x, self.crop_padding, True, self.gen)
-            x = (x.float() / 255.0 - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.data.labels[idx].to(self.device, non_blocking=True)
+            yield self.batch(order, b)
+
+    def new_order(self) -> torch.Tensor:
+        """The sample order of the next pass (drawn from ``gen`` when shuffling)."""
+        n = len(self.data)
+        return torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
+
+    def batch(self, order: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``b`` of the pass with sample order ``order`` (augmentation draws from ``gen``)."""
+        idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+        x = self.data.images[idx].to(self.device, non_blocking=True)
+        if self.augment:
+            x = random_crop_flip(x, self.crop_padding, True, self.gen)
+        x = (x.float() / 255.0 - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.data.labels[idx].to(self.device, non_blocking=True)
+
+
+class EndlessBatches:
+    """Pass after pass over a :class:`BatchLoader` (the batches of ``engine.infinite(loader)``), with a position
+    that can be saved: ``state_dict()`` holds the loader's generator, the current pass's order and the next
+    batch index, so a restored stream continues with exactly the batches (and augmentations) the original
+    would have produced next, without replaying the ones before."""
+
+    def __init__(self, loader: BatchLoader):
+        if len(loader) == 0:
+            raise ValueError("EndlessBatches: the loader has no batch")
+        self.loader = loader
+        self.order: torch.Tensor | None = None
+        self.next = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.order is None or self.next >= len(self.loader):
+            self.order, self.next = self.loader.new_order(), 0
+        self.next += 1
+        return self.loader.batch(self.order, self.next - 1)
+
+    def state_dict(self) -> dict:
+        return {"gen": self.loader.gen.get_state(), "order": self.order, "next": self.next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.gen.set_state(state["gen"])
+        self.order, self.next = state["order"], int(state["next"])
+
+
+def endless(loader) -> Iterator:
+    """Endless batches of ``loader``: an :class:`EndlessBatches` (resumable) for a :class:`BatchLoader`, else
+    a plain generator (a ``DataLoader`` cannot save its position within a pass)."""
+    if isinstance(loader, BatchLoader):
+        return EndlessBatches(loader)
+    return _cycle(loader)
+
+
+def _cycle(loader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def order_generator(loader) -> torch.Generator:
+    """The generator that fixes a loader's data order and augmentation from pass to pass. Its state at a pass
+    boundary is the loader's whole state (``DataLoader``: sampler and worker seeds are drawn from it when a
+    pass starts)."""
+    return loader.gen if isinstance(loader, BatchLoader) else loader.generator
 
 
 def make_loader(

@@ -139,13 +139,51 @@ class ShardSet:
         self, batch_size: int, seed: int, shuffle: bool = True
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         """Stream (images, labels) batches shard by shard (seeded shard order and within-shard shuffling)."""
-        gen = torch.Generator().manual_seed(seed)
-        entries = self.manifest["shards"]
-        order = torch.randperm(len(entries), generator=gen).tolist() if shuffle else range(len(entries))
-        for i in order:
-            part = self.read_shard(entries[i])
-            n = len(part["labels"])
-            idx = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-            for s in range(0, n, batch_size):
-                j = idx[s : s + batch_size]
-                yield part["images"][j], part["labels"][j]
+        cursor = ShardCursor(self, batch_size, seed, shuffle)
+        while (batch := cursor.next_batch()) is not None:
+            yield batch
+
+
+class ShardCursor:
+    """One seeded pass over a :class:`ShardSet` (``iter_batches``) as an object whose position can be saved:
+    ``state_dict()`` holds the generator, the shard order, the current shard's row order and the next row, so
+    a restored cursor (which re-reads and re-verifies the current shard) continues exactly where it was."""
+
+    def __init__(self, shards: ShardSet, batch_size: int, seed: int, shuffle: bool = True):
+        self.shards, self.batch_size, self.shuffle = shards, batch_size, shuffle
+        self.gen = torch.Generator().manual_seed(seed)
+        n = len(shards.manifest["shards"])
+        self.order = torch.randperm(n, generator=self.gen).tolist() if shuffle else list(range(n))
+        self.shard = 0  # index into ``order``
+        self.part: dict[str, torch.Tensor] | None = None  # the current shard, read when it is due
+        self.rows: torch.Tensor | None = None
+        self.pos = 0
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        return self.shards.read_shard(self.shards.manifest["shards"][self.order[self.shard]])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next (images, labels) batch of the pass (the last of a shard may be short); None at its end."""
+        while self.shard < len(self.order):
+            if self.part is None:
+                self.part = self._read()
+                n = len(self.part["labels"])
+                self.rows = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
+                self.pos = 0
+            if self.pos < len(self.rows):
+                j = self.rows[self.pos : self.pos + self.batch_size]
+                self.pos += self.batch_size
+                return self.part["images"][j], self.part["labels"][j]
+            self.part, self.rows = None, None
+            self.shard += 1
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "order": list(self.order), "shard": self.shard,
+                "rows": self.rows, "pos": self.pos}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.shard = list(state["order"]), int(state["shard"])
+        self.rows, self.pos = state["rows"], int(state["pos"])
+        self.part = self._read() if self.rows is not None else None

@@ -40,7 +40,8 @@ class QuantContext:
 
     ``train_loader_factory`` gives real training batches; it is ``None`` for methods that must not see real
     data (``Method.uses_real_data = False``). ``end_epoch(epoch, metrics)`` evaluates the student on the
-    validation split and the test set, records the epoch in the history, logs it, and returns the record.
+    validation split and the test set, records the epoch in the history, logs it, checkpoints the loop (see
+    :meth:`resumable`) and returns the record.
     """
 
     teacher: nn.Module
@@ -54,6 +55,22 @@ class QuantContext:
     log: Callable[[str], None] = print
     samples: Any = None  # zsqpipe.data.shards.ShardSet of the method's synthesizer, if it has one
     extras: dict[str, Any] = field(default_factory=dict)
+    resume: Any = None  # zsqpipe.resume.Checkpoints of the job (stages/quantize.py); None: no checkpoints
+
+    def resumable(self, **state: Any) -> int:
+        """Make the method's epoch loop resumable; returns the first epoch to run (0 unless resuming).
+
+        Call once, after the set-up (calibration etc., which a resumed run repeats and then overwrites) and right
+        before the first epoch, with every object whose state carries from one epoch to the next besides the
+        student: optimizers, LR schedulers, generators, ``torch.Generator``s, batch streams (each with
+        ``state_dict``/``load_state_dict``; None is skipped). They are restored here from the job's last
+        checkpoint, if any (with the student and all RNG states), and saved after every ``end_epoch``. An
+        object without a ``state_dict`` turns checkpoints off for the run. A method that never calls this is
+        not resumable: an interrupted run restarts from scratch.
+        """
+        if self.resume is None:
+            return 0
+        return self.resume.attach(student=self.student, **state)
 
 
 class Method:

@@ -154,9 +154,11 @@ class GDFQ(Method):
         warm_steps = c.warmup_epochs * c.iters_per_epoch
         warn_short_official_calibration(student, warm_steps, ctx.log)
         rng = torch.Generator().manual_seed(ctx.seed)
+        start = ctx.resumable(generator=generator, generator_optimizer=opt_g, generator_scheduler=sched_g,
+                              optimizer=opt_s, scheduler=sched_s, rng=rng)  # fmt: skip
         bn_stats = BNStatistics(teacher)
         try:
-            for epoch in range(c.epochs):
+            for epoch in range(start, c.epochs):
                 warm = epoch < c.warmup_epochs
                 set_quant_state(student, update_ranges=warm)
                 sums = {"train_loss": 0.0, "g_loss": 0.0}

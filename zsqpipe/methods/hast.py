@@ -38,7 +38,7 @@ from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.methods.real import warn_short_official_calibration
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.finetune import finetune, synthetic_batches
+from zsqpipe.zsq.finetune import SyntheticBatches, finetune
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 
 FGSM_OBJECTIVES = ("difficulty", "kd_fa")
@@ -221,7 +221,7 @@ class HAST(Method):
                 )
             hooks_t, hooks_s = FeatureHooks(teacher, names), FeatureHooks(student, names)
             ctx.log(f"hast: feature alignment on {len(names)} units ({names[0]} ... {names[-1]})")
-        batches = synthetic_batches(ctx.samples, c.batch_size, ctx.seed, ctx.device, c.augment)
+        batches = SyntheticBatches(ctx.samples, c.batch_size, ctx.seed, ctx.device, c.augment)
 
         def student_loss(s_logits, s_feats, t_logits, t_feats, y):
             loss = c.kd_alpha * kd_kl(s_logits, t_logits, c.kd_temperature)
@@ -259,7 +259,7 @@ class HAST(Method):
 
         student.train(c.bn_train)  # evaluate() in ctx.end_epoch restores this mode after each epoch
         try:
-            finetune(ctx, c, step)
+            finetune(ctx, c, step, stateful={"batches": batches})
         finally:
             for h in (hooks_s, hooks_t):
                 if h is not None:

@@ -25,7 +25,7 @@ from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.methods.real import calibrate, warn_short_official_calibration
-from zsqpipe.methods.zeroq import check_augment, shard_stream
+from zsqpipe.methods.zeroq import ShardStream, check_augment
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.finetune import finetune
@@ -102,8 +102,8 @@ class IntraQ(Method):
         if c.calibration == "generator":
             calibrate_with_generator(ctx, c)
         else:
-            calibrate(student, shard_stream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)
-        batches = shard_stream(ctx, c.batch_size, ctx.seed + 1, c.augment, c.aug_margin)
+            calibrate(student, ShardStream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)
+        batches = ShardStream(ctx, c.batch_size, ctx.seed + 1, c.augment, c.aug_margin)
 
         def step(_it: int) -> torch.Tensor:
             x, y = next(batches)
@@ -114,4 +114,4 @@ class IntraQ(Method):
                 s_logits, y
             )
 
-        finetune(ctx, c, step)
+        finetune(ctx, c, step, stateful={"batches": batches})

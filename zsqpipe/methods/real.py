@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zsqpipe.engine import infinite, kd_kl, make_optimizer, make_scheduler
+from zsqpipe.data.loaders import endless
+from zsqpipe.engine import kd_kl, make_optimizer, make_scheduler
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.quant import set_quant_state
@@ -94,7 +95,7 @@ class RealData(Method):
 
     def run(self, ctx: QuantContext) -> None:
         c = self.cfg
-        batches = infinite(ctx.train_loader_factory(c.batch_size, ctx.seed))
+        batches = endless(ctx.train_loader_factory(c.batch_size, ctx.seed))
         student, teacher = ctx.student, ctx.teacher
         student.eval()
         calibrate(student, batches, c.calib_batches, ctx.log)
@@ -106,7 +107,8 @@ class RealData(Method):
         sched = make_scheduler(opt, c.schedule, steps, milestones=c.milestones)
         talr = TALR(opt, student, steps, talr_cfg) if talr_cfg is not None else None
         grads = enable_grad_quant(student, c.grad_quant_config())
-        for epoch in range(c.epochs):
+        start = ctx.resumable(optimizer=opt, scheduler=sched, batches=batches, talr=talr, grad_quant=grads)
+        for epoch in range(start, c.epochs):
             total = 0.0
             for _ in range(c.iters_per_epoch):
                 x, y = next(batches)

@@ -298,7 +298,9 @@ class ZAQ(Method):
         rng = torch.Generator().manual_seed(ctx.seed)
         args = (generator, teacher, student, hooks_t, hooks_s)
         try:
-            for epoch in range(c.epochs):
+            start = ctx.resumable(generator=generator, generator_optimizer=opt_g, generator_scheduler=sched_g,
+                                  optimizer=opt_q, scheduler=sched_q, rng=rng)  # fmt: skip
+            for epoch in range(start, c.epochs):
                 self._track_ranges(student, minmax, minmax is not None or epoch < c.calib_epochs)
                 q_sum = g_sum = 0.0
                 for _ in range(c.iters_per_epoch):

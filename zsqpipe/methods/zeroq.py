@@ -16,8 +16,8 @@ tables, IntraQ issue #1; reference note §2.6):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.methods.real import calibrate
 from zsqpipe.zsq.augment import random_resized_crop_flip
-from zsqpipe.zsq.finetune import finetune, synthetic_batches
+from zsqpipe.zsq.finetune import SyntheticBatches, finetune
 
 AUGMENTS = ("rrc", "crop_flip", "none")
 
@@ -60,28 +60,45 @@ def check_augment(cfg, name: str) -> None:
         raise ConfigError(f"methods.{name}.aug_margin: expected a value in (0, 1], got {cfg.aug_margin}")
 
 
-def shard_stream(
-    ctx: QuantContext, batch_size: int, seed: int, augment: str = "none", aug_margin: float = 0.5
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+class ShardStream:
     """Endless (images, labels) batches of ``ctx.samples`` with the chosen augmentation.
 
-    ``synthetic_batches`` drops ragged batches, so the batch is capped at the largest shard (with a warning)
-    rather than waiting forever for a full one.
+    ``SyntheticBatches`` drops ragged batches, so the batch is capped at the largest shard (with a warning)
+    rather than waiting forever for a full one. ``state_dict()`` saves the exact position (resumable runs).
     """
-    if ctx.samples is None:
-        raise ConfigError("this method trains on synthetic shards, but the context has no samples")
-    largest = max(int(e["rows"]) for e in ctx.samples.manifest["shards"])
-    if batch_size > largest:
-        ctx.log(f"warning: batch {batch_size} > {largest} samples per shard; using batches of {largest}")
-        batch_size = largest
-    batches = synthetic_batches(ctx.samples, batch_size, seed, ctx.device, augment=augment == "crop_flip")
-    if augment != "rrc":
-        yield from batches
-        return
-    gen = torch.Generator().manual_seed(seed)
-    for x, y in batches:
-        x = random_resized_crop_flip(x, (aug_margin, 1.0), gen)
-        yield x.contiguous(memory_format=torch.channels_last), y
+
+    def __init__(
+        self, ctx: QuantContext, batch_size: int, seed: int, augment: str = "none", aug_margin: float = 0.5
+    ):
+        if ctx.samples is None:
+            raise ConfigError("this method trains on synthetic shards, but the context has no samples")
+        largest = max(int(e["rows"]) for e in ctx.samples.manifest["shards"])
+        if batch_size > largest:
+            ctx.log(f"warning: batch {batch_size} > {largest} samples per shard; using batches of {largest}")
+            batch_size = largest
+        self.batches = SyntheticBatches(
+            ctx.samples, batch_size, seed, ctx.device, augment=augment == "crop_flip"
+        )
+        self.rrc = augment == "rrc"
+        self.scale = (aug_margin, 1.0)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(self.batches)
+        if not self.rrc:
+            return x, y
+        x = random_resized_crop_flip(x, self.scale, self.gen)
+        return x.contiguous(memory_format=torch.channels_last), y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches.state_dict(), "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.gen.set_state(state["gen"])
 
 
 @register_method("zeroq")
@@ -95,11 +112,11 @@ class ZeroQ(Method):
         check_augment(c, "zeroq")
         student, teacher = ctx.student, ctx.teacher
         student.eval()
-        calibrate(student, shard_stream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)
+        calibrate(student, ShardStream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)
         if not c.finetune:
             ctx.end_epoch(0, {})
             return
-        batches = shard_stream(ctx, c.batch_size, ctx.seed + 1, c.augment, c.aug_margin)
+        batches = ShardStream(ctx, c.batch_size, ctx.seed + 1, c.augment, c.aug_margin)
 
         def step(_it: int) -> torch.Tensor:
             x, y = next(batches)
@@ -111,4 +128,4 @@ class ZeroQ(Method):
                 loss = loss + c.ce_weight * F.cross_entropy(s_logits, y)
             return loss
 
-        finetune(ctx, c, step)
+        finetune(ctx, c, step, stateful={"batches": batches})

@@ -22,9 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from zsqpipe.errors import ConfigError, DataError, IntegrityError
-from zsqpipe.nas.spaces.nb201 import NUM_ARCHS, Arch, arch_to_index, arch_to_str, index_to_arch, str_to_arch
+from zsqpipe.nas.spaces.nb201 import (
+    NUM_ARCHS,
+    Arch,
+    arch_to_index,
+    arch_to_str,
+    index_to_arch,
+    is_connected,
+    str_to_arch,
+)
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagenet16")
+# zsqpipe datasets (zsqpipe.data) whose NB201 ground truth is in the table: their table column prefix
+TABLE_OF_DATASET: dict[str, str] = {"cifar10": "cifar10", "cifar100": "cifar100"}
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "nasbench201.csv.gz"
 
 
@@ -137,3 +147,54 @@ def benchmark_optimum(dataset: str, path: str | os.PathLike | None = None) -> di
         "best_valid_acc": float(valid[i_valid]),
         "best_valid_test_acc": float(test[i_valid]),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Supernet ranking (Kendall-tau): the conventional cell subset and its ground truth
+
+
+def kendall_subset(path: str | os.PathLike | None = None) -> list[int]:
+    """Table indices of the 327 cells on which supernet ranking is conventionally measured (the
+    ``kendall_subset`` column; DYNAS' ``kendal_320_idx.pkl``), in index order."""
+    col = _read_columns(_path(path), ("kendall_subset",))["kendall_subset"]
+    return [int(i) for i in np.flatnonzero(col == 1)]
+
+
+SAMPLE_KEYS = ("num_archs", "sample_seed", "exclude_disconnected")  # config keys of kendall_sample
+
+
+def kendall_sample(
+    num_archs: int | None,
+    seed: int,
+    exclude_disconnected: bool = True,
+    path: str | os.PathLike | None = None,
+) -> list[int]:
+    """A fixed sample of the Kendall subset: ``num_archs`` cells drawn without replacement by
+    ``numpy.random.default_rng(seed)`` (in drawn order), or every cell in index order when ``num_archs`` is
+    None. ``exclude_disconnected`` first drops cells whose output is not connected to their input (their
+    networks are constant: 1 of the 327 cells, the all-``none`` one)."""
+    cells = kendall_subset(path)
+    if exclude_disconnected:
+        cells = [i for i in cells if is_connected(index_to_arch(i))]
+    if num_archs is None:
+        return cells
+    if not (isinstance(num_archs, int) and 2 <= num_archs <= len(cells)):
+        raise ConfigError(
+            f"supernet.groundtruth.num_archs: expected null or an integer in 2..{len(cells)} "
+            f"(cells of the Kendall subset), got {num_archs!r}"
+        )
+    rng = np.random.default_rng(seed)
+    return [int(cells[i]) for i in rng.choice(len(cells), size=num_archs, replace=False)]
+
+
+def table_ground_truth(archs: list[Arch | str | int], path: str | os.PathLike | None = None) -> list[dict]:
+    """Every NB201 dataset's 200-epoch validation and test accuracy (%) of each cell, for ranking
+    evaluation (reporting side, like :func:`test_accuracy`): ``[{"cifar10_valid": .., "cifar10_test": ..,
+    ...}]`` in the order of ``archs``."""
+    names = tuple(f"{d}_{s}" for d in DATASETS for s in ("valid", "test"))
+    cols = _read_columns(_path(path), names)
+    idx = [
+        int(a) if isinstance(a, int | np.integer) else arch_to_index(_as_arch(a))  # type: ignore[arg-type]
+        for a in archs
+    ]
+    return [{n: float(cols[n][i]) for n in names} for i in idx]

@@ -237,7 +237,9 @@ class SupernetConfig:
     = C(alpha) counted in the trained supernet (its C, N, input channels, classes); ``nb201`` = the official
     constants (C=16, N=5, 3 channels, 10 classes) whatever the supernet's size. epochs x iters = T, the
     schedule length (iters null = the loader's length per epoch; DYNAS: 391). lr, momentum, nesterov, wd,
-    grad_clip: SGD (0.025, 0.9, true, 5e-4, clip-norm 5). batch_size / eval_batch_size: 64 / 256. C, N:
+    grad_clip: SGD (0.025, 0.9, true, 5e-4, clip-norm 5). batch_size / eval_batch_size: 64 / 256.
+    augment: random crop + flip of the training batches (DYNAS: the CIFAR augmentation). eval_images: the
+    first N images of the validation split that score each subnet (null = all; DYNAS: the 25k valid half). C, N:
     supernet width and cells per stage (16, 5). split_edge: MS's split edge (null = drawn from the seed,
     once per run). bn_track_running_stats: false = DYNAS (BN without running statistics: batch statistics
     in training and evaluation, no recalibration); true = running statistics, recalibrated per subnet
@@ -259,6 +261,8 @@ class SupernetConfig:
     grad_clip: float | None = 5.0
     batch_size: int = 64
     eval_batch_size: int = 256
+    augment: bool = True
+    eval_images: int | None = None
     C: int = 16
     N: int = 5
     seed: int = 0
@@ -281,9 +285,10 @@ class SupernetConfig:
             v = getattr(self, key)
             if not (isinstance(v, int) and v >= 1):
                 raise ConfigError(f"{p}.{key}: expected an integer >= 1, got {v!r}")
-        it = self.iters
-        if it is not None and not (isinstance(it, int) and not isinstance(it, bool) and it >= 1):
-            raise ConfigError(f"{p}.iters: expected null or an integer >= 1, got {self.iters!r}")
+        for key in ("iters", "eval_images"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{p}.{key}: expected null or an integer >= 1, got {v!r}")
         if not self.lr > 0:
             raise ConfigError(f"{p}.lr: expected a positive number, got {self.lr!r}")
         if not 0.0 <= self.momentum < 1.0:
@@ -294,6 +299,8 @@ class SupernetConfig:
             v = getattr(self, key)
             if v is not None and not isinstance(v, bool):
                 raise ConfigError(f"{p}.{key}: expected null, true or false, got {v!r}")
+        if not isinstance(self.augment, bool):
+            raise ConfigError(f"{p}.augment: expected true or false, got {self.augment!r}")
         gc = self.grad_clip
         if gc is not None and not (isinstance(gc, int | float) and not isinstance(gc, bool) and gc > 0):
             raise ConfigError(f"{p}.grad_clip: expected null or a positive number, got {self.grad_clip!r}")

@@ -134,7 +134,6 @@ class TALR:
         cfg: TALRConfig | None = None,
     ):
         self.optimizer, self.cfg, self.total_steps = optimizer, cfg or TALRConfig(), int(total_steps)
-        self.groups = [g for g in optimizer.param_groups if _KEY in g]
         if not self.groups:
             raise ConfigError(
                 f"talr: the optimizer has no parameter group with {_KEY!r} (use talr_param_groups)"
@@ -150,6 +149,11 @@ class TALR:
         self._levels: list[list[torch.Tensor]] | None = None
         if self.cfg.freeze_weight_scales:
             freeze_weight_scales(model)
+
+    @property
+    def groups(self) -> list[dict]:
+        """The TALR parameter groups, looked up each time (``optimizer.load_state_dict`` replaces the dicts)."""
+        return [g for g in self.optimizer.param_groups if _KEY in g]
 
     def _r0(self, layers: list[tuple[str, nn.Module]]) -> float:
         if self.cfg.target_rate is not None:
@@ -181,13 +185,27 @@ class TALR:
         self._levels = new
         self.t += 1
         c = self.cfg
+        groups = self.groups
         for i, layers in enumerate(self.layers):
             self.k[i] = changed[i] / sum(m.weight.numel() for _, m in layers)
             self.K[i] = c.momentum * self.K[i] + (1 - c.momentum) * self.k[i]
             self.R[i] = c.target(self.R0[i], self.t, self.total_steps)
             self.U[i] = max(0.0, self.U[i] + self.eta[i] * (self.R[i] - self.K[i]))
-            self.groups[i]["lr"] = self.U[i]
+            groups[i]["lr"] = self.U[i]
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """k, K, R, U, the step count and the last integer levels (the wrapped optimizer saves its own)."""
+        return {"k": list(self.k), "K": list(self.K), "R": list(self.R), "U": list(self.U), "t": self.t,
+                "levels": self._levels}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["U"]) != len(self.groups):
+            raise ValueError(
+                f"TALR: state for {len(state['U'])} scopes, this optimizer has {len(self.groups)}"
+            )
+        self.k, self.K, self.R, self.U = (list(state[n]) for n in ("k", "K", "R", "U"))
+        self.t, self._levels = int(state["t"]), state["levels"]
 
     def stats(self) -> dict[str, dict[str, float]]:
         names = [g[_KEY][0] if len(g[_KEY]) == 1 else "global" for g in self.groups]

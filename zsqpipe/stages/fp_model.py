@@ -3,6 +3,9 @@
 A loaded checkpoint may be a zsqpipe checkpoint, a plain ``state_dict`` (e.g. pytorchcv's
 ``resnet20_cifar10-*.pth``) or a dict with a ``state_dict``/``model`` entry. Either way the model's test
 accuracy is measured and recorded.
+
+With ``resume_root`` set, training is checkpointed after every epoch outside the outputs (``zsqpipe.resume``)
+and a rerun after a kill continues from the last checkpoint, with the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.codehash import code_version
 from zsqpipe.config import FPConfig
 from zsqpipe.data import make_loader
+from zsqpipe.data.loaders import order_generator
 from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.io import save_checkpoint, sha256_file, write_json
 from zsqpipe.models import create_model
+from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
 from zsqpipe.stages.common import eval_loader
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.tracking import Tracker
@@ -45,9 +51,19 @@ def _load_external(model: nn.Module, path: Path) -> None:
         raise IntegrityError(f"{path}: does not match the architecture: {first}") from e
 
 
-def train_fp(model, data, cfg: FPConfig, device, tracker: Tracker, log=print) -> list[dict]:
+def train_fp(
+    model,
+    data,
+    cfg: FPConfig,
+    device,
+    tracker: Tracker,
+    log=print,
+    checkpoints: Checkpoints | None = None,
+    timer: Timer | None = None,
+) -> list[dict]:
     """Supervised training with a per-step LR schedule; validation accuracy after each epoch (the test set is
-    used once, on the final model)."""
+    used once, on the final model). ``checkpoints``: resume from / save epoch checkpoints; ``timer``: the
+    stage's clock (set forward by the restored epochs' time on resume)."""
     loader = make_loader(
         data.train,
         data.info,
@@ -67,8 +83,22 @@ def train_fp(model, data, cfg: FPConfig, device, tracker: Tracker, log=print) ->
     )
     sched = make_scheduler(opt, cfg.schedule, cfg.epochs * steps_per_epoch, cfg.warmup_frac, cfg.milestones)
     grads = enable_grad_quant(model, GradQuantConfig.from_dict(cfg.grad_quant or {}, "fp_model.grad_quant"))
-    history, timer = [], Timer()
-    for epoch in range(cfg.epochs):
+    history, timer = [], timer or Timer()
+
+    def restore(extra: dict) -> None:
+        history[:] = extra["history"]
+        timer.set(extra["time_s"])
+        for rec in history:  # this MLflow run gets the restored epochs too
+            tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=rec["epoch"])
+
+    start = 0
+    if checkpoints is not None:
+        checkpoints.get_extra = lambda: {"history": history, "time_s": timer()}
+        checkpoints.set_extra = restore
+        # each epoch starts a new pass of the loader: its generator is the whole data-order state
+        start = checkpoints.attach(model=model, optimizer=opt, scheduler=sched, grad_quant=grads,
+                                   data_order=order_generator(loader))  # fmt: skip
+    for epoch in range(start, cfg.epochs):
         model.train()
         total, steps = 0.0, 0
         for x, y in loader:
@@ -89,6 +119,8 @@ def train_fp(model, data, cfg: FPConfig, device, tracker: Tracker, log=print) ->
         history.append(rec)
         tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
         log(f"epoch {epoch}: loss {rec['train_loss']:.4f} val {v['top1']:.2f} ({rec['time_s']:.0f}s)")
+        if checkpoints is not None:
+            checkpoints.save(epoch)
     grads.remove()
     return history
 
@@ -103,10 +135,20 @@ def run_fp_model(
     threads: int | None = None,
     tracker: Tracker | None = None,
     log=print,
+    resume_root: Path | None = None,
 ) -> dict:
     tracker = tracker or Tracker()
     dev = resolve_device(device)
     setup_runtime(threads, cfg.seed, cfg.deterministic)
+    resume_key = {
+        "stage": "fp_model",
+        "arch": arch,
+        "fp": asdict(cfg),
+        "data_manifest_sha256": sha256_file(dataset_manifest),
+        "code": code_version("zsqpipe.stages.fp_model"),
+        **runtime_key(dev),
+    }
+    checkpoints = Checkpoints(ResumeState.for_job(resume_root, out_model, resume_key, log), log=log)
     data = load_prepared(dataset_manifest)
     info = data.info
     model = create_model(
@@ -124,7 +166,7 @@ def run_fp_model(
         model = model.to(dev)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        history = train_fp(model, data, cfg, dev, tracker, log)
+        history = train_fp(model, data, cfg, dev, tracker, log, checkpoints, timer)
     test = evaluate(model, eval_loader(data.test, info, cfg.eval_batch_size, dev, cfg.channels_last))
     if history:  # the model has not changed since the last epoch's validation
         val = {"top1": history[-1]["val_top1"]}
@@ -141,6 +183,7 @@ def run_fp_model(
         "wall_time_s": timer(),
         "history": history,
         "num_params": sum(p.numel() for p in model.parameters()),
+        "resumed_from_epoch": checkpoints.resumed_from,
     }
     ckpt = {
         "arch": arch,
@@ -157,6 +200,7 @@ def run_fp_model(
         metrics["checkpoint_sha256"] = sha256_file(cfg.checkpoint)
     save_checkpoint(out_model, ckpt)
     write_json(out_metrics, metrics)
+    checkpoints.clear()
     tracker.log_metrics(
         {
             "final_test_top1": test["top1"],

@@ -1,4 +1,5 @@
-"""Stage ``nas-table``: the NAS search table from ``search`` result files (never from MLflow).
+"""Stage ``nas-table``: the NAS search table from ``search`` result files (never from MLflow; one file per
+space x dataset x strategy, one record per seed).
 
 One row per space x dataset x strategy: mean ± sample std over seeds of the found cell's ground-truth test
 accuracy, mean validation accuracy, seeds, queries, the published number (``paper``) and the benchmark's own
@@ -32,13 +33,18 @@ NOTE = (
 
 
 def load_results(paths: list[Path]) -> pd.DataFrame:
+    """One row per search: every record (seed) of every ``search`` result file."""
     rows = []
     for p in paths:
-        r = read_json(p)
-        missing = [k for k in REQUIRED if k not in r]
-        if missing:
-            raise IntegrityError(f"{p}: search result lacks {missing}")
-        rows.append({k: r[k] for k in REQUIRED})
+        content = read_json(p)
+        records = content.get("records") if isinstance(content, dict) else None
+        if not isinstance(records, list) or not records:
+            raise IntegrityError(f"{p}: search result file without 'records'")
+        for r in records:
+            missing = [k for k in REQUIRED if k not in r]
+            if missing:
+                raise IntegrityError(f"{p}: search result of seed {r.get('seed')} lacks {missing}")
+            rows.append({k: r[k] for k in REQUIRED})
     if not rows:
         raise IntegrityError("nas-table: no search result files given")
     df = pd.DataFrame(rows)

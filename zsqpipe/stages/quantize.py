@@ -3,6 +3,10 @@
 Writes the final quantized model (``model.pt``) and the per-epoch history (``history.json``: validation and
 test top-1 after every epoch, so ``evaluate`` can report last-epoch, best-epoch (test-selected, as the papers
 do) and validation-selected accuracy).
+
+With ``resume_root`` set, the method's epoch loop is checkpointed after every epoch outside the outputs
+(``zsqpipe.resume``) and a rerun after a kill continues from the last checkpoint, with the same result as an
+uninterrupted run; the checkpoints are removed once the outputs are written.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from zsqpipe.codehash import code_version
 from zsqpipe.data import make_loader
 from zsqpipe.data.shards import ShardSet
 from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
@@ -20,6 +25,7 @@ from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import save_checkpoint, sha256_file, write_json
 from zsqpipe.methods import QuantContext, get_method
 from zsqpipe.quant import QuantConfig, quantize_model
+from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
 from zsqpipe.stages.common import combine, eval_loader, split_test
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.model_io import model_from_checkpoint
@@ -42,6 +48,7 @@ def run_quantize(
     tracker: Tracker | None = None,
     log=print,
     samples: Path | None = None,
+    resume_root: Path | None = None,
 ) -> dict:
     tracker = tracker or Tracker()
     method_obj = get_method(method)(method_cfg)
@@ -56,6 +63,19 @@ def run_quantize(
             raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
     dev = resolve_device(device)
     setup_runtime(threads, seed)
+    fp_sha256 = sha256_file(fp_checkpoint)
+    resume_key = {
+        "stage": "quantize",
+        "method": method,
+        "method_cfg": method_obj.config_dict(),
+        "quant": quant_cfg.to_dict(),
+        "seed": seed,
+        "fp_checkpoint_sha256": fp_sha256,
+        "data_manifest_sha256": sha256_file(dataset_manifest),
+        "samples_manifest_sha256": sha256_file(shard_set.manifest_path) if shard_set is not None else None,
+        "code": code_version("zsqpipe.stages.quantize", f"zsqpipe.methods.{method}"),
+        **runtime_key(dev),
+    }
     data = load_prepared(dataset_manifest)
     info = data.info
     teacher, fp_ckpt = model_from_checkpoint(fp_checkpoint, dev)
@@ -72,7 +92,7 @@ def run_quantize(
             "seed": seed,
             "quant": quant_cfg.to_dict(),
             "method_cfg": method_obj.config_dict(),
-            "fp_checkpoint_sha256": sha256_file(fp_checkpoint),
+            "fp_checkpoint_sha256": fp_sha256,
         }
     )
 
@@ -96,7 +116,21 @@ def run_quantize(
         history.append(rec)
         tracker.log_metrics({k: x for k, x in rec.items() if k != "epoch"}, step=epoch)
         log(f"epoch {epoch}: val {v['top1']:.2f} test {t['top1']:.2f} ({rec['time_s']:.0f}s)")
+        checkpoints.save(epoch)
         return rec
+
+    def restore(extra: dict) -> None:
+        history[:] = extra["history"]
+        timer.set(extra["time_s"])
+        for rec in history:  # this MLflow run gets the restored epochs too
+            tracker.log_metrics({k: x for k, x in rec.items() if k != "epoch"}, step=rec["epoch"])
+
+    checkpoints = Checkpoints(
+        ResumeState.for_job(resume_root, out_model, resume_key, log),
+        get_extra=lambda: {"history": history, "time_s": timer()},
+        set_extra=restore,
+        log=log,
+    )
 
     def train_loader_factory(batch_size: int, loader_seed: int, augment: bool = True):
         return make_loader(
@@ -121,6 +155,7 @@ def run_quantize(
         end_epoch=end_epoch,
         log=log,
         samples=shard_set,
+        resume=checkpoints,
     )
     method_obj.run(ctx)
     if not history:
@@ -149,9 +184,11 @@ def run_quantize(
         "history": history,
         "wall_time_s": timer(),
         "fp_test_top1": fp_ckpt.get("test_top1"),
+        "resumed_from_epoch": checkpoints.resumed_from,
     }
     save_checkpoint(out_model, ckpt)
     write_json(out_history, result)
+    checkpoints.clear()
     tracker.log_metrics({"wall_time_s": result["wall_time_s"]})
     tracker.log_artifact(out_history)
     tracker.log_artifact(out_model, "checkpoint")

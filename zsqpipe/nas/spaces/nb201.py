@@ -68,3 +68,14 @@ def index_to_arch(index: int) -> Arch:
         index, d = divmod(int(index), len(OPS))
         digits.append(OPS[d])
     return tuple(reversed(digits))
+
+
+def is_connected(ops: Arch) -> bool:
+    """True when the cell output (node 3) is reachable from its input (node 0) through edges that are not
+    ``none``; a disconnected cell outputs zeros, so its network predicts from the classifier bias alone."""
+    ops = validate_arch(ops)
+    reach = {0}
+    for e, (dst, src) in enumerate(EDGES):  # EDGES is ordered by destination node
+        if ops[e] != "none" and src in reach:
+            reach.add(dst)
+    return 3 in reach

@@ -1,0 +1,314 @@
+"""Supernet stages: groundtruth (stand-alone training in chunks / NB201 table), supernet-train, supernet-table,
+their CLI, config errors and the workflow (tiny settings on the 240-image Fashion-MNIST fixture)."""
+
+import json
+from dataclasses import asdict
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from workflow_helpers import planned_jobs, snakemake, write_config
+
+from zsqpipe.cli import cli
+from zsqpipe.config import DataConfig, validate_config
+from zsqpipe.errors import ConfigError, IntegrityError
+from zsqpipe.io import load_checkpoint, read_json
+from zsqpipe.nas.benchmark import TABLE_OF_DATASET, kendall_sample, kendall_subset, table_ground_truth
+from zsqpipe.nas.calr import SupernetConfig
+from zsqpipe.nas.spaces.nb201 import index_to_arch, is_connected
+from zsqpipe.nas.supernet201 import NB201Supernet
+from zsqpipe.stages.data import prepare_data
+from zsqpipe.stages.groundtruth import GroundTruthConfig, num_chunks, run_groundtruth, standalone_network
+from zsqpipe.stages.groundtruth_io import load_groundtruth
+from zsqpipe.stages.supernet_table import run_supernet_table
+from zsqpipe.stages.supernet_train import run_supernet_train
+
+GT = {"num_archs": 3, "exclude_disconnected": True, "chunk_size": 2, "epochs": 1, "iters": 8, "batch_size": 32,
+      "augment": False, "val_images": 40, "test_images": 120, "eval_batch_size": 64, "C": 4, "N": 1}  # fmt: skip
+SN = {"epochs": 2, "iters": 10, "lr": 0.1, "batch_size": 32, "augment": False, "eval_images": 32, "eval_batch_size": 16,
+      "C": 4, "N": 1}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The fixture dataset's manifest and its ground truth (3 cells in 2 chunks)."""
+    from conftest import make_fashion_fixture
+
+    import zsqpipe.data.datasets as ds
+
+    tmp = tmp_path_factory.mktemp("supernet")
+    saved = ds.DEBIAN_FASHION_MNIST
+    ds.DEBIAN_FASHION_MNIST = tmp / "no-debian"
+    try:
+        root = make_fashion_fixture(tmp / "fmnist")
+        manifest = tmp / "manifest.json"
+        prepare_data("fashion_mnist", DataConfig(data_dir=str(root), val_size=40), manifest)
+        cfg = GroundTruthConfig.from_dict(GT)
+        chunks = [tmp / f"chunk{k}.json" for k in range(2)]
+        out = [run_groundtruth("fashion_mnist", k, cfg, chunks[k], manifest, "cpu", 1, log=lambda m: None)
+               for k in range(2)]  # fmt: skip
+        yield {"tmp": tmp, "manifest": manifest, "cfg": cfg, "chunks": chunks, "out": out}
+    finally:
+        ds.DEBIAN_FASHION_MNIST = saved
+
+
+# ---- sample ---------------------------------------------------------------------------------------------
+
+
+def test_kendall_sample_is_fixed_and_connected():
+    subset = kendall_subset()
+    assert len(subset) == 327 and subset[0] == 0  # the all-none cell is part of it
+    assert not is_connected(("none",) * 6) and is_connected(("skip_connect",) * 6)
+    assert is_connected(("skip_connect", "none", "none", "none", "skip_connect", "none"))  # 0 -> 1 -> 3
+    assert not is_connected(
+        ("skip_connect", "none", "none", "none", "none", "skip_connect")
+    )  # 2 is unreachable
+    assert is_connected(("none", "none", "none", "avg_pool_3x3", "none", "none"))
+    a = kendall_sample(30, 0)
+    assert a == kendall_sample(30, 0) and a != kendall_sample(30, 1) and len(set(a)) == 30
+    assert set(a) <= set(subset) and all(is_connected(index_to_arch(i)) for i in a)
+    assert kendall_sample(None, 0, exclude_disconnected=False) == subset
+    assert len(kendall_sample(None, 0)) == 326  # only the all-none cell is cut off
+    with pytest.raises(ConfigError, match="supernet.groundtruth.num_archs") as e:
+        kendall_sample(327, 0)
+    assert "\n" not in str(e.value)
+
+
+# ---- groundtruth ----------------------------------------------------------------------------------------
+
+
+def test_groundtruth_trains_the_sample_in_chunks(tiny):
+    cells = kendall_sample(3, 0)
+    first, second = tiny["out"]
+    assert [r["index"] for r in first["records"] + second["records"]] == cells
+    assert first["positions"] == [0, 2] and second["positions"] == [2, 3] and first["n_chunks"] == 2
+    assert first["source"] == "trained" and first["config"]["C"] == 4
+    for r in first["records"]:
+        assert 0 <= r["test_acc"] <= 100 and 0 <= r["valid_acc"] <= 100 and len(r["runs"]) == 1
+        assert r["runs"][0]["steps"] == 8
+    joined = load_groundtruth(tiny["chunks"][::-1])  # any order: sample order comes back
+    assert [r["index"] for r in joined["records"]] == cells and joined["source"] == "trained"
+    # deterministic on CPU: chunk 1 again gives the same accuracies
+    again = run_groundtruth("fashion_mnist", 1, tiny["cfg"], tiny["tmp"] / "again.json", tiny["manifest"], "cpu", 1,
+                            log=lambda m: None)  # fmt: skip
+    assert [(r["valid_acc"], r["test_acc"]) for r in again["records"]] == [
+        (r["valid_acc"], r["test_acc"]) for r in second["records"]
+    ]
+    # incomplete / mixed chunks and bad chunk numbers are one-line errors
+    with pytest.raises(IntegrityError, match="chunks \\[0\\] given") as e:
+        load_groundtruth(tiny["chunks"][:1])
+    assert "\n" not in str(e.value)
+    other = run_groundtruth(
+        "cifar10", 0, GroundTruthConfig(num_archs=3, sample_seed=5), tiny["tmp"] / "o.json"
+    )
+    assert other["source"] == "nasbench201"
+    with pytest.raises(IntegrityError, match="differs from"):
+        load_groundtruth([tiny["chunks"][0], tiny["tmp"] / "o.json"])
+    with pytest.raises(ConfigError, match="--chunk: 2 is out of range") as e:
+        run_groundtruth("fashion_mnist", 2, tiny["cfg"], tiny["tmp"] / "x.json", tiny["manifest"], "cpu")
+    with pytest.raises(ConfigError, match="--data is required"):
+        run_groundtruth("fashion_mnist", 0, tiny["cfg"], tiny["tmp"] / "x.json")
+    assert not (tiny["tmp"] / "x.json").exists()
+
+
+def test_standalone_network_is_the_supernet_skeleton():
+    arch = index_to_arch(11663)
+    net = standalone_network(arch, 4, 1, 1, 10)
+    assert isinstance(net, NB201Supernet) and net.arch == arch and net.track_running_stats
+    assert net.stem[1].affine and net.stem[1].track_running_stats  # NB201 stand-alone BN
+    sn = NB201Supernet(4, 1, 1, 10)  # same modules; only BN gains affine parameters
+    assert {n for n, _ in sn.named_parameters()} < {n for n, _ in net.named_parameters()}
+
+
+def test_groundtruth_from_the_nb201_table(tmp_path):
+    cfg = GroundTruthConfig(num_archs=4, sample_seed=1, chunk_size=2)
+    assert num_chunks("cifar10", cfg) == 1 and num_chunks("fashion_mnist", cfg) == 2
+    out = run_groundtruth("cifar100", 0, cfg, tmp_path / "gt.json")  # no data: a table look-up
+    cells = kendall_sample(4, 1, False)
+    truth = table_ground_truth(cells)
+    assert out["source"] == "nasbench201" and out["table"] == "cifar100"
+    assert [r["index"] for r in out["records"]] == cells
+    assert [r["test_acc"] for r in out["records"]] == [t["cifar100_test"] for t in truth]
+    assert out["records"][0]["nb201"]["imagenet16_valid"] == truth[0]["imagenet16_valid"]
+    with pytest.raises(ConfigError, match="one chunk"):
+        run_groundtruth("cifar100", 1, cfg, tmp_path / "x.json")
+
+
+# ---- supernet-train -------------------------------------------------------------------------------------
+
+
+def train(tiny, method, seed=0, gt=None, tag="a", **kw):
+    cfg = SupernetConfig.from_dict({**SN, **kw, "method": method, "seed": seed})
+    d = tiny["tmp"] / f"{method}-{seed}-{tag}"
+    m = run_supernet_train(tiny["manifest"], gt or tiny["chunks"], cfg, d / "supernet.pt", d / "history.json",
+                           d / "metrics.json", "cpu", 1, log=lambda m: None)  # fmt: skip
+    return m, d
+
+
+def test_supernet_train_ranks_the_ground_truth(tiny):
+    m, d = train(tiny, "spos_calr_ms")
+    gt = load_groundtruth(tiny["chunks"])["records"]
+    assert read_json(d / "metrics.json") == json.loads(json.dumps(m))
+    assert m["n_archs"] == 3 and m["method"] == "spos_calr_ms" and m["split_edge"] in range(6)
+    assert list(m["truths"]) == ["fashion_mnist"] and m["groundtruth"]["source"] == "trained"
+    assert -1 <= m["tau"] <= 1 and m["eval_images"] == 32
+    est = [s["supernet_valid_acc"] for s in m["subnets"]]
+    best = est.index(max(est))
+    assert m["top1"] == gt[best]["test_acc"] == m["subnets"][best]["gt_test_acc"]
+    assert m["truths"]["fashion_mnist"]["sample_best_test"] == max(r["test_acc"] for r in gt)
+    hist = read_json(d / "history.json")["history"]
+    assert len(hist) == 2 and set(hist[0]["group_steps"]) == {"none", "skip_connect", "nor_conv_1x1",
+                                                             "nor_conv_3x3", "avg_pool_3x3"}  # fmt: skip
+    ckpt = load_checkpoint(d / "supernet.pt")
+    model = NB201Supernet(4, 1, 1, 10)
+    model.load_state_dict(ckpt["state_dict"])
+    assert ckpt["config"]["method"] == "spos_calr_ms" and ckpt["split_edge"] == m["split_edge"]
+    # same seed, same result (CPU); the baseline uses one optimizer group
+    again, _ = train(tiny, "spos_calr_ms", tag="again")
+    assert again["subnets"] == m["subnets"] and again["tau"] == m["tau"]
+    base, d = train(tiny, "spos")
+    assert list(read_json(d / "history.json")["history"][0]["group_steps"]) == ["shared"]
+    # C/N must match the ground truth's skeleton
+    with pytest.raises(ConfigError, match="C=4, N=1") as e:
+        train(tiny, "spos", N=2)
+    assert "\n" not in str(e.value)
+
+
+def test_supernet_train_against_every_nb201_truth(tiny, monkeypatch):
+    """A dataset with NB201 ground truth is ranked against all three NB201 datasets (DYNAS' table); the fixture
+    dataset stands in for CIFAR-10 here."""
+    monkeypatch.setitem(TABLE_OF_DATASET, "fashion_mnist", "cifar10")
+    gt = tiny["tmp"] / "table-gt.json"
+    run_groundtruth("fashion_mnist", 0, GroundTruthConfig(num_archs=4), gt, log=lambda m: None)
+    m, d = train(tiny, "spos", gt=[gt], tag="table")
+    assert (
+        list(m["truths"]) == ["cifar10", "cifar100", "imagenet16"] and m["groundtruth"]["truth"] == "cifar10"
+    )
+    assert m["tau"] == m["truths"]["cifar10"]["tau"]
+    t = run_supernet_table([d / "metrics.json"], gt.with_suffix(".csv"), gt.with_suffix(".md"))
+    assert list(t["truth"]) == ["cifar10", "cifar100", "imagenet16"]
+    assert (t["truth_source"] == "nasbench201").all() and t["paper_tau"].eq("").all()
+
+
+# ---- supernet-table -------------------------------------------------------------------------------------
+
+
+def fake_metrics(path, method, seed, tau, top1):
+    m = {"dataset": "fashion_mnist", "method": method, "seed": seed, "n_archs": 30, "train_time_s": 60.0,
+         "wall_time_s": 90.0, "groundtruth": {"source": "trained", "truth": "fashion_mnist", "wall_time_s": 600.0},
+         "truths": {"fashion_mnist": {"tau": tau, "tau_valid": tau - 0.1, "top1": top1,
+                                      "sample_best_test": 90.0}}}  # fmt: skip
+    path.write_text(json.dumps(m))
+    return path
+
+
+def test_supernet_table_rows(tmp_path):
+    paths = [fake_metrics(tmp_path / f"{m}{s}.json", m, s, tau, top)
+             for m, s, tau, top in [("spos_calr_ms", 0, 0.6, 89.0), ("spos", 0, 0.4, 88.0), ("spos", 1, 0.5, 87.0)]]  # fmt: skip
+    paper = {"spos": {"fashion_mnist": {"tau": {"mean": 0.7, "std": 0.01}}}}
+    t = run_supernet_table(paths, tmp_path / "t.csv", tmp_path / "t.md", "T", paper)
+    assert list(t["method"]) == ["spos", "spos_calr_ms"] and list(t["n_seeds"]) == [2, 1]
+    assert t["tau_mean"][0] == pytest.approx(0.45) and t["tau_std"][0] == pytest.approx(0.0707, abs=1e-4)
+    assert t["top1_mean"][0] == pytest.approx(87.5) and pd.isna(t["tau_std"][1])
+    assert list(t["paper_tau"]) == ["0.700 ± 0.010", ""] and list(t["label"]) == ["SPOS", "SPOS+CaLR+MS"]
+    md = (tmp_path / "t.md").read_text()
+    assert "0.450 ± 0.071" in md and "fashion_mnist (ours)" in md and "10.0 min of job time" in md
+    assert pd.read_csv(tmp_path / "t.csv")["seeds"].tolist() == ["0 1", "0"]
+    with pytest.raises(IntegrityError, match="duplicate"):
+        run_supernet_table(paths + paths[:1], tmp_path / "x.csv", tmp_path / "x.md")
+
+
+# ---- CLI and config ------------------------------------------------------------------------------------
+
+
+def test_cli_help_and_one_line_errors(tiny):
+    runner = CliRunner()
+    for cmd in ("groundtruth", "supernet-train", "supernet-table"):
+        r = runner.invoke(cli, [cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output, cmd
+    out = tiny["tmp"] / "cli-gt.json"
+    r = runner.invoke(
+        cli, ["groundtruth", "--dataset", "cifar10", "--params", '{"num_archs": 3}', "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert len(read_json(out)["records"]) == 3
+    bad = [
+        (["groundtruth", "--dataset", "cifar10", "--params", '{"num_arch": 3}', "--out", str(out)],
+         "supernet.groundtruth.num_arch: unknown key"),
+        (["groundtruth", "--dataset", "cifar10", "--params", '{"seeds": []}', "--out", str(out)],
+         "supernet.groundtruth.seeds"),
+        (["supernet-train", *map(str, tiny["chunks"]), "--data", str(tiny["manifest"]), "--method", "darts",
+          "--out-model", "m.pt", "--out-history", "h.json", "--out-metrics", "x.json"], "supernet.train.method"),
+        (["supernet-train", *map(str, tiny["chunks"]), "--data", str(tiny["manifest"]), "--method", "spos",
+          "--params", '{"seed": 1}', "--out-model", "m.pt", "--out-history", "h.json", "--out-metrics", "x.json"],
+         "'seed' is given by --seed"),
+    ]  # fmt: skip
+    for args, needle in bad:
+        r = runner.invoke(cli, args)
+        lines = [ln for ln in r.output.splitlines() if "error" in ln]
+        assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], (needle, r.output)
+
+
+@pytest.mark.parametrize(
+    "supernet, key",
+    [
+        ({"methods": ["fairnas"]}, "supernet.methods.0"),
+        ({"datasets": ["imagenet"]}, "supernet.datasets.0"),
+        ({"train": {"C": 0}}, "supernet.train.C"),
+        ({"train": {"method": "spos"}}, "supernet.train.method"),
+        ({"train": {"split_edge": 6}}, "supernet.train.split_edge"),
+        ({"groundtruth": {"num_archs": 1}}, "supernet.groundtruth.num_archs"),
+        ({"groundtruth": {"C": 8}}, "supernet.groundtruth.C"),
+        ({"paper": {"spos": {"cifar10": {"kendall": 0.7}}}}, "supernet.paper.spos.cifar10.kendall"),
+    ],
+)
+def test_config_errors_are_one_line(supernet, key):
+    with pytest.raises(ConfigError) as e:
+        validate_config({"supernet": supernet})
+    assert "\n" not in str(e.value) and f"'{key}'" in str(e.value)
+
+
+def test_schema_defaults_match_the_stage_configs():
+    cfg = validate_config({})["supernet"]
+    train = asdict(SupernetConfig())
+    assert cfg["train"] == {k: v for k, v in train.items() if k not in ("method", "seed")}
+    gt = asdict(GroundTruthConfig())
+    assert cfg["groundtruth"] == {k: v for k, v in gt.items() if k not in ("C", "N")}
+    assert (
+        cfg["methods"] == ["spos", "spos_calr_ms"]
+        and cfg["paper"]["spos_calr_ms"]["cifar10"]["tau"]["mean"] == 0.814
+    )
+
+
+# ---- workflow -------------------------------------------------------------------------------------------
+
+
+def test_workflow_builds_supernet_table(tmp_path):
+    """config/smoke.yaml's supernet section through snakemake (Fashion-MNIST; 3 cells in 2 ground-truth jobs;
+    SPOS and SPOS+CaLR+MS, one seed; a few steps each), MLflow off."""
+    cfg = write_config(tmp_path / "smoke.yaml", tracking=False)
+    snakemake(tmp_path, cfg, "--cores", "2", "results/tables/supernet.csv")
+    t = pd.read_csv(tmp_path / "results/tables/supernet.csv")
+    assert list(t["method"]) == ["spos", "spos_calr_ms"] and (t["n_archs"] == 3).all()
+    assert (t["truth"] == "fashion_mnist").all() and (t["n_seeds"] == 1).all() and t["tau_mean"].notna().all()
+    m = read_json(tmp_path / "results/nas/supernet/fashion_mnist/spos_calr_ms/seed0/metrics.json")
+    assert m["config"]["C"] == 4 and m["config"]["iters"] == 10 and m["eval_images"] == 100
+    gt = read_json(tmp_path / "results/nas/groundtruth/fashion_mnist/chunk1.json")
+    assert gt["config"]["C"] == 4 and gt["config"]["iters"] == 8 and len(gt["records"]) == 1
+    for rel in ("logs/groundtruth/fashion_mnist/chunk0.log", "benchmarks/groundtruth/fashion_mnist/chunk1.tsv",
+                "logs/supernet_train/fashion_mnist/spos/seed0.log", "benchmarks/supernet_table.tsv",
+                "nas/supernet/fashion_mnist/spos/seed0/supernet.pt"):  # fmt: skip
+        assert (tmp_path / "results" / rel).is_file(), rel
+    # a supernet setting reruns the supernets and the table, not the ground truth
+    cfg2 = write_config(tmp_path / "lr.yaml", tracking=False, supernet__train__lr=0.05)
+    jobs = sorted(j[0] for j in planned_jobs(tmp_path, cfg2, "results/tables/supernet.csv"))
+    assert jobs == ["supernet_table", "supernet_train", "supernet_train"]

@@ -1,0 +1,99 @@
+# NB201 weight-sharing supernet (issue 4 item 3; docs/methods/supernet.md): ground truth of a fixed sample of
+# Kendall-subset cells (trained stand-alone in chunks, or read from the NAS-Bench-201 table for CIFAR), one
+# supernet per dataset x method x seed ranked against it, then results/tables/supernet.csv.
+# Helpers (params, inputs, paths): workflow/rules/common.smk.
+
+
+rule groundtruth:
+    input:
+        tracking=ancient(TRACKING),
+        data=groundtruth_data_input,
+    output:
+        GT_RESULT,
+    wildcard_constraints:
+        dataset="fashion_mnist|cifar10|cifar100",
+        chunk=r"\d+",
+    params:
+        cfg=groundtruth_params,
+        data=groundtruth_data_flag,
+        device=groundtruth_device,
+        benchmark=NAS_BENCHMARK_SHA,
+        code=code_version("zsqpipe.stages.groundtruth"),
+    log:
+        f"{LOGS}/groundtruth/{{dataset}}/chunk{{chunk}}.log",
+    benchmark:
+        f"{BENCH}/groundtruth/{{dataset}}/chunk{{chunk}}.tsv"
+    threads: 1  # small networks: two single-thread jobs use 2 cores better than one 2-thread job
+    resources:
+        mem_mb=4000,
+        runtime=240,
+        gpu=groundtruth_gpus,
+    conda:
+        "../envs/zsqpipe.yaml"
+    shell:
+        "python3 -m zsqpipe groundtruth --dataset {wildcards.dataset} --chunk {wildcards.chunk} {params.data}"
+        " --params {params.cfg:q} --out {output} --device {params.device} --threads {threads}"
+        " --tracking {input.tracking} --rule groundtruth --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"
+
+
+rule supernet_train:
+    input:
+        data=f"{RESULTS}/data/{{dataset}}/manifest.json",
+        tracking=ancient(TRACKING),
+        groundtruth=groundtruth_files,
+    output:
+        model=f"{SUPERNET_DIR}/supernet.pt",
+        history=f"{SUPERNET_DIR}/history.json",
+        metrics=f"{SUPERNET_DIR}/metrics.json",
+    wildcard_constraints:
+        dataset="fashion_mnist|cifar10|cifar100",
+        method="spos|spos_calr_ms",
+        seed=r"\d+",
+    params:
+        cfg=supernet_params,
+        device=config["device"],
+        code=code_version("zsqpipe.stages.supernet_train"),
+    log:
+        f"{LOGS}/supernet_train/{{dataset}}/{{method}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/supernet_train/{{dataset}}/{{method}}/seed{{seed}}.tsv"
+    threads: 1  # as groundtruth; GPU jobs are serialised by the `gpu` resource
+    resources:
+        mem_mb=8000,
+        runtime=720,  # paper budget (250 epochs, C=16, N=5): DYNAS reports 2.7 GPU-hours on an RTX 2080 Ti
+        gpu=gpus,
+    conda:
+        "../envs/zsqpipe.yaml"
+    shell:
+        "python3 -m zsqpipe supernet-train {input.groundtruth} --data {input.data} --method {wildcards.method}"
+        " --seed {wildcards.seed} --params {params.cfg:q} --out-model {output.model}"
+        " --out-history {output.history} --out-metrics {output.metrics} --device {params.device}"
+        " --threads {threads} --tracking {input.tracking} --rule supernet_train --wildcards '{wildcards}'"
+        " --log-file {log} > {log} 2>&1"
+
+
+rule supernet_table:
+    input:
+        metrics=supernet_metrics,
+        tracking=ancient(TRACKING),
+    output:
+        csv=f"{RESULTS}/tables/supernet.csv",
+        md=f"{RESULTS}/tables/supernet.md",
+    params:
+        title=SUPERNET["title"],
+        paper=canonical_json(SUPERNET["paper"]),
+        code=code_version("zsqpipe.stages.supernet_table"),
+    log:
+        f"{LOGS}/supernet_table.log",
+    benchmark:
+        f"{BENCH}/supernet_table.tsv"
+    localrule: True
+    conda:
+        "../envs/zsqpipe.yaml"
+    shell:
+        "python3 -m zsqpipe supernet-table {input.metrics} --out-csv {output.csv} --out-md {output.md}"
+        " --title {params.title:q} --paper {params.paper:q} --tracking {input.tracking}"
+        " --rule supernet_table --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"
+
+
+ruleorder: supernet_table > aggregate  # a config table named "supernet" would also match aggregate's output

@@ -1,0 +1,284 @@
+"""Stage ``groundtruth``: ground-truth accuracies of a fixed sample of NB201 cells, for supernet ranking.
+
+The sample (:func:`zsqpipe.nas.benchmark.kendall_sample`) is ``num_archs`` cells of the conventional 327-cell
+Kendall subset, drawn with ``sample_seed`` (disconnected cells excluded by default). One job handles one chunk
+of ``chunk_size`` cells (chunk k = sample positions k*chunk_size ..), so chunks run in parallel and rerun
+separately.
+
+- Datasets with NAS-Bench-201 ground truth in the shipped table (``cifar10``, ``cifar100``): nothing is
+  trained; one chunk (0) holds the table's 200-epoch validation and test accuracy of every sampled cell, for
+  all three NB201 datasets (DYNAS measures tau against each).
+- Other datasets (the embedded default, Fashion-MNIST): each cell is trained stand-alone in the supernet's own
+  macro skeleton (:class:`~zsqpipe.nas.supernet201.NB201Supernet` with the cell fixed, same C and N), with
+  NB201's stand-alone recipe at a small budget (SGD + Nesterov, cosine LR per step, BN with affine
+  parameters and running statistics), then tested on the validation split and the test set; with several
+  ``seeds`` the accuracies are averaged (NB201 averages its seeds too).
+
+docs/methods/supernet.md describes the protocol and why it deviates from DYNAS on Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from zsqpipe.config import from_dict
+from zsqpipe.data import make_loader
+from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
+from zsqpipe.errors import ConfigError
+from zsqpipe.io import sha256_file, write_json
+from zsqpipe.nas.benchmark import (
+    DEFAULT_PATH,
+    SAMPLE_KEYS,
+    TABLE_OF_DATASET,
+    kendall_sample,
+    table_ground_truth,
+)
+from zsqpipe.nas.calr import subnet_complexity
+from zsqpipe.nas.spaces.nb201 import arch_to_str, index_to_arch
+from zsqpipe.nas.supernet201 import NB201Supernet
+from zsqpipe.stages.data import load_prepared
+from zsqpipe.stages.groundtruth_io import first_images
+from zsqpipe.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    """Sample and stand-alone training recipe (defaults: the DYNAS sample = all 327 Kendall cells, and
+    NB201's 200-epoch recipe; config.yaml sets the CPU budget).
+
+    num_archs: cells drawn from the Kendall subset (null = all). sample_seed: the draw's seed.
+    exclude_disconnected: drop cells whose output is cut off from their input. chunk_size: cells per job.
+    epochs x iters: stand-alone training steps (iters null = a full pass over the training split per epoch).
+    batch_size, lr, momentum, nesterov, wd: SGD (NB201: 256, 0.1, 0.9, true, 5e-4), cosine to 0 per step.
+    augment: random crop + flip. seeds: one training run per seed, accuracies averaged. val_images /
+    test_images: the first N images of the validation split / test set (null = all). eval_batch_size:
+    evaluation batches (BN uses running statistics). C, N: the supernet's width and cells per stage (the
+    workflow passes supernet.train.C/N: same skeleton)."""
+
+    num_archs: int | None = None
+    sample_seed: int = 0
+    exclude_disconnected: bool = False
+    chunk_size: int = 10
+    epochs: int = 200
+    iters: int | None = None
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    wd: float = 5e-4
+    augment: bool = True
+    seeds: list[int] = field(default_factory=lambda: [0])
+    val_images: int | None = None
+    test_images: int | None = None
+    eval_batch_size: int = 1000
+    C: int = 16
+    N: int = 5
+
+    def __post_init__(self):
+        p = "supernet.groundtruth"
+        for key in ("chunk_size", "epochs", "batch_size", "eval_batch_size", "C", "N"):
+            v = getattr(self, key)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{p}.{key}: expected an integer >= 1, got {v!r}")
+        for key in ("iters", "val_images", "test_images"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{p}.{key}: expected null or an integer >= 1, got {v!r}")
+        n = self.num_archs
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 2):
+            raise ConfigError(f"{p}.num_archs: expected null or an integer >= 2, got {n!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"{p}.lr: expected a positive number, got {self.lr!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{p}.momentum: expected a number in [0, 1), got {self.momentum!r}")
+        if not self.wd >= 0:
+            raise ConfigError(f"{p}.wd: expected a number >= 0, got {self.wd!r}")
+        seeds = self.seeds
+        if not (
+            isinstance(seeds, list)
+            and seeds
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+            and len(set(seeds)) == len(seeds)
+        ):
+            raise ConfigError(
+                f"{p}.seeds: expected a non-empty list of distinct integers >= 0, got {seeds!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def sample_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SAMPLE_KEYS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> GroundTruthConfig:
+        return from_dict(cls, d, "supernet.groundtruth")
+
+
+def sample_cells(cfg: GroundTruthConfig, benchmark_path: Path | None = None) -> list[int]:
+    """The configured sample (table indices, in sample order)."""
+    return kendall_sample(cfg.num_archs, cfg.sample_seed, cfg.exclude_disconnected, benchmark_path)
+
+
+def num_chunks(dataset: str, cfg: GroundTruthConfig, benchmark_path: Path | None = None) -> int:
+    """Jobs of the ground truth of ``dataset``: 1 for a table dataset, else ceil(sample size / chunk_size)."""
+    if dataset in TABLE_OF_DATASET:
+        return 1
+    return -(-len(sample_cells(cfg, benchmark_path)) // cfg.chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stand-alone training of one cell
+
+
+def standalone_network(arch, C: int, N: int, in_channels: int, num_classes: int) -> NB201Supernet:
+    """The NB201 network of one cell: the supernet skeleton with the cell fixed, BN with affine parameters and
+    running statistics (NB201's stand-alone networks; the supernet itself follows DYNAS: no affine, no
+    running statistics). Parameters of the unused ops stay untouched: they never get a gradient."""
+    return NB201Supernet(
+        C, N, in_channels, num_classes, affine=True, track_running_stats=True
+    ).set_active_subnet(arch)
+
+
+def train_standalone(model: torch.nn.Module, loader, cfg: GroundTruthConfig, device) -> dict:
+    """SGD (Nesterov) with a per-step cosine LR to 0 over epochs x iters steps, cross-entropy. The loader's
+    batches are read as one stream across epochs (``iters`` smaller than the loader = a subsample per epoch).
+    Returns the mean training loss and top-1 of the last epoch."""
+    model.to(device).train()
+    iters = cfg.iters if cfg.iters is not None else len(loader)
+    total = cfg.epochs * iters
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
+                          nesterov=cfg.nesterov and cfg.momentum > 0)  # fmt: skip
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=0.0)
+
+    def stream():
+        while True:
+            yield from loader
+
+    data = stream()
+    loss_sum = hits = seen = 0.0
+    for t in range(total):
+        x, y = next(data)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if t >= total - iters:  # last epoch's statistics
+            loss_sum += float(loss.detach()) * len(y)
+            hits += float((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+    return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * hits / max(seen, 1), "steps": total}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage
+
+
+def _check_chunk(dataset: str, chunk: int, n_chunks: int) -> None:
+    if not (isinstance(chunk, int) and 0 <= chunk < n_chunks):
+        what = "table dataset: one chunk" if dataset in TABLE_OF_DATASET else f"{n_chunks} chunks"
+        raise ConfigError(f"--chunk: {chunk!r} is out of range for {dataset} ({what}: 0..{n_chunks - 1})")
+
+
+def run_groundtruth(
+    dataset: str,
+    chunk: int,
+    cfg: GroundTruthConfig,
+    out: Path,
+    manifest: Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    tracker: Tracker | None = None,
+    log=print,
+    benchmark_path: Path | None = None,
+) -> dict:
+    """Write the ground truth of chunk ``chunk`` of the sample to ``out`` and return it."""
+    tracker = tracker or Tracker()
+    timer = Timer()
+    cells = sample_cells(cfg, benchmark_path)
+    n_chunks = num_chunks(dataset, cfg, benchmark_path)
+    _check_chunk(dataset, chunk, n_chunks)
+    table = TABLE_OF_DATASET.get(dataset)
+    bench = Path(benchmark_path) if benchmark_path else DEFAULT_PATH
+    content: dict[str, Any] = {
+        "dataset": dataset,
+        "chunk": chunk,
+        "n_chunks": n_chunks,
+        "sample": {**cfg.sample_dict(), "n_total": len(cells)},
+        "benchmark_sha256": sha256_file(bench),
+    }
+    tracker.log_params(
+        {"dataset": dataset, "chunk": chunk, "n_chunks": n_chunks, "groundtruth": cfg.to_dict()}
+    )
+    if table is not None:  # NAS-Bench-201 ground truth: a table look-up, nothing trained
+        chunk_cells = cells
+        truth = table_ground_truth(chunk_cells, benchmark_path)
+        records = [
+            {
+                "index": i,
+                "arch": arch_to_str(index_to_arch(i)),
+                "valid_acc": t[f"{table}_valid"],
+                "test_acc": t[f"{table}_test"],
+                "nb201": t,
+            }  # fmt: skip
+            for i, t in zip(chunk_cells, truth, strict=True)
+        ]
+        content.update(source="nasbench201", table=table, positions=[0, len(cells)], records=records)
+        log(f"{dataset}: NAS-Bench-201 ground truth of {len(records)} cells (table '{table}')")
+    else:
+        if manifest is None:
+            raise ConfigError(f"groundtruth: {dataset} has no NAS-Bench-201 ground truth; --data is required")
+        start = chunk * cfg.chunk_size
+        chunk_cells = cells[start : start + cfg.chunk_size]
+        dev = resolve_device(device)
+        setup_runtime(threads, cfg.seeds[0])
+        data = load_prepared(manifest)
+        info = data.info
+        val = make_loader(first_images(data.val, cfg.val_images), info, cfg.eval_batch_size, train=False,
+                          device=dev)  # fmt: skip
+        test = make_loader(first_images(data.test, cfg.test_images), info, cfg.eval_batch_size, train=False,
+                           device=dev)  # fmt: skip
+        records = []
+        for pos, index in enumerate(chunk_cells):
+            arch = index_to_arch(index)
+            runs = []
+            for seed in cfg.seeds:
+                t0 = time.perf_counter()
+                setup_runtime(threads, seed)
+                model = standalone_network(arch, cfg.C, cfg.N, info.in_channels, info.num_classes)
+                loader = make_loader(data.train, info, cfg.batch_size, train=True, seed=seed, device=dev,
+                                     augment=cfg.augment)  # fmt: skip
+                train = train_standalone(model, loader, cfg, dev)
+                v, t = evaluate(model, val), evaluate(model, test)
+                runs.append({"seed": seed, "valid_acc": v["top1"], "test_acc": t["top1"], **train,
+                             "time_s": time.perf_counter() - t0})  # fmt: skip
+            rec = {
+                "index": index,
+                "arch": arch_to_str(arch),
+                "valid_acc": sum(r["valid_acc"] for r in runs) / len(runs),
+                "test_acc": sum(r["test_acc"] for r in runs) / len(runs),
+                "complexity": subnet_complexity(arch, cfg.C, cfg.N, info.in_channels, info.num_classes),
+                "time_s": sum(r["time_s"] for r in runs),
+                "runs": runs,
+            }
+            records.append(rec)
+            tracker.log_metrics({"valid_acc": rec["valid_acc"], "test_acc": rec["test_acc"],
+                                 "time_s": rec["time_s"]}, step=pos)  # fmt: skip
+            log(f"[{start + pos + 1}/{len(cells)}] {rec['arch']}: valid {rec['valid_acc']:.2f} "
+                f"test {rec['test_acc']:.2f} ({rec['time_s']:.0f}s)")  # fmt: skip
+        content.update(source="trained", config=cfg.to_dict(), device=str(dev),
+                       positions=[start, start + len(chunk_cells)], records=records)  # fmt: skip
+    content["wall_time_s"] = timer()
+    write_json(out, content)
+    tracker.log_metrics({"n_archs": len(content["records"]), "wall_time_s": content["wall_time_s"]})
+    tracker.log_artifact(out)
+    return content
