@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from zsqpipe.engine import evaluate, resolve_device, setup_runtime
 from zsqpipe.errors import IntegrityError
 from zsqpipe.io import read_json, write_json
@@ -58,6 +60,9 @@ def run_evaluate(
     setup_runtime(threads, 0)
     dev = resolve_device(device)
     model, ckpt = model_from_checkpoint(model_path, dev)
+    # same memory format as the quantize stage's evaluation: contiguous vs channels_last weights take
+    # different conv kernels, and a float-rounding difference can flip a low-bit quantization level
+    model = model.to(memory_format=torch.channels_last)
     hist = read_json(history_path)
     data = load_prepared(dataset_manifest)
     info = data.info
