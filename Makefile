@@ -2,7 +2,7 @@
 PYTHON ?= python3
 CORES ?= 2
 
-.PHONY: setup run test test-slow lint bench clean
+.PHONY: setup run test test-slow test-slurm lint bench clean
 
 setup:
 	@PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -15,6 +15,10 @@ test: setup
 
 test-slow: setup
 	$(PYTHON) -m pytest -q -m slow
+
+# a one-node Slurm cluster on this machine (needs root; installs slurm-wlm + munge): tests/slurm/cluster.sh
+test-slurm: setup
+	$(PYTHON) -m pytest -q -m slurm
 
 lint: setup
 	ruff check . && $(PYTHON) -m snakemake --lint

@@ -7,6 +7,9 @@ min_version("9.0")
 configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/fp_model.smk"
@@ -15,6 +18,8 @@ include: "workflow/rules/quantize.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/nas.smk"
 include: "workflow/rules/supernet.smk"
+include: "workflow/rules/oqat.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

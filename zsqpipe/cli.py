@@ -563,6 +563,137 @@ def supernet_table_cmd(metrics, out_csv, out_md, title, paper_json, tracking, ru
             tracker.log_artifact(log_file, "logs")
 
 
+@cli.command("plot")
+@click.argument("inputs", nargs=-1, type=EXISTING, required=True)
+@click.option(
+    "--kind",
+    type=click.Choice(["bits", "ablation", "nas_curves"]),
+    required=True,
+    help="bits: accuracy vs bit-width (one results table); ablation: bars per method/variant (one results "
+    "table); nas_curves: best validation accuracy vs queries (`zsqpipe search` result files).",
+)
+@click.option("--out", type=PATH, required=True, help="PNG to write.")
+@click.option("--title", default=None, help="Figure title.")
+@click.option("--order", default="", help="Comma-separated method/strategy order (e.g. the config's).")
+@click.option("--style", "style_json", default="{}", help='Plot style as JSON, e.g. {"dpi": 120}.')
+@click.option(
+    "--benchmark",
+    "benchmark_path",
+    type=EXISTING,
+    default=None,
+    help="nas_curves: ground-truth table for the reference line (default: the packaged NAS-Bench-201 one).",
+)
+@stage_command
+def plot_cmd(inputs, kind, out, title, order, style_json, benchmark_path):
+    """Draw one report figure from INPUTS (a results table CSV, or search result JSON files) as a PNG."""
+    from zsqpipe.plots import run_plot
+
+    optimum = None
+    if kind == "nas_curves":
+        from zsqpipe.io import read_json
+        from zsqpipe.nas.benchmark import benchmark_optimum
+
+        datasets = {read_json(p).get("dataset") for p in inputs} - {None}
+        optimum = {d: benchmark_optimum(d, benchmark_path)["best_valid_acc"] for d in sorted(datasets)}
+    order_list = [o for o in order.split(",") if o]
+    path = run_plot(kind, list(inputs), out, title, order_list, optimum, _json(style_json, "--style"))
+    _log(f"{kind} plot -> {path}")
+
+
+# ---- OQAT (docs/methods/oqat.md): quantized supernet, bit inheritance, BitOPs-constrained search ----
+
+
+@cli.command("oqat-train")
+@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@click.option("--bits", type=int, required=True, help="W = A bits of the supernet.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--params", "params_json", default="{}", help="Training recipe as JSON (config oqat.train).")
+@click.option(
+    "--inherit-from",
+    type=EXISTING,
+    default=None,
+    help="Higher-bit `oqat-train` checkpoint to initialise from (bit inheritance), then fine-tune.",
+)
+@click.option("--out-model", type=PATH, required=True, help="Supernet checkpoint to write.")
+@click.option("--out-history", type=PATH, required=True, help="Per-epoch training history (JSON).")
+@click.option("--out-metrics", type=PATH, required=True, help="Metrics (JSON), written last.")
+@runtime_options
+@tracking_options
+@stage_command
+def oqat_train_cmd(manifest, bits, seed, params_json, inherit_from, out_model, out_history, out_metrics, device,
+                   threads, tracking, rule, wildcards, log_file):  # fmt: skip
+    """Train an LSQ-quantized NB201 supernet with shared step sizes (OQAT), from scratch or by bit
+    inheritance from a higher-bit supernet."""
+    from zsqpipe.nas.oqat import OQATTrainConfig
+    from zsqpipe.stages.oqat_train import run_oqat_train
+
+    params = _json(params_json, "--params")
+    for key in ("bits", "seed"):
+        if key in params:
+            raise ConfigError(f"--params: '{key}' is set by --{key}, not in the params")
+    cfg = OQATTrainConfig.from_dict({**params, "bits": bits, "seed": seed}, "oqat.train")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, cfg.to_dict())
+    with tracker.run(name, tags):
+        run_oqat_train(manifest, cfg, out_model, out_history, out_metrics, inherit_from, device, threads, tracker,
+                       _log)  # fmt: skip
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("oqat-search")
+@click.argument("supernet", type=EXISTING)
+@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--params", "params_json", default="{}", help="Search settings as JSON (config oqat.search).")
+@click.option("--out", type=PATH, required=True, help="Search result (JSON).")
+@runtime_options
+@tracking_options
+@stage_command
+def oqat_search_cmd(supernet, manifest, seed, params_json, out, device, threads, tracking, rule, wildcards,
+                    log_file):  # fmt: skip
+    """BitOPs-constrained search on an `oqat-train` SUPERNET (validation top-1 after BN recalibration); the
+    found cells' test top-1 is measured after the search."""
+    from zsqpipe.nas.oqat import OQATSearchConfig
+    from zsqpipe.stages.oqat_search import run_oqat_search
+
+    params = _json(params_json, "--params")
+    if "seed" in params:
+        raise ConfigError("--params: 'seed' is set by --seed, not in the params")
+    cfg = OQATSearchConfig.from_dict({**params, "seed": seed}, "oqat.search")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, cfg.to_dict())
+    with tracker.run(name, tags):
+        run_oqat_search(supernet, manifest, cfg, out, device, threads, tracker, _log)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("oqat-table")
+@click.argument("searches", nargs=-1, type=EXISTING, required=True)
+@click.option("--out-csv", type=PATH, required=True)
+@click.option("--out-md", type=PATH, required=True)
+@click.option("--out-pareto", type=PATH, default=None, help="CSV of every search's validation-Pareto front.")
+@click.option("--out-plot", type=PATH, default=None, help="PNG: test top-1 vs BitOPs per bit-width.")
+@click.option("--title", default="OQAT on NB201", show_default=True)
+@tracking_options
+@stage_command
+def oqat_table_cmd(
+    searches, out_csv, out_md, out_pareto, out_plot, title, tracking, rule, wildcards, log_file
+):
+    """Build the OQAT table (CSV + Markdown), Pareto CSV and plot from `zsqpipe oqat-search` SEARCHES."""
+    from zsqpipe.stages.oqat_table import run_oqat_table
+
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"searches": [str(s) for s in searches]})
+    with tracker.run(name, tags):
+        table = run_oqat_table(list(searches), out_csv, out_md, out_pareto, out_plot, title)
+        tracker.log_params({"n_searches": len(searches), "rows": len(table)})
+        for p in (out_csv, out_md, out_pareto, out_plot):
+            if p is not None:
+                tracker.log_artifact(p, "tables")
+        _log(f"{len(table)} rows -> {out_csv}")
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
 def _terminate(signum, _frame):
     # SIGTERM (Snakemake, Slurm) unwinds like an exception: temp files are removed, the MLflow run is FAILED
     raise SystemExit(128 + signum)

@@ -133,7 +133,36 @@ def _error_line(err) -> str:
         return f"config key '{path}': {err.instance!r} is not one of {err.validator_value}"
     if err.validator in ("pattern", "anyOf", "oneOf") and err.schema.get("description"):
         return f"config key '{path}': {err.instance!r} is invalid; expected {err.schema['description']}"
+    if err.validator in ("anyOf", "oneOf"):  # jsonschema says only "not valid under any of the given schemas"
+        options = " or ".join(_describe(sub) for sub in err.validator_value)
+        return f"config key '{path}': {err.instance!r} is invalid; expected {options}"
     return f"config key '{path}': {err.message}"
+
+
+_ARTICLE = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "a boolean",
+            "array": "an array", "object": "an object", "null": "null"}  # fmt: skip
+
+
+def _describe(sub: dict) -> str:
+    """A short English description of a (sub)schema, for anyOf/oneOf errors without a description."""
+    if "const" in sub:
+        return "null" if sub["const"] is None else repr(sub["const"])
+    if "enum" in sub:
+        return f"one of {sub['enum']}"
+    kind = sub.get("type")
+    if isinstance(kind, list):
+        return " or ".join(_ARTICLE.get(k, k) for k in kind)
+    text = _ARTICLE.get(kind, "a value") if kind else "a value"
+    lo, hi = sub.get("minimum"), sub.get("maximum")
+    if lo is not None and hi is not None:
+        text += f" in {lo}..{hi}"
+    elif lo is not None:
+        text += f" >= {lo}"
+    elif hi is not None:
+        text += f" <= {hi}"
+    if "pattern" in sub:
+        text += f" matching {sub['pattern']}"
+    return text
 
 
 def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:

@@ -15,3 +15,11 @@ class DataError(ZsqError):
 
 class IntegrityError(ZsqError):
     """A file exists but is corrupt, truncated or does not match its manifest."""
+
+
+class OutputError(ZsqError):
+    """An output could not be written (disk full, quota, permissions); no partial file is left behind."""
+
+
+class TrackingError(ZsqError):
+    """The MLflow store cannot be created or reached by ``tracking-init`` (jobs themselves only warn)."""

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from zsqpipe.errors import IntegrityError
+from zsqpipe.errors import IntegrityError, OutputError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -21,27 +21,44 @@ os.umask(_UMASK)
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
-    A killed or failing writer leaves at most a ``.tmp-*`` file behind, never a half-written ``path``.
+    A failing writer leaves no ``.tmp-*`` file and never a half-written ``path`` (a SIGKILLed one may leave
+    the temp file). An ``OSError`` while writing (disk full, quota, permissions) becomes an
+    :class:`OutputError` naming ``path``; an existing ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({os_reason(e)})") from e
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the usual permissions
     try:
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the usual permissions
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({os_reason(e)}); no partial file was left") from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
+def os_reason(e: OSError) -> str:
+    return f"[Errno {e.errno}] {e.strerror}" if e.strerror else " ".join(str(e).split()) or type(e).__name__
+
+
+def json_text(obj: Any) -> str:
+    """The text :func:`write_json` writes (sorted keys, indented, trailing newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(json_text(obj))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -81,11 +98,20 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
+def save_checkpoint(path: str | os.PathLike, obj: dict, before_publish=None) -> None:
+    """``torch.save`` through :func:`atomic_path`. ``before_publish(tmp)`` runs on the complete temp file
+    before it is renamed onto ``path`` (e.g. to hash it and write a companion file); if it fails, ``path``
+    is not published."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. a full disk) this way
+            reason = " ".join(str(e).split())[:300]
+            raise OutputError(f"{path}: cannot write checkpoint (disk full?): {reason}") from e
+        if before_publish is not None:
+            before_publish(tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

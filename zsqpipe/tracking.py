@@ -5,6 +5,13 @@ The workflow's ``mlflow_init`` job creates the store and the experiment once, be
 own run in that experiment, tagged with the rule, wildcards, config hash and git commit. Tracking never
 decides a result: every metric is also written to files, and tables are built from files only. If the
 tracking server fails mid-run, the stage reports it once on stderr and finishes without tracking.
+
+A dead server must be noticed in seconds, not minutes: MLflow's HTTP client by default retries a failed
+request 7 times with exponential backoff (about 4 minutes, and again when the process exits and MLflow ends
+the still-active run). Unless the user has set them, :func:`_http_defaults` therefore sets
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES=3``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1`` (waits of about 1, 2, 4 s) and
+``MLFLOW_HTTP_REQUEST_TIMEOUT=20`` (seconds per request); after a failure the run is dropped locally, so
+nothing contacts the server again.
 """
 
 from __future__ import annotations
@@ -18,9 +25,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from zsqpipe.errors import TrackingError
 from zsqpipe.io import flatten_dict, read_json, write_json
 
 DEFAULT_EXPERIMENT = "zsqpipe"
+HTTP_DEFAULTS = {  # see the module docstring; a value the user exported wins
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def _http_defaults() -> None:
+    """Make a dead tracking server fail fast (MLflow reads these variables on every request)."""
+    for key, value in HTTP_DEFAULTS.items():
+        if not os.environ.get(key):
+            os.environ[key] = value
 
 
 def default_tracking_uri(results_dir: str | os.PathLike = "results") -> str:
@@ -36,21 +56,30 @@ def init_tracking(out: str | os.PathLike, enabled: bool, experiment: str, result
     info: dict[str, Any] = {"enabled": bool(enabled), "experiment_name": experiment}
     if enabled:
         import mlflow
+
+        _http_defaults()
         from mlflow.tracking import MlflowClient
 
         uri = default_tracking_uri(results_dir)
         if uri.startswith("sqlite:"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifacts = None
-            if uri.startswith("sqlite:"):
-                artifacts = (Path(results_dir) / "mlflow" / "artifacts").resolve().as_uri()
-            exp_id = client.create_experiment(experiment, artifact_location=artifacts)
-        else:
-            exp_id = exp.experiment_id
+        try:
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                artifacts = None
+                if uri.startswith("sqlite:"):
+                    artifacts = (Path(results_dir) / "mlflow" / "artifacts").resolve().as_uri()
+                exp_id = client.create_experiment(experiment, artifact_location=artifacts)
+            else:
+                exp_id = exp.experiment_id
+        except Exception as e:  # MLflow raises many types (HTTP, SQL, ...)
+            reason = " ".join(str(e).split())[:400]
+            raise TrackingError(
+                f"MLflow tracking store {uri} cannot be used ({type(e).__name__}: {reason}); start the server, "
+                "fix MLFLOW_TRACKING_URI, or set tracking: false"
+            ) from e
         info.update(tracking_uri=uri, experiment_id=str(exp_id))
     write_json(out, info)
     return info
@@ -84,12 +113,26 @@ class Tracker:
         return cls(read_json(path) if path else None)
 
     def _fail(self, what: str, err: Exception) -> None:
+        reason = " ".join(str(err).split())  # one line, whatever the backend's message looks like
         print(
-            f"zsqpipe: MLflow tracking failed during {what} ({type(err).__name__}: {err}); "
+            f"zsqpipe: MLflow tracking failed during {what} ({type(err).__name__}: {reason}); "
             "continuing without tracking, results are still written to files",
             file=sys.stderr,
         )
         self.enabled = False
+        self._drop_active_run()
+
+    def _drop_active_run(self) -> None:
+        """Forget the run locally, so MLflow's exit handler does not retry ``end_run`` against a dead server."""
+        if self._mlflow is None:
+            return
+        with contextlib.suppress(Exception):  # private MLflow state; at worst the exit handler retries
+            from mlflow.tracking import fluent
+
+            stack = fluent._active_run_stack
+            stack = stack.get() if hasattr(stack, "get") else stack
+            stack.clear()
+            os.environ.pop("MLFLOW_RUN_ID", None)
 
     def _call(self, what: str, fn, *args, retries: int = 3, **kwargs):
         if not self.enabled:
@@ -111,6 +154,7 @@ class Tracker:
                 import mlflow
 
                 self._mlflow = mlflow
+                _http_defaults()
                 mlflow.set_tracking_uri(self.info["tracking_uri"])
                 tags = {"zsq.git_commit": git_commit(), **(tags or {})}
                 run = mlflow.start_run(experiment_id=self.info["experiment_id"], run_name=run_name, tags=tags)

@@ -303,3 +303,30 @@ def supernet_metrics(wildcards):
         for m in SUPERNET["methods"]
         for s in SUPERNET["seeds"]
     ]
+
+
+# ---- Report figures (workflow/rules/report.smk): results/plots/*.png ----
+PLOTS = f"{RESULTS}/plots"
+PLOT_STYLE = {"dpi": 120}  # zsqpipe.plots.DEFAULT_STYLE keys: dpi, width, height (inches per panel)
+
+
+def table_plot_kind(table):
+    """A table over several bit-widths is drawn as accuracy vs bit-width, one at a single bit-width (an
+    ablation such as hast_ablation, or lbt) as bars per method/variant."""
+    return "bits" if len(config["tables"][table]["bits"]) > 1 else "bars"
+
+
+def table_plots():
+    return [f"{PLOTS}/{t}_{table_plot_kind(t)}.png" for t in config["tables"]]
+
+
+def nas_curve_plots():
+    return [f"{PLOTS}/nas_curves_{d}.png" for d in NAS["datasets"]]
+
+
+def table_order(wildcards):
+    return ",".join(config["tables"][wildcards.table]["methods"])
+
+
+def nas_curve_inputs(wildcards):
+    return [NAS_RESULT.format(space=NAS["space"], dataset=wildcards.dataset, strategy=s) for s in NAS["strategies"]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,14 +83,21 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read IDX file {path}: {e}") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: damaged compressed data inside a .gz
+        what = "gzip-compressed IDX file" if opener is gzip.open else "IDX file"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"cannot read {path}: {reason}; expected a readable {what}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise DataError(
+            f"{path} is not an unsigned-byte IDX file: magic number {raw[:4].hex() or 'missing'}, "
+            "expected 0000080N (N = 1..4 dimensions)"
+        )
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    expected = int(np.prod(dims))
+    if len(raw) < offset:
+        raise DataError(f"{path} is truncated: {len(raw)} bytes, shorter than its {offset}-byte IDX header")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = int(np.prod(dims, dtype=object))
     if len(raw) - offset != expected:
         raise DataError(
             f"{path} is truncated or corrupt: {len(raw) - offset} bytes of data, expected {expected}"
@@ -131,7 +139,10 @@ def _fashion_mnist(split: str, data_dir: Path, allow_download: bool) -> ImageDat
         )
     images, labels = _read_idx(img), _read_idx(lbl)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"fashion_mnist: {img} and {lbl} do not form an image/label pair")
+        raise DataError(
+            f"fashion_mnist: {img} and {lbl} do not form an image/label pair: shapes {list(images.shape)} and "
+            f"{list(labels.shape)}, expected [N, 28, 28] and [N]"
+        )
     if img.parent != lbl.parent:
         raise DataError(
             f"fashion_mnist: {img.name} and {lbl.name} were found in different folders "

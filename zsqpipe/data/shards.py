@@ -100,6 +100,18 @@ class ShardSet:
             )
         return cls(manifest_path, m)
 
+    def verify(self) -> None:
+        """Check that every listed shard exists and matches its SHA-256 (before a stage spends time training)."""
+        for entry in self.manifest["shards"]:
+            path = self.shard_path(entry)
+            if not path.is_file():
+                raise IntegrityError(f"{path}: shard listed in {self.manifest_path.name} is missing")
+            if sha256_file(path) != entry["sha256"]:
+                raise IntegrityError(
+                    f"{path}: SHA-256 differs from {self.manifest_path.name} (corrupt or truncated shard); "
+                    "rerun the synthesize stage"
+                )
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.manifest["shape"])

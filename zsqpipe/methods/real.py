@@ -28,6 +28,7 @@ from zsqpipe.data.loaders import endless
 from zsqpipe.engine import kd_kl, make_optimizer, make_scheduler
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.methods.base import Method, QuantContext, register_method
+from zsqpipe.progress import progress
 from zsqpipe.quant import set_quant_state
 from zsqpipe.quant.talr import TALR, TALRConfig, talr_param_groups
 
@@ -110,7 +111,7 @@ class RealData(Method):
         start = ctx.resumable(optimizer=opt, scheduler=sched, batches=batches, talr=talr, grad_quant=grads)
         for epoch in range(start, c.epochs):
             total = 0.0
-            for _ in range(c.iters_per_epoch):
+            for _ in progress(range(c.iters_per_epoch), desc=f"epoch {epoch + 1}/{c.epochs}"):
                 x, y = next(batches)
                 with torch.no_grad():
                     t_logits = teacher(x)

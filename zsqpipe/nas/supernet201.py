@@ -35,6 +35,7 @@ from zsqpipe.nas.calr import (
     sample_arch,
 )
 from zsqpipe.nas.spaces.nb201 import EDGES, OPS, Arch
+from zsqpipe.progress import progress
 
 
 def _bn(c: int, affine: bool, track: bool) -> nn.BatchNorm2d:
@@ -317,7 +318,7 @@ def train_supernet(
         hit_sum = torch.zeros((), device=device)
         n_seen, lr_sum = 0, 0.0
         steps_before = dict(opt.steps)
-        for it in range(iters):
+        for it in progress(range(iters), desc=f"supernet epoch {epoch + 1}/{cfg.epochs}"):
             t = epoch * iters + it
             x, y = _to(next(data), device)
             arch = sample_arch(rng)

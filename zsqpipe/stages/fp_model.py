@@ -24,8 +24,9 @@ from zsqpipe.data.loaders import order_generator
 from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
-from zsqpipe.io import save_checkpoint, sha256_file, write_json
+from zsqpipe.io import atomic_path, json_text, save_checkpoint, sha256_file
 from zsqpipe.models import create_model
+from zsqpipe.progress import progress
 from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
 from zsqpipe.stages.common import eval_loader
 from zsqpipe.stages.data import load_prepared
@@ -101,6 +102,7 @@ def train_fp(
     for epoch in range(start, cfg.epochs):
         model.train()
         total, steps = 0.0, 0
+        bar = progress(total=steps_per_epoch, desc=f"fp epoch {epoch + 1}/{cfg.epochs}")
         for x, y in loader:
             if steps == steps_per_epoch:
                 break
@@ -112,6 +114,8 @@ def train_fp(
             sched.step()
             total += float(loss.detach())
             steps += 1
+            bar.update()
+        bar.close()
         v = evaluate(model, val)
         rec = {"epoch": epoch, "train_loss": total / max(steps, 1), "val_top1": v["top1"], "time_s": timer()}
         if grads.layers:
@@ -198,8 +202,9 @@ def run_fp_model(
     }
     if cfg.checkpoint:
         metrics["checkpoint_sha256"] = sha256_file(cfg.checkpoint)
-    save_checkpoint(out_model, ckpt)
-    write_json(out_metrics, metrics)
+    with atomic_path(out_metrics) as tmp_metrics:  # both or neither: fp_metrics.json is published last
+        tmp_metrics.write_text(json_text(metrics))
+        save_checkpoint(out_model, ckpt)
     checkpoints.clear()
     tracker.log_metrics(
         {

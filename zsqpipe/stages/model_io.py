@@ -7,14 +7,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zsqpipe.errors import IntegrityError
 from zsqpipe.io import load_checkpoint
 from zsqpipe.models import create_model
 from zsqpipe.quant import QuantConfig, quantize_model
+
+REQUIRED_KEYS = ("arch", "num_classes", "in_channels", "image_size", "state_dict")
 
 
 def model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
     """Rebuild an FP or quantized model saved by ``fp-model``/``quantize`` (arch + state dict + quant config)."""
     ckpt = load_checkpoint(path)
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise IntegrityError(
+            f"{path}: not a zsqpipe model checkpoint: no {missing[0]!r}; expected the model.pt/fp.pt of "
+            "`zsqpipe fp-model` or `zsqpipe quantize`"
+        )
     model = create_model(
         ckpt["arch"],
         num_classes=ckpt["num_classes"],
@@ -23,5 +32,12 @@ def model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Mo
     )
     if ckpt.get("quant") is not None:
         quantize_model(model, QuantConfig.from_dict(ckpt["quant"]))
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # torch lists every missing/unexpected key on a line of its own
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise IntegrityError(
+            f"{path}: weights do not fit {ckpt['arch']!r}: {' '.join(lines[:2])}{more}"
+        ) from e
     return model.to(device).eval(), ckpt

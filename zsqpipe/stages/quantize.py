@@ -21,8 +21,8 @@ from zsqpipe.codehash import code_version
 from zsqpipe.data import make_loader
 from zsqpipe.data.shards import ShardSet
 from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
-from zsqpipe.errors import ConfigError, IntegrityError
-from zsqpipe.io import save_checkpoint, sha256_file, write_json
+from zsqpipe.errors import ConfigError, IntegrityError, OutputError
+from zsqpipe.io import atomic_path, json_text, os_reason, save_checkpoint, sha256_file
 from zsqpipe.methods import QuantContext, get_method
 from zsqpipe.quant import QuantConfig, quantize_model
 from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
@@ -59,6 +59,7 @@ def run_quantize(
                 f"method {method!r} trains on {method_obj.synthesizer!r} samples: pass --samples"
             )
         shard_set = ShardSet.open(Path(samples) / "manifest.json")
+        shard_set.verify()  # fail now, not after the calibration (each shard is re-verified when read)
         if shard_set.manifest.get("fp_checkpoint_sha256") != sha256_file(fp_checkpoint):
             raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
     dev = resolve_device(device)
@@ -186,8 +187,20 @@ def run_quantize(
         "fp_test_top1": fp_ckpt.get("test_top1"),
         "resumed_from_epoch": checkpoints.resumed_from,
     }
-    save_checkpoint(out_model, ckpt)
-    write_json(out_history, result)
+    result["probe_runtime"] = {"device": str(dev), "threads": torch.get_num_threads()}
+
+    def write_history(tmp_model: Path) -> None:
+        # evaluate checks model.pt against this hash (exact), then re-tests it on the probe images
+        result["model_sha256"] = sha256_file(tmp_model)
+        try:
+            tmp_history.write_text(json_text(result))
+        except OSError as e:  # name the file that failed, not the checkpoint being published
+            raise OutputError(
+                f"{out_history}: cannot write ({os_reason(e)}); no partial file was left"
+            ) from e
+
+    with atomic_path(out_history) as tmp_history:  # both or neither: history.json is published last
+        save_checkpoint(out_model, ckpt, before_publish=write_history)
     checkpoints.clear()
     tracker.log_metrics({"wall_time_s": result["wall_time_s"]})
     tracker.log_artifact(out_history)

@@ -12,6 +12,7 @@ from zsqpipe.data.shards import ShardCursor, ShardSet
 from zsqpipe.engine import make_optimizer, make_scheduler
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import QuantContext
+from zsqpipe.progress import progress
 
 
 class SyntheticBatches:
@@ -80,7 +81,7 @@ def finetune(
     it = start * cfg.iters_per_epoch
     for epoch in range(start, cfg.epochs):
         total = 0.0
-        for _ in range(cfg.iters_per_epoch):
+        for _ in progress(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}"):
             loss = step(it)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zsqpipe.progress import progress
+
 _SYNTHESIZERS: dict[str, tuple[Callable, type]] = {}
 
 
@@ -67,7 +69,7 @@ def optimise_batch(
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)  # ZeroQ/IntraQ/HAST distill_data.py: Adam(lr=0.5), default betas
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=min_lr, patience=patience)
-    for step in range(iters):
+    for step in progress(range(iters), desc="synthesis"):
         loss = loss_fn(x, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
