@@ -39,7 +39,7 @@ from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.calr import cosine_factor, sample_arch
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch
-from zsqpipe.nas.supernet201 import NB201Supernet, recalibrate_bn
+from zsqpipe.nas.supernet201 import NB201Supernet, cycle_batches, recalibrate_bn
 from zsqpipe.quant import QuantConfig, count_bitops, quantize_model, set_quant_state
 from zsqpipe.quant.config import FP_BITS
 from zsqpipe.quant.quantizers import LSQQuantizer
@@ -379,16 +379,6 @@ def subnet_accuracy(
 # Training
 
 
-def _batches(loader: Iterable):
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("train_oqat: the training loader is empty")
-
-
 def train_oqat(
     model: NB201Supernet,
     loader: Iterable,
@@ -421,7 +411,7 @@ def train_oqat(
         groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
     )
     rng = random.Random(cfg.seed)
-    data = _batches(loader)
+    data = cycle_batches(loader)
     if log is not None:
         log(
             f"oqat: w{model.oqat_bits}a{model.oqat_bits} supernet, T={total} ({cfg.epochs} epochs x {iters} iters)"

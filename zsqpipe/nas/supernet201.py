@@ -256,14 +256,15 @@ def evaluate_subnets(
 # Training
 
 
-def _batches(loader: Iterable):
+def cycle_batches(loader: Iterable):
+    """Batches of ``loader`` without end (a new pass each time it is exhausted); an empty loader is an error."""
     while True:
         empty = True
         for batch in loader:
             empty = False
             yield batch
         if empty:
-            raise ValueError("train_supernet: the training loader is empty")
+            raise ValueError("supernet training: the training loader is empty")
 
 
 def train_supernet(
@@ -305,7 +306,7 @@ def train_supernet(
         nesterov=cfg.nesterov,
     )
     rng = random.Random(cfg.seed)
-    data = _batches(loader)
+    data = cycle_batches(loader)
     if log is not None:
         log(
             f"supernet {cfg.method}: calr={cfg.use_calr} ms={cfg.use_ms} split_edge={split_edge} "

@@ -148,7 +148,7 @@ def plot_pareto(pareto: pd.DataFrame, found: pd.DataFrame, out_png: Path, title:
                         capsize=3, label=f"W{bits}A{bits} found (per budget)")  # fmt: skip
     ax.set_xlabel("BitOPs (millions, quantized layers)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(textwrap.fill(title, 80), fontsize=8)
+    ax.set_title(textwrap.fill(title, 70), fontsize=8)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
