@@ -38,20 +38,27 @@ from torch import nn
 from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.calr import cosine_factor, sample_arch
-from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch
+from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, arch_to_str
+from zsqpipe.nas.spaces.ofa import OFASpaceConfig
 from zsqpipe.nas.supernet201 import NB201Supernet, cycle_batches, recalibrate_bn
+from zsqpipe.nas.supernet_ofa import OFASupernet
 from zsqpipe.quant import QuantConfig, count_bitops, quantize_model, set_quant_state
 from zsqpipe.quant.config import FP_BITS
-from zsqpipe.quant.quantizers import LSQQuantizer
+from zsqpipe.quant.modules import QuantAct
+from zsqpipe.quant.quantizers import LSQQuantizer, create_quantizer
 
 __all__ = [
     "INHERIT_RULES",
+    "SPACES",
+    "NB201Space",
+    "OFAMBV3Space",
     "OQATSearchConfig",
     "OQATTrainConfig",
     "build_oqat_supernet",
     "constrained_search",
     "inherit_bits",
     "init_step_sizes",
+    "oqat_space",
     "oqat_quant_config",
     "pareto_front",
     "recalibrate_bn",
@@ -63,8 +70,10 @@ __all__ = [
 
 INHERIT_RULES = ("double", "reinit")
 WEIGHT_QUANTIZERS = ("lsq_tensor", "lsq")
+SPACES = ("nb201", "ofa_mbv3")
 UNIFORM_CONV_ARCHS: tuple[Arch, ...] = (("nor_conv_1x1",) * NUM_EDGES, ("nor_conv_3x3",) * NUM_EDGES)
 LARGEST: Arch = ("nor_conv_3x3",) * NUM_EDGES
+Supernet = NB201Supernet | OFASupernet
 
 
 def _int(prefix: str, key: str, v: Any, minimum: int = 1, null: bool = False) -> None:
@@ -85,8 +94,14 @@ class OQATTrainConfig:
     ``oqat.train`` updated by ``oqat.finetune``). OQAT's recipe is unreleased: the defaults are our assumptions
     (SPOS-style SGD as supernet.train, cosine LR per iteration, uniform single-path sampling).
 
-    bits: W = A bits of the supernet (uniform over the network, OQAT). C, N: NB201 width and cells per stage.
-    weight_quantizer: ``lsq_tensor`` (one weight step per layer, OQAT) or ``lsq`` (per output channel).
+    bits: W = A bits of the supernet (uniform over the network, OQAT). space: ``nb201`` (the NB201 cell
+    supernet, C = width, N = cells per stage) or ``ofa_mbv3`` (the OFA / MobileNetV3 space of
+    :mod:`zsqpipe.nas.spaces.ofa`, sized by ``ofa``: an :class:`OFASpaceConfig` dict, null = its defaults;
+    OQAT's own space). weight_quantizer: ``lsq_tensor`` (one weight step per layer, OQAT) or ``lsq`` (per
+    output channel; nb201 only: an elastic layer's channel count varies). block_input_quant (ofa_mbv3): the LSQ
+    quantizer on each block's input (a linear-bottleneck output or residual sum, signed): ``signed`` (default)
+    or ``unsigned``, which clips its negative part to 0 as the official OQA code does (``lsq_conv.py`` quantizes
+    every conv input unsigned).
     bn_affine: BN with affine parameters (NB201 supernets: false). epochs x iters: schedule length (iters null
     = one pass over the training split per epoch). lr, momentum, nesterov, wd, grad_clip: SGD; step sizes get no
     weight decay. init_batches: training batches that initialise the LSQ steps (2 mean|x| / sqrt(Q_P), averaged;
@@ -96,8 +111,11 @@ class OQATTrainConfig:
     recalibration, also measured right after inheritance, before fine-tuning)."""
 
     bits: int = 4
+    space: str = "nb201"
     C: int = 8
     N: int = 1
+    ofa: dict | None = None
+    block_input_quant: str = "signed"
     weight_quantizer: str = "lsq_tensor"
     bn_affine: bool = False
     epochs: int = 2
@@ -125,6 +143,23 @@ class OQATTrainConfig:
         for key in ("iters", "val_images"):
             _int(p, key, getattr(self, key), null=True)
         _int(p, "seed", self.seed, minimum=0)
+        if self.space not in SPACES:
+            raise ConfigError(f"{p}.space: expected one of {list(SPACES)}, got {self.space!r}")
+        if self.ofa is not None and not isinstance(self.ofa, dict):
+            raise ConfigError(f"{p}.ofa: expected null or a mapping, got {self.ofa!r}")
+        if self.space == "ofa_mbv3":
+            ofa = OFASpaceConfig.from_dict(self.ofa, f"{p}.ofa")
+            object.__setattr__(self, "ofa", ofa.to_dict())  # canonical: every key, lists
+            if self.weight_quantizer != "lsq_tensor":
+                raise ConfigError(
+                    f"{p}.weight_quantizer: the ofa_mbv3 space needs lsq_tensor (elastic channels)"
+                )
+        elif self.ofa is not None:
+            raise ConfigError(f"{p}.ofa: only for space ofa_mbv3 (space is {self.space!r})")
+        if self.block_input_quant not in ("signed", "unsigned"):
+            raise ConfigError(
+                f"{p}.block_input_quant: expected 'signed' or 'unsigned', got {self.block_input_quant!r}"
+            )
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise ConfigError(
                 f"{p}.weight_quantizer: expected one of {list(WEIGHT_QUANTIZERS)}, got {self.weight_quantizer!r}"
@@ -207,7 +242,10 @@ class OQATSearchConfig:
 # Quantized supernet
 
 
-def oqat_quant_config(bits: int, weight_quantizer: str = "lsq_tensor") -> QuantConfig:
+HEAD_ACT = {"nb201": "lastact.1", "ofa_mbv3": "final_expand.2"}  # the ReLU that only feeds the FP classifier
+
+
+def oqat_quant_config(bits: int, weight_quantizer: str = "lsq_tensor", space: str = "nb201") -> QuantConfig:
     """W = A = ``bits`` LSQ everywhere except the stem conv, the classifier and the head's ReLU (which only
     feeds the FP classifier): OQAT leaves the first conv and the classifier in full precision."""
     return QuantConfig(
@@ -215,30 +253,108 @@ def oqat_quant_config(bits: int, weight_quantizer: str = "lsq_tensor") -> QuantC
         act_bits=bits,
         first_layer_bits=FP_BITS,
         last_layer_bits=FP_BITS,
-        layer_bits={"lastact.1": FP_BITS},
+        layer_bits={HEAD_ACT[space]: FP_BITS},
         weight_quantizer=weight_quantizer,
         act_quantizer="lsq",
     )
 
 
+class NB201Space:
+    """The NB201 cell space as OQAT sees it: archs are op tuples (hashable), strings the NB201 format."""
+
+    name = "nb201"
+    largest: Arch = LARGEST
+    cover: tuple[Arch, ...] = UNIFORM_CONV_ARCHS  # together they run every quantized layer
+
+    def sample(self, rng: random.Random) -> Arch:
+        return sample_arch(rng)
+
+    def mutate(self, arch: Arch, rng: random.Random, p: float) -> Arch:
+        """Re-draw each edge with probability ``p`` (at least one) to a different op."""
+        ops = list(arch)
+        edges = [e for e in range(NUM_EDGES) if rng.random() < p] or [rng.randrange(NUM_EDGES)]
+        for e in edges:
+            ops[e] = rng.choice([o for o in OPS if o != ops[e]])
+        return tuple(ops)
+
+    def crossover(self, a: Arch, b: Arch, rng: random.Random) -> Arch:
+        return tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True))
+
+    def to_str(self, arch: Arch) -> str:
+        return arch_to_str(arch)
+
+    def describe(self, arch: Arch) -> dict[str, Any]:
+        return {"ops": list(arch)}
+
+
+class OFAMBV3Space:
+    """The OFA / MobileNetV3 space as OQAT sees it: archs are canonical strings (:meth:`OFASpaceConfig.to_str`,
+    hashable, one per distinct subnet); mutation and crossover act on OFA's dict (OFA's evolution finder)."""
+
+    name = "ofa_mbv3"
+
+    def __init__(self, cfg: OFASpaceConfig):
+        self.cfg = cfg
+        self.largest = cfg.to_str(cfg.largest)
+        self.cover = (self.largest,)  # the largest subnet runs every elastic layer at full size
+
+    def sample(self, rng: random.Random) -> str:
+        return self.cfg.to_str(self.cfg.sample(rng))
+
+    def mutate(self, arch: str, rng: random.Random, p: float) -> str:
+        return self.cfg.to_str(self.cfg.mutate(self.cfg.from_str(arch), rng, p))
+
+    def crossover(self, a: str, b: str, rng: random.Random) -> str:
+        return self.cfg.to_str(self.cfg.crossover(self.cfg.from_str(a), self.cfg.from_str(b), rng))
+
+    def to_str(self, arch: str) -> str:
+        return arch
+
+    def describe(self, arch: str) -> dict[str, Any]:
+        return {"ofa": self.cfg.from_str(arch)}
+
+
+def oqat_space(cfg_or_model: OQATTrainConfig | nn.Module) -> NB201Space | OFAMBV3Space:
+    """The search-space adapter of a train config or of a supernet."""
+    x = cfg_or_model
+    if isinstance(x, OFASupernet):
+        return OFAMBV3Space(x.space)
+    if isinstance(x, OQATTrainConfig) and x.space == "ofa_mbv3":
+        return OFAMBV3Space(OFASpaceConfig.from_dict(x.ofa))
+    return NB201Space()
+
+
 def build_oqat_supernet(
     cfg: OQATTrainConfig, in_channels: int, num_classes: int, bits: int | None = None
-) -> NB201Supernet:
-    """The NB201 supernet of ``cfg`` (BN with running statistics, recalibrated per subnet) quantized at
-    ``bits`` (default ``cfg.bits``). Step sizes are uninitialised until :func:`init_step_sizes` (or the first
-    forward of a layer, LSQ's first-batch init) sets them."""
-    model = NB201Supernet(
-        C=cfg.C,
-        N=cfg.N,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        affine=cfg.bn_affine,
-        track_running_stats=True,
-    )
+) -> Supernet:
+    """The supernet of ``cfg`` (NB201 or OFA space; BN with running statistics, recalibrated per subnet)
+    quantized at ``bits`` (default ``cfg.bits``). Step sizes are uninitialised until :func:`init_step_sizes`
+    (or the first forward of a layer, LSQ's first-batch init) sets them."""
+    if cfg.space == "ofa_mbv3":
+        model: Supernet = OFASupernet(OFASpaceConfig.from_dict(cfg.ofa), in_channels, num_classes)
+    else:
+        model = NB201Supernet(
+            C=cfg.C,
+            N=cfg.N,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            affine=cfg.bn_affine,
+            track_running_stats=True,
+        )
     bits = cfg.bits if bits is None else bits
-    quantize_model(model, oqat_quant_config(bits, cfg.weight_quantizer))
+    quantize_model(model, oqat_quant_config(bits, cfg.weight_quantizer, cfg.space))
+    if isinstance(model, OFASupernet):  # LSQ on the block inputs (linear-bottleneck outputs, signed)
+        signed = cfg.block_input_quant == "signed"
+        model.attach_input_quantizers(lambda: QuantAct(create_quantizer("lsq", "act", bits, signed=signed)))
     model.oqat_bits = bits
     return model
+
+
+def _restore(model: Supernet, arch) -> None:
+    if arch is None:
+        model.arch = None
+    else:
+        model.set_active_subnet(arch)
 
 
 def lsq_quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
@@ -258,10 +374,11 @@ def _reset_steps(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def init_step_sizes(model: NB201Supernet, batches: Sequence[torch.Tensor], reset: bool = True) -> None:
+def init_step_sizes(model: Supernet, batches: Sequence[torch.Tensor], reset: bool = True) -> None:
     """LSQ step-size init (Esser et al. 2020; OQAT ``lsq_conv.py``): s = 2 mean|x| / sqrt(Q_P) for every weight
-    and activation quantizer, averaged over ``batches`` (inputs) run through the all-conv1x1 and all-conv3x3
-    cells, which together reach every quantized layer of the supernet. BN running statistics are left as
+    and activation quantizer, averaged over ``batches`` (inputs) run through subnets that together reach every
+    quantized layer of the supernet (NB201: the all-conv1x1 and all-conv3x3 cells; OFA: the largest subnet,
+    so an elastic layer's weight step is initialised on its full weight). BN running statistics are left as
     they were (they are recalibrated before any evaluation)."""
     if reset:
         _reset_steps(model)
@@ -271,7 +388,7 @@ def init_step_sizes(model: NB201Supernet, batches: Sequence[torch.Tensor], reset
     set_quant_state(model, update_ranges=True)
     model.train()
     try:
-        for a in UNIFORM_CONV_ARCHS:
+        for a in oqat_space(model).cover:
             model.set_active_subnet(a)
             for x in batches:
                 model(x)
@@ -279,17 +396,17 @@ def init_step_sizes(model: NB201Supernet, batches: Sequence[torch.Tensor], reset
         set_quant_state(model, update_ranges=False)
         for m, s in zip(bns, saved, strict=True):
             m.load_state_dict(s)
-        model.arch = arch
+        _restore(model, arch)
         model.train(was_training)
 
 
 def inherit_bits(
-    parent: NB201Supernet,
+    parent: Supernet,
     cfg: OQATTrainConfig,
     bits: int,
     rule: str = "double",
     init_batches: Sequence[torch.Tensor] | None = None,
-) -> NB201Supernet:
+) -> Supernet:
     """OQAT bit inheritance: a ``bits``-bit supernet initialised from the trained ``parent`` (higher bits):
     every weight, BN parameter/statistic and step size is copied, then each active step is set by ``rule``:
 
@@ -304,7 +421,11 @@ def inherit_bits(
     parent_bits = int(getattr(parent, "oqat_bits", 0))
     if not 2 <= bits < parent_bits:
         raise ConfigError(f"oqat: bit inheritance goes to fewer bits (>= 2): {parent_bits} -> {bits}")
-    for key, have in (("C", parent.C), ("N", parent.N)):
+    if isinstance(parent, OFASupernet):
+        same = (("space", "ofa_mbv3"), ("ofa", parent.space.to_dict()))
+    else:
+        same = (("space", "nb201"), ("C", parent.C), ("N", parent.N))
+    for key, have in same:
         if getattr(cfg, key) != have:
             raise ConfigError(
                 f"oqat.train.{key}: the config says {getattr(cfg, key)!r}, the parent has {have!r}"
@@ -328,9 +449,7 @@ def inherit_bits(
 # BitOPs, evaluation
 
 
-def subnet_bitops(
-    model: NB201Supernet, arch: Arch | str | int, input_shape: tuple[int, ...]
-) -> dict[str, Any]:
+def subnet_bitops(model: Supernet, arch: Arch | str | int, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """Cost of subnet ``arch`` for one input of ``input_shape`` (C, H, W), counted over the layers its
     forward runs (:func:`zsqpipe.quant.count_bitops`): ``bitops`` = sum over quantized conv/linear layers of
     MACs x w_bits x a_bits (a_bits = 32 for an unquantized input: the ResNet shortcut conv after avg-pool);
@@ -341,7 +460,7 @@ def subnet_bitops(
     try:
         records = count_bitops(model, tuple(input_shape))
     finally:
-        model.arch = saved
+        _restore(model, saved)
     quantized = [r for r in records if r.weight_bits < FP_BITS]
     bitops = sum(r.bitops for r in quantized)
     fp_macs = sum(r.macs for r in records if r.weight_bits >= FP_BITS)
@@ -356,7 +475,7 @@ def subnet_bitops(
 
 @torch.no_grad()
 def subnet_accuracy(
-    model: NB201Supernet,
+    model: Supernet,
     arch: Arch | str | int,
     bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     eval_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -380,7 +499,7 @@ def subnet_accuracy(
 
 
 def train_oqat(
-    model: NB201Supernet,
+    model: Supernet,
     loader: Iterable,
     cfg: OQATTrainConfig,
     device=None,
@@ -411,6 +530,7 @@ def train_oqat(
         groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
     )
     rng = random.Random(cfg.seed)
+    space = oqat_space(model)
     data = cycle_batches(loader)
     if log is not None:
         log(
@@ -429,7 +549,7 @@ def train_oqat(
             lr = cfg.lr * cosine_factor(t, total)
             for g in opt.param_groups:
                 g["lr"] = lr
-            model.set_active_subnet(sample_arch(rng))
+            model.set_active_subnet(space.sample(rng))
             opt.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -462,18 +582,6 @@ def train_oqat(
 # Search
 
 
-def _mutate(arch: Arch, rng: random.Random, p: float) -> Arch:
-    ops = list(arch)
-    edges = [e for e in range(NUM_EDGES) if rng.random() < p] or [rng.randrange(NUM_EDGES)]
-    for e in edges:
-        ops[e] = rng.choice([o for o in OPS if o != ops[e]])
-    return tuple(ops)
-
-
-def _crossover(a: Arch, b: Arch, rng: random.Random) -> Arch:
-    return tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True))
-
-
 def constrained_search(
     evaluate: Callable[[Arch], float],
     cost: Callable[[Arch], float],
@@ -482,6 +590,7 @@ def constrained_search(
     seed: int = 0,
     cache: dict[Arch, float] | None = None,
     max_tries: int = 500,
+    space: NB201Space | OFAMBV3Space | None = None,
 ) -> dict[str, Any]:
     """Evolutionary search for the cell with the best ``evaluate`` score (validation top-1) among cells with
     ``cost`` (BitOPs) <= ``budget`` (SPOS / OQAT: evolution under a FLOPs constraint; OQAT's ``profile_quant``
@@ -492,6 +601,7 @@ def constrained_search(
     grows. Ties are broken by lower cost.
     Returns ``{arch, val_acc, cost, evaluated: [arch, ...]}``; ``arch`` is None when no feasible cell is found."""
     rng = random.Random(seed)
+    space = space or NB201Space()
     cache = {} if cache is None else cache
     seen: list[Arch] = []
 
@@ -513,7 +623,7 @@ def constrained_search(
     tries, new = 0, 0
     while new < cfg.population and tries < max_tries:
         tries += 1
-        new += add(sample_arch(rng))
+        new += add(space.sample(rng))
     for _ in range(cfg.generations):
         if not seen:
             break
@@ -522,10 +632,10 @@ def constrained_search(
         while made < cfg.children and tries < max_tries:
             tries += 1
             if made % 2 == 0 or len(parents) < 2:
-                child = _mutate(rng.choice(parents), rng, cfg.mutation_prob)
+                child = space.mutate(rng.choice(parents), rng, cfg.mutation_prob)
             else:
                 a, b = rng.sample(parents, 2)
-                child = _crossover(a, b, rng)
+                child = space.crossover(a, b, rng)
             made += add(child)
     if not seen:
         return {"arch": None, "val_acc": None, "cost": None, "evaluated": []}

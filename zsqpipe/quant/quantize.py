@@ -29,7 +29,11 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Quantize ``model`` in place according to ``cfg`` and return it."""
-    layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    layers = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) in (nn.Conv2d, nn.Linear) or hasattr(m, "attach_weight_quantizer")
+    ]
     acts = [(n, m) for n, m in model.named_modules() if type(m) in (nn.ReLU, nn.ReLU6)]
     if not layers:
         raise ConfigError("quantize_model: the model has no Conv2d/Linear layer to quantize")
@@ -48,6 +52,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             bits = cfg.last_layer_bits
         bits = cfg.layer_bits.get(name, bits)
         wq = create_quantizer(cfg.weight_quantizer, "weight", bits, ste=cfg.ste)
+        if hasattr(layer, "attach_weight_quantizer"):  # a dynamic (weight-slicing) layer keeps its module
+            layer.attach_weight_quantizer(wq)
+            continue
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         _set_module(model, name, cls.from_float(layer, wq))
     for name, act in acts:
@@ -110,7 +117,9 @@ def count_bitops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerOp
             x = inp[0]
             a_bits = getattr(x, "_zsq_bits", FP_BITS)
             w_bits = m.weight_quantizer.bits if isinstance(m, _QUANT_LAYERS) else FP_BITS
-            if isinstance(m, nn.Conv2d):
+            if hasattr(m, "active_macs"):  # a dynamic layer running a slice of its weight
+                macs = m.active_macs(out)
+            elif isinstance(m, nn.Conv2d):
                 macs = (
                     out.numel()
                     // out.shape[0]

@@ -17,14 +17,13 @@ from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
 from zsqpipe.io import sha256_file, write_json
 from zsqpipe.nas.oqat import (
-    LARGEST,
     OQATSearchConfig,
     constrained_search,
+    oqat_space,
     pareto_front,
     subnet_accuracy,
     subnet_bitops,
 )
-from zsqpipe.nas.spaces.nb201 import arch_to_str
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images
 from zsqpipe.stages.oqat_io import load_oqat_supernet
@@ -44,19 +43,20 @@ def search_budgets(
         return costs[a]["bitops"]
 
     scores: dict = {}
-    max_bitops = cost(LARGEST)
+    space = oqat_space(model)
+    max_bitops = cost(space.largest)
     results = []
     for i, frac in enumerate(sorted(cfg.budgets)):  # ascending: larger budgets reuse the scored cells
         budget = frac * max_bitops
         r = constrained_search(lambda a: subnet_accuracy(model, a, bn_batches, val_batches), cost, budget, cfg,
-                               seed=seed * 1000 + i, cache=scores)  # fmt: skip
+                               seed=seed * 1000 + i, cache=scores, space=space)  # fmt: skip
         results.append({"budget": frac, "budget_bitops": budget, "arch": r["arch"], "val_acc": r["val_acc"],
                         "bitops": r["cost"], "n_evaluated": len(r["evaluated"])})  # fmt: skip
         if log is not None:
             found = (
                 "none within budget"
                 if r["arch"] is None
-                else f"{arch_to_str(r['arch'])} val {r['val_acc']:.2f}"
+                else f"{space.to_str(r['arch'])} val {r['val_acc']:.2f}"
             )
             log(
                 f"budget {frac:g} x max ({budget / 1e6:.1f} MBitOPs): {found} ({len(scores)} cells scored so far)"
@@ -102,6 +102,7 @@ def run_oqat_search(
     test = list(make_loader(first_images(data.test, cfg.test_images), info, cfg.eval_batch_size, train=False,
                             device=dev))  # fmt: skip
     test_cache: dict = {}
+    space = oqat_space(model)
 
     def test_acc(a):
         if a not in test_cache:
@@ -110,7 +111,7 @@ def run_oqat_search(
 
     def record(a, **extra):
         c = found["costs"][a]
-        return {"arch": arch_to_str(a), "ops": list(a), **extra, "val_acc": found["scores"][a], "test_acc": test_acc(a),
+        return {"arch": space.to_str(a), **space.describe(a), **extra, "val_acc": found["scores"][a], "test_acc": test_acc(a),
                 "bitops": c["bitops"], "macs": c["macs"], "fp_macs": c["fp_macs"], "oqat_mflops": c["oqat_mflops"]}  # fmt: skip
 
     results = []

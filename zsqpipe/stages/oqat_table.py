@@ -93,9 +93,12 @@ LEGEND = (
 
 
 def short_arch(arch) -> str:
-    """``|nor_conv_3x3~0|+|none~0|skip_connect~1|+|...`` -> ``3ns...`` (edge order of the NB201 string)."""
+    """``|nor_conv_3x3~0|+|none~0|skip_connect~1|+|...`` -> ``3ns...`` (edge order of the NB201 string); an OFA
+    string (``k3e4-k5e6|...``) is already short and is returned as it is."""
     if not isinstance(arch, str):
         return "-"
+    if not arch.startswith("|"):
+        return arch
     from zsqpipe.nas.spaces.nb201 import str_to_arch
 
     return "".join(CODES[o] for o in str_to_arch(arch))

@@ -19,11 +19,11 @@ from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
 from zsqpipe.io import sha256_file, write_json
 from zsqpipe.nas.oqat import (
-    LARGEST,
     OQATTrainConfig,
     build_oqat_supernet,
     inherit_bits,
     init_step_sizes,
+    oqat_space,
     step_sizes,
     subnet_accuracy,
     train_oqat,
@@ -33,7 +33,7 @@ from zsqpipe.stages.groundtruth_io import first_images
 from zsqpipe.stages.oqat_io import load_oqat_supernet, save_oqat_supernet
 from zsqpipe.tracking import Tracker
 
-SAME_AS_PARENT = ("C", "N", "weight_quantizer", "bn_affine")
+SAME_AS_PARENT = ("space", "C", "N", "ofa", "block_input_quant", "weight_quantizer", "bn_affine")
 
 
 def run_oqat_train(
@@ -65,6 +65,7 @@ def run_oqat_train(
     val = list(make_loader(first_images(data.val, cfg.val_images), info, cfg.eval_batch_size, train=False,
                            device=dev))  # fmt: skip
 
+    largest = oqat_space(cfg).largest
     inherited = None
     if inherit_from is not None:
         parent, pck = load_oqat_supernet(inherit_from, dev)
@@ -86,7 +87,7 @@ def run_oqat_train(
             "bits": int(pck["bits"]),
             "rule": cfg.inherit_rule,
             "mean_step_ratio": sum(ratio) / max(len(ratio), 1),
-            "val_top1_largest": subnet_accuracy(model, LARGEST, bn_batches, val),
+            "val_top1_largest": subnet_accuracy(model, largest, bn_batches, val),
         }
         del parent
         log(f"inherited w{pck['bits']} -> w{cfg.bits} ({cfg.inherit_rule}; steps x{inherited['mean_step_ratio']:.3f}): "
@@ -104,7 +105,7 @@ def run_oqat_train(
 
     history = train_oqat(model, loader, cfg, dev, log, on_epoch)
     train_time = timer()
-    val_largest = subnet_accuracy(model, LARGEST, bn_batches, val)
+    val_largest = subnet_accuracy(model, largest, bn_batches, val)
     save_oqat_supernet(out_model, model, cfg, info, {"inherited_from": inherited})
     write_json(
         out_history, {"dataset": info.name, "bits": cfg.bits, "config": cfg.to_dict(), "history": history}
