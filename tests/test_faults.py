@@ -386,6 +386,28 @@ def test_json_and_table_writes_on_a_full_disk(prepared, tmp_path, stage, fashion
     assert_no_outputs(out, "manifest.json", "metrics.json", "t.csv", "t.md")  # t.csv too: both or neither
 
 
+def test_write_table_publishes_both_or_neither(tmp_path):
+    """Every table stage (aggregate, nas-table, supernet-table, oqat-table) writes CSV + Markdown through
+    ``write_table``: a failing CSV write leaves neither file (nor a temp file), an old pair stays as it was."""
+    import pandas as pd
+
+    from zsqpipe.errors import OutputError
+    from zsqpipe.io import write_table
+
+    csv, md = tmp_path / "t.csv", tmp_path / "t.md"
+    write_table(pd.DataFrame({"a": [1.0]}), csv, md, "# old\n")
+    old = (csv.read_text(), md.read_text())
+
+    class Broken(pd.DataFrame):
+        def to_csv(self, *a, **k):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match="t.csv"):
+        write_table(Broken({"a": [2.0]}), csv, md, "# new\n")
+    assert (csv.read_text(), md.read_text()) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.md"]
+
+
 # ----------------------------------------------------------------------------- 4. unreadable dataset files
 
 

@@ -66,6 +66,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_table(table: Any, out_csv: str | os.PathLike, out_md: str | os.PathLike, markdown: str) -> None:
+    """Publish ``table`` (a DataFrame) as CSV (floats to 4 decimals, no index) and its Markdown text, both or
+    neither: both are written to temp files first, the CSV is renamed into place, then the Markdown."""
+    with atomic_path(out_md) as tmp_md:
+        tmp_md.write_text(markdown)
+        with atomic_path(out_csv) as tmp:
+            table.to_csv(tmp, index=False, float_format="%.4f")
+
+
 def _json_default(o):
     if isinstance(o, Path):
         return str(o)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from zsqpipe.errors import IntegrityError
-from zsqpipe.io import atomic_path, read_json
+from zsqpipe.io import read_json, write_table
 
 KEYS = ["dataset", "arch", "method", "w_bits", "a_bits"]
 ACCURACIES = ["last_top1", "best_top1", "val_selected_top1"]
@@ -119,8 +119,5 @@ def run_aggregate(
     paper: dict | None = None,
 ) -> pd.DataFrame:
     table = summarize(load_metrics(metrics_paths), paper)
-    with atomic_path(out_md) as tmp_md:  # both or neither: the Markdown table is published last
-        tmp_md.write_text(to_markdown(table, title))
-        with atomic_path(out_csv) as tmp:
-            table.to_csv(tmp, index=False, float_format="%.4f")
+    write_table(table, out_csv, out_md, to_markdown(table, title))  # both or neither
     return table

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from zsqpipe.errors import IntegrityError
-from zsqpipe.io import atomic_path, read_json, write_text
+from zsqpipe.io import read_json, write_table
 from zsqpipe.nas.benchmark import DATASETS, benchmark_optimum
 from zsqpipe.nas.strategies import STRATEGY_NAMES
 
@@ -142,7 +142,5 @@ def run_nas_table(
     benchmark_path: Path | None = None,
 ) -> pd.DataFrame:
     table = summarize(load_results(result_paths), paper, benchmark_path)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
-    write_text(out_md, to_markdown(table, title))
+    write_table(table, out_csv, out_md, to_markdown(table, title))  # both or neither
     return table

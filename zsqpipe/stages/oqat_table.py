@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from zsqpipe.errors import IntegrityError
-from zsqpipe.io import atomic_path, read_json, write_text
+from zsqpipe.io import atomic_path, read_json, write_table
 
 REQUIRED = ["dataset", "bits", "seed", "found", "pareto", "max_bitops", "supernet", "wall_time_s"]
 NOTE = (
@@ -171,9 +171,7 @@ def run_oqat_table(
 ) -> pd.DataFrame:
     found, pareto = load_searches(paths)
     table = summarize(found)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
-    write_text(out_md, to_markdown(table, title))
+    write_table(table, out_csv, out_md, to_markdown(table, title))  # both or neither
     if out_pareto is not None:
         with atomic_path(out_pareto) as tmp:
             pareto.to_csv(tmp, index=False, float_format="%.4f")

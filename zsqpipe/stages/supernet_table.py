@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from zsqpipe.errors import IntegrityError
-from zsqpipe.io import atomic_path, read_json, write_text
+from zsqpipe.io import read_json, write_table
 from zsqpipe.nas.benchmark import DATASETS as NB201_DATASETS
 from zsqpipe.nas.calr import METHODS
 
@@ -179,7 +179,5 @@ def run_supernet_table(
     paper: dict | None = None,
 ) -> pd.DataFrame:
     table = summarize(load_metrics(metrics_paths), paper)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
-    write_text(out_md, to_markdown(table, title))
+    write_table(table, out_csv, out_md, to_markdown(table, title))  # both or neither
     return table
