@@ -618,10 +618,11 @@ def plot_cmd(inputs, kind, out, title, order, style_json, benchmark_path):
 @click.option("--out-history", type=PATH, required=True, help="Per-epoch training history (JSON).")
 @click.option("--out-metrics", type=PATH, required=True, help="Metrics (JSON), written last.")
 @runtime_options
+@resume_options
 @tracking_options
 @stage_command
 def oqat_train_cmd(manifest, bits, seed, params_json, inherit_from, out_model, out_history, out_metrics, device,
-                   threads, tracking, rule, wildcards, log_file):  # fmt: skip
+                   threads, resume_root, no_resume, tracking, rule, wildcards, log_file):  # fmt: skip
     """Train an LSQ-quantized NB201 supernet with shared step sizes (OQAT), from scratch or by bit
     inheritance from a higher-bit supernet."""
     from zsqpipe.nas.oqat import OQATTrainConfig
@@ -635,7 +636,7 @@ def oqat_train_cmd(manifest, bits, seed, params_json, inherit_from, out_model, o
     tracker, name, tags = _tracker(tracking, rule, wildcards, cfg.to_dict())
     with tracker.run(name, tags):
         run_oqat_train(manifest, cfg, out_model, out_history, out_metrics, inherit_from, device, threads, tracker,
-                       _log)  # fmt: skip
+                       _log, _resume_root(resume_root, no_resume, out_model))  # fmt: skip
         if log_file:
             tracker.log_artifact(log_file, "logs")
 

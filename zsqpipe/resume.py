@@ -67,6 +67,21 @@ def runtime_key(device: torch.device) -> dict[str, Any]:
     return {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
+class PyRandomState:
+    """``state_dict``/``load_state_dict`` for a ``random.Random`` (e.g. a supernet's subnet sampler), so a
+    training loop can attach it to :class:`Checkpoints` (its state is plain ints: loads with weights_only)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
+
 # ------------------------------------------------------------------------------------------ checkpoint folder
 
 

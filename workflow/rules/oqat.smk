@@ -34,12 +34,14 @@ rule oqat_train:
         mem_mb=4000,
         runtime=240,
         gpu=gpus,
+        resume=RESUME,  # a run-time setting like threads, not a param: see common.smk
     conda:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe oqat-train --data {input.data} --bits {wildcards.obits} --seed {wildcards.seed}"
         " {params.inherit} --params {params.cfg:q} --out-model {output.model} --out-history {output.history}"
-        " --out-metrics {output.metrics} --device {params.device} --threads {threads} --tracking {input.tracking}"
+        " --out-metrics {output.metrics} --device {params.device} --threads {threads} {resources.resume}"
+        " --tracking {input.tracking}"
         " --rule oqat_train --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"
 
 

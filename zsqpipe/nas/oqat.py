@@ -36,16 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsqpipe.config import from_dict as _from_dict
+from zsqpipe.data.loaders import endless
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.calr import cosine_factor, sample_arch
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, arch_to_str
 from zsqpipe.nas.spaces.ofa import OFASpaceConfig
-from zsqpipe.nas.supernet201 import NB201Supernet, cycle_batches, recalibrate_bn
+from zsqpipe.nas.supernet201 import NB201Supernet, recalibrate_bn
 from zsqpipe.nas.supernet_ofa import OFASupernet
 from zsqpipe.quant import QuantConfig, count_bitops, quantize_model, set_quant_state
 from zsqpipe.quant.config import FP_BITS
 from zsqpipe.quant.modules import QuantAct
 from zsqpipe.quant.quantizers import LSQQuantizer, create_quantizer
+from zsqpipe.resume import Checkpoints, PyRandomState
 
 __all__ = [
     "INHERIT_RULES",
@@ -505,6 +507,7 @@ def train_oqat(
     device=None,
     log: Callable[[str], None] | None = print,
     on_epoch: Callable[[int, dict], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> list[dict]:
     """Quantization-aware supernet training at the model's bits (OQAT step 1, or the fine-tuning after bit
     inheritance). Per iteration t of T = epochs x iters (SPOS uniform single-path sampling; OQAT samples OFA
@@ -515,7 +518,8 @@ def train_oqat(
 
     Weights and the shared step sizes are updated together; only the parameters the subnet used get a
     gradient (zero_grad to None). Subnets come from ``random.Random(cfg.seed)``; the caller seeds torch and
-    the loader. Returns one record per epoch."""
+    the loader. ``checkpoints``: resume from / save epoch checkpoints (model, optimizer, subnet sampler, data
+    stream position; restored epochs are passed to ``on_epoch`` again). Returns one record per epoch."""
     device = device if device is not None else next(model.parameters()).device
     model.to(device).train()
     iters = cfg.iters if cfg.iters is not None else len(loader)  # type: ignore[arg-type]
@@ -531,14 +535,28 @@ def train_oqat(
     )
     rng = random.Random(cfg.seed)
     space = oqat_space(model)
-    data = cycle_batches(loader)
+    data = endless(loader)  # the batches of cycle_batches(loader), with a position that can be saved
     if log is not None:
         log(
             f"oqat: w{model.oqat_bits}a{model.oqat_bits} supernet, T={total} ({cfg.epochs} epochs x {iters} iters)"
         )
     history: list[dict] = []
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    first = 0
+    if checkpoints is not None:
+
+        def restore(extra: dict) -> None:
+            nonlocal start
+            history[:] = extra["history"]
+            start -= extra["time_s"]
+            for rec in history:
+                if on_epoch is not None:
+                    on_epoch(rec["epoch"], rec)
+
+        checkpoints.get_extra = lambda: {"history": history, "time_s": time.perf_counter() - start}
+        checkpoints.set_extra = restore
+        first = checkpoints.attach(model=model, optimizer=opt, sampler=PyRandomState(rng), data=data)
+    for epoch in range(first, cfg.epochs):
         loss_sum = torch.zeros((), device=device)
         hit_sum = torch.zeros((), device=device)
         n_seen, lr_sum = 0, 0.0
@@ -575,6 +593,8 @@ def train_oqat(
             log(
                 f"epoch {epoch}: loss {rec['train_loss']:.4f} top1 {rec['train_top1']:.2f} ({rec['time_s']:.0f}s)"
             )
+        if checkpoints is not None:
+            checkpoints.save(epoch)
     return history
 
 

@@ -6,7 +6,8 @@ trained with SPOS uniform single-path sampling (:func:`zsqpipe.nas.oqat.train_oq
 ``cfg.inherit_rule``), then the same training at the lower bits (the fine-tuning recipe of config
 ``oqat.finetune``). Sanity metric: validation top-1 of the largest cell after BN recalibration, right after
 inheritance (calibration only) and after training. Checkpoint, history and metrics are written atomically,
-the metrics file last.
+the metrics file last. With ``resume_root`` the training is checkpointed after every epoch outside the outputs
+(``zsqpipe.resume``); a rerun after a kill continues from the last epoch with the result of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from itertools import islice
 from pathlib import Path
 
+from zsqpipe.codehash import code_version
 from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
@@ -28,6 +30,7 @@ from zsqpipe.nas.oqat import (
     subnet_accuracy,
     train_oqat,
 )
+from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images
 from zsqpipe.stages.oqat_io import load_oqat_supernet, save_oqat_supernet
@@ -47,11 +50,21 @@ def run_oqat_train(
     threads: int | None = None,
     tracker: Tracker | None = None,
     log=print,
+    resume_root: Path | None = None,
 ) -> dict:
     tracker = tracker or Tracker()
     timer = Timer()
     dev = resolve_device(device)
     setup_runtime(threads, cfg.seed)
+    resume_key = {
+        "stage": "oqat_train",
+        "oqat": cfg.to_dict(),
+        "data_manifest_sha256": sha256_file(manifest),
+        "parent_sha256": sha256_file(inherit_from) if inherit_from is not None else None,
+        "code": code_version("zsqpipe.stages.oqat_train"),
+        **runtime_key(dev),
+    }
+    checkpoints = Checkpoints(ResumeState.for_job(resume_root, out_model, resume_key, log), log=log)
     data = load_prepared(manifest)
     info = data.info
     tracker.log_params({"dataset": info.name, "oqat": cfg.to_dict(), "device": str(dev),
@@ -103,7 +116,9 @@ def run_oqat_train(
     def on_epoch(epoch: int, rec: dict) -> None:
         tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
 
-    history = train_oqat(model, loader, cfg, dev, log, on_epoch)
+    history = train_oqat(model, loader, cfg, dev, log, on_epoch, checkpoints)
+    if checkpoints.resumed_from:  # count the restored epochs' training time too
+        timer.set(timer() + history[checkpoints.resumed_from - 1]["time_s"])
     train_time = timer()
     val_largest = subnet_accuracy(model, largest, bn_batches, val)
     save_oqat_supernet(out_model, model, cfg, info, {"inherited_from": inherited})
@@ -123,8 +138,10 @@ def run_oqat_train(
         "train_time_s": train_time,
         "wall_time_s": timer(),
         "device": str(dev),
+        "resumed_from_epoch": checkpoints.resumed_from,
     }
     write_json(out_metrics, metrics)
+    checkpoints.clear()
     tracker.log_metrics({"val_top1_largest": val_largest, "train_time_s": train_time,
                          "wall_time_s": metrics["wall_time_s"]})  # fmt: skip
     tracker.log_artifact(out_metrics)
