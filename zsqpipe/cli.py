@@ -513,10 +513,11 @@ def groundtruth_cmd(dataset, chunk, manifest, params_json, benchmark_path, out, 
 @click.option("--out-history", type=PATH, required=True, help="Per-epoch training history (JSON).")
 @click.option("--out-metrics", type=PATH, required=True, help="Ranking metrics (JSON), written last.")
 @runtime_options
+@resume_options
 @tracking_options
 @stage_command
 def supernet_train_cmd(groundtruth, manifest, method, seed, params_json, out_model, out_history, out_metrics,
-                       device, threads, tracking, rule, wildcards, log_file):  # fmt: skip
+                       device, threads, resume_root, no_resume, tracking, rule, wildcards, log_file):  # fmt: skip
     """Train the NB201 supernet, then rank the GROUNDTRUTH cells (files from `zsqpipe groundtruth`) with it:
     Kendall-tau and the top-1 of the best-ranked cell."""
     from zsqpipe.nas.calr import SupernetConfig
@@ -530,7 +531,7 @@ def supernet_train_cmd(groundtruth, manifest, method, seed, params_json, out_mod
     tracker, name, tags = _tracker(tracking, rule, wildcards, cfg.to_dict())
     with tracker.run(name, tags):
         run_supernet_train(manifest, list(groundtruth), cfg, out_model, out_history, out_metrics, device, threads,
-                           tracker, _log)  # fmt: skip
+                           tracker, _log, _resume_root(resume_root, no_resume, out_model))  # fmt: skip
         if log_file:
             tracker.log_artifact(log_file, "logs")
 

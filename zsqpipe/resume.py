@@ -82,6 +82,25 @@ class PyRandomState:
         self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
 
 
+class GradPresence:
+    """Which parameters hold a ``.grad`` tensor (restored as zeros). With ``zero_grad(set_to_none=False)`` a
+    parameter that once had a gradient keeps a zero one, so SGD's weight decay and momentum still move it
+    when the current step does not use it; a restored run must start with the same parameters "present"."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"has_grad": [p.grad is not None for p in self.params]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        flags = state["has_grad"]
+        if len(flags) != len(self.params):
+            raise ValueError(f"GradPresence: {len(flags)} flags for {len(self.params)} parameters")
+        for p, has in zip(self.params, flags, strict=True):
+            p.grad = torch.zeros_like(p) if has else None
+
+
 # ------------------------------------------------------------------------------------------ checkpoint folder
 
 

@@ -43,7 +43,7 @@ LOGS = "results/logs"
 BENCH = "results/benchmarks"
 TRACKING = "results/mlflow/tracking.json"
 QUANT_DIR = "results/quant/{dataset}/{arch}/{method}/w{wbits}a{abits}/seed{seed}"
-# Epoch checkpoints of fp_model/quantize/oqat_train, outside their outputs (zsqpipe/resume.py): the rules' `resume`
+# Epoch checkpoints of fp_model/quantize/oqat_train/supernet_train, outside their outputs (zsqpipe/resume.py): the rules' `resume`
 # resource, like `threads` a run-time setting, not a param, because resuming never changes a result and
 # toggling config `resume` must rerun no job (params and the shell text are rerun triggers).
 RESUME = f"--resume-root {RESULTS}/.resume" if config["resume"] else "--no-resume"

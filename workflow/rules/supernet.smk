@@ -62,13 +62,15 @@ rule supernet_train:
         mem_mb=8000,
         runtime=720,  # paper budget (250 epochs, C=16, N=5): DYNAS reports 2.7 GPU-hours on an RTX 2080 Ti
         gpu=gpus,
+        resume=RESUME,  # a run-time setting like threads, not a param: see common.smk
     conda:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe supernet-train {input.groundtruth} --data {input.data} --method {wildcards.method}"
         " --seed {wildcards.seed} --params {params.cfg:q} --out-model {output.model}"
         " --out-history {output.history} --out-metrics {output.metrics} --device {params.device}"
-        " --threads {threads} --tracking {input.tracking} --rule supernet_train --wildcards '{wildcards}'"
+        " --threads {threads} {resources.resume} --tracking {input.tracking} --rule supernet_train"
+        " --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"
 
 

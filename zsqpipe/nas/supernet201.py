@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.data.loaders import endless
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.calr import (
     GroupedSGD,
@@ -36,6 +37,7 @@ from zsqpipe.nas.calr import (
 )
 from zsqpipe.nas.spaces.nb201 import EDGES, OPS, Arch
 from zsqpipe.progress import progress
+from zsqpipe.resume import Checkpoints, GradPresence, PyRandomState
 
 
 def _bn(c: int, affine: bool, track: bool) -> nn.BatchNorm2d:
@@ -274,6 +276,7 @@ def train_supernet(
     device=None,
     log: Callable[[str], None] | None = print,
     on_epoch: Callable[[int, dict], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> list[dict]:
     """Train the supernet with SPOS uniform single-path sampling (one subnet per iteration), optionally with
     DYNAS' CaLR and MS (``cfg.use_calr`` / ``cfg.use_ms``). Per iteration t of T = epochs x iters:
@@ -285,7 +288,9 @@ def train_supernet(
     Subnets are drawn from ``random.Random(cfg.seed)`` (the same sequence with and without CaLR/MS);
     parameter init and loader order are the caller's (seed torch first). Returns one record per epoch
     (train loss/top-1 over the epoch's subnets, mean LR, split edge, per-group step counts, time);
-    ``on_epoch(epoch, record)`` is called after each epoch (e.g. to log metrics)."""
+    ``on_epoch(epoch, record)`` is called after each epoch (e.g. to log metrics). ``checkpoints``: resume
+    from / save epoch checkpoints (model, every group's optimizer, subnet sampler, data position; restored
+    epochs are passed to ``on_epoch`` again)."""
     device = device if device is not None else next(model.parameters()).device
     model.to(device).train()
     iters = cfg.iters if cfg.iters is not None else len(loader)  # type: ignore[arg-type]
@@ -306,7 +311,7 @@ def train_supernet(
         nesterov=cfg.nesterov,
     )
     rng = random.Random(cfg.seed)
-    data = cycle_batches(loader)
+    data = endless(loader)  # the batches of cycle_batches(loader), with a position that can be saved
     if log is not None:
         log(
             f"supernet {cfg.method}: calr={cfg.use_calr} ms={cfg.use_ms} split_edge={split_edge} "
@@ -314,7 +319,23 @@ def train_supernet(
         )
     history: list[dict] = []
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    first = 0
+    if checkpoints is not None:
+
+        def restore(extra: dict) -> None:
+            nonlocal start
+            history[:] = extra["history"]
+            start -= extra["time_s"]
+            for rec in history:
+                if on_epoch is not None:
+                    on_epoch(rec["epoch"], rec)
+
+        checkpoints.get_extra = lambda: {"history": history, "time_s": time.perf_counter() - start}
+        checkpoints.set_extra = restore
+        grads = None if cfg.zero_grad_to_none else GradPresence(model.parameters())
+        first = checkpoints.attach(model=model, optimizer=opt, sampler=PyRandomState(rng), data=data,
+                                   grad_presence=grads)  # fmt: skip
+    for epoch in range(first, cfg.epochs):
         loss_sum = torch.zeros((), device=device)
         hit_sum = torch.zeros((), device=device)
         n_seen, lr_sum = 0, 0.0
@@ -355,4 +376,6 @@ def train_supernet(
                 f"epoch {epoch}: loss {rec['train_loss']:.4f} top1 {rec['train_top1']:.2f} "
                 f"lr {rec['lr_mean']:.4g} ({rec['time_s']:.0f}s)"
             )
+        if checkpoints is not None:
+            checkpoints.save(epoch)
     return history

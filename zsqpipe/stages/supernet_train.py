@@ -19,14 +19,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from zsqpipe.codehash import code_version
 from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
-from zsqpipe.io import save_checkpoint, write_json
+from zsqpipe.io import save_checkpoint, sha256_file, write_json
 from zsqpipe.nas.benchmark import DATASETS as NB201_DATASETS
 from zsqpipe.nas.calr import METHODS, SupernetConfig
 from zsqpipe.nas.ranking import kendall_tau, subset_kendall
 from zsqpipe.nas.supernet201 import build_supernet, evaluate_subnets, train_supernet
+from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images, load_groundtruth
 from zsqpipe.tracking import Tracker
@@ -68,6 +70,7 @@ def run_supernet_train(
     threads: int | None = None,
     tracker: Tracker | None = None,
     log=print,
+    resume_root: Path | None = None,
 ) -> dict:
     tracker = tracker or Tracker()
     if cfg.method not in METHODS:
@@ -98,7 +101,17 @@ def run_supernet_train(
         tracker.log_metrics({k: v for k, v in rec.items() if isinstance(v, int | float) and k != "epoch"},
                             step=epoch)  # fmt: skip
 
-    history = train_supernet(model, loader, cfg, dev, log, on_epoch)
+    resume_key = {  # the training does not depend on the ground truth, only on these
+        "stage": "supernet_train",
+        "supernet": cfg.to_dict(),
+        "data_manifest_sha256": sha256_file(manifest),
+        "code": code_version("zsqpipe.stages.supernet_train"),
+        **runtime_key(dev),
+    }
+    checkpoints = Checkpoints(ResumeState.for_job(resume_root, out_model, resume_key, log), log=log)
+    history = train_supernet(model, loader, cfg, dev, log, on_epoch, checkpoints)
+    if checkpoints.resumed_from:  # count the restored epochs' training time too
+        timer.set(timer() + history[checkpoints.resumed_from - 1]["time_s"])
     train_time = timer()
     save_checkpoint(
         out_model,
@@ -167,9 +180,11 @@ def run_supernet_train(
         "train_time_s": train_time,
         "eval_time_s": eval_time,
         "wall_time_s": timer(),
+        "resumed_from_epoch": checkpoints.resumed_from,
         "device": str(dev),
     }
     write_json(out_metrics, metrics)
+    checkpoints.clear()
     summary = {"train_time_s": train_time, "eval_time_s": eval_time, "wall_time_s": metrics["wall_time_s"]}
     for d, t in truths.items():
         for k in ("tau", "tau_valid", "top1"):
