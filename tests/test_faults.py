@@ -29,16 +29,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_fashion_fixture
+from conftest import hidden_debian_data, prepare_fp_and_shards
 
 from zsqpipe.cli import cli
-from zsqpipe.config import DataConfig, FPConfig, validate_config
-from zsqpipe.data.shards import write_shards
+from zsqpipe.config import FPConfig, validate_config
 from zsqpipe.errors import ConfigError, IntegrityError, OutputError
 from zsqpipe.io import atomic_path, sha256_file
 from zsqpipe.quant import QuantConfig
 from zsqpipe.resume import Checkpoints
-from zsqpipe.stages.data import prepare_data
 from zsqpipe.stages.fp_model import run_fp_model
 from zsqpipe.stages.quantize import run_quantize
 
@@ -57,20 +55,9 @@ ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Data manifest, FP model, synthetic shards (40, 40, 20 rows) and a finished ptq cell."""
-    import zsqpipe.data.datasets as ds
-
     tmp = tmp_path_factory.mktemp("faults")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ds, "DEBIAN_FASHION_MNIST", tmp / "no-debian")
-        fx = make_fashion_fixture(tmp / "fmnist")
-        prepare_data("fashion_mnist", DataConfig(data_dir=str(fx), val_size=40), tmp / "manifest.json")
-        run_fp_model(tmp / "manifest.json", "resnet20", FPConfig(**{**FP, "epochs": 1}), tmp / "fp.pt",
-                     tmp / "fp.json", "cpu", 1, log=lambda _m: None)  # fmt: skip
-        g = torch.Generator().manual_seed(0)
-        n = 100
-        images, labels = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
-        write_shards(tmp / "samples", images, labels, torch.zeros(n), "zeroq", 0, shard_size=40,
-                     provenance={"fp_checkpoint_sha256": sha256_file(tmp / "fp.pt")})  # fmt: skip
+    with hidden_debian_data(tmp):
+        prepare_fp_and_shards(tmp, FP, "zeroq")
         cell = tmp / "cells" / "ptq"
         run_quantize(tmp / "fp.pt", tmp / "manifest.json", "ptq", PTQ, QuantConfig(weight_bits=4, act_bits=4), 0,
                      cell / "model.pt", cell / "history.json", "cpu", 1, log=lambda _m: None)  # fmt: skip

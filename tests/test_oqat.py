@@ -8,7 +8,6 @@ import pytest
 import torch
 from workflow_helpers import planned_jobs, snakemake, write_config
 
-from zsqpipe.config import DataConfig
 from zsqpipe.io import load_checkpoint, read_json
 from zsqpipe.nas.oqat import (
     LARGEST,
@@ -25,7 +24,7 @@ from zsqpipe.nas.oqat import (
     subnet_bitops,
 )
 from zsqpipe.quant import QuantConv2d
-from zsqpipe.stages.data import load_prepared, prepare_data
+from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.oqat_search import run_oqat_search
 from zsqpipe.stages.oqat_table import run_oqat_table
 from zsqpipe.stages.oqat_train import run_oqat_train
@@ -212,17 +211,11 @@ def test_constrained_search_respects_the_budget():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 4-bit supernet and a 3-bit one inherited from it, on the 240-image fixture."""
-    from conftest import make_fashion_fixture
-
-    import zsqpipe.data.datasets as ds
+    from conftest import hidden_debian_data, prepare_fixture_data
 
     tmp = tmp_path_factory.mktemp("oqat")
-    saved = ds.DEBIAN_FASHION_MNIST
-    ds.DEBIAN_FASHION_MNIST = tmp / "no-debian"
-    try:
-        root = make_fashion_fixture(tmp / "fmnist")
-        manifest = tmp / "manifest.json"
-        prepare_data("fashion_mnist", DataConfig(data_dir=str(root), val_size=40), manifest)
+    with hidden_debian_data(tmp):
+        manifest = prepare_fixture_data(tmp)
         out = {}
         for bits, parent in ((4, None), (3, tmp / "w4" / "supernet.pt")):
             d = tmp / f"w{bits}"
@@ -230,8 +223,6 @@ def trained(tmp_path_factory):
             out[bits] = run_oqat_train(manifest, cfg, d / "supernet.pt", d / "history.json", d / "metrics.json",
                                        parent, "cpu", 1, log=lambda m: None)  # fmt: skip
         yield {"tmp": tmp, "manifest": manifest, "metrics": out}
-    finally:
-        ds.DEBIAN_FASHION_MNIST = saved
 
 
 def test_train_stage_inherits(trained):
@@ -358,7 +349,8 @@ def test_oqat_train_resumed_after_a_kill_equals_an_uninterrupted_run(trained, tm
     """oqat-train checkpoints every epoch (model, optimizer, subnet sampler, data position, RNGs): killed after
     epoch 1 of 3 and rerun, it ends bit-identical to an uninterrupted run (NB201 inherited from the fixture's
     4-bit supernet; the OFA space from LSQ init)."""
-    from test_resume import run_interrupted, same_state, without_times
+    from conftest import same_state
+    from test_resume import run_interrupted, without_times
 
     manifest = trained["manifest"]
     if space == "nb201":

@@ -6,17 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_fashion_fixture
+from conftest import hidden_debian_data, prepare_fp_and_shards, same_state
 
-from zsqpipe.config import DataConfig, FPConfig
+from zsqpipe.config import FPConfig
 from zsqpipe.data.datasets import ImageData, dataset_info
 from zsqpipe.data.loaders import BatchLoader, EndlessBatches
-from zsqpipe.data.shards import ShardSet, write_shards
+from zsqpipe.data.shards import ShardSet
 from zsqpipe.engine import infinite
-from zsqpipe.io import sha256_file
 from zsqpipe.quant import QuantConfig
 from zsqpipe.resume import Checkpoints, ResumeState, job_dir
-from zsqpipe.stages.data import prepare_data
 from zsqpipe.stages.fp_model import run_fp_model
 from zsqpipe.stages.quantize import run_quantize
 from zsqpipe.zsq.augment import random_resized_crop_flip
@@ -59,27 +57,12 @@ def without_times(records):
     return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
 
 
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Data manifest, FP model and synthetic shards on the tiny Fashion-MNIST fixture."""
-    import zsqpipe.data.datasets as ds
-
     tmp = tmp_path_factory.mktemp("resume")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ds, "DEBIAN_FASHION_MNIST", tmp / "no-debian")
-        fx = make_fashion_fixture(tmp / "fmnist")
-        prepare_data("fashion_mnist", DataConfig(data_dir=str(fx), val_size=40), tmp / "manifest.json")
-        run_fp_model(tmp / "manifest.json", "resnet20", FPConfig(**{**FP, "epochs": 1}), tmp / "fp.pt",
-                     tmp / "fp.json", "cpu", 1, log=lambda _m: None)  # fmt: skip
-        g = torch.Generator().manual_seed(0)
-        n = 100  # shards of 40, 40, 20 rows: a ragged last shard
-        images, labels = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
-        write_shards(tmp / "samples", images, labels, torch.zeros(n), "test", 0, shard_size=40,
-                     provenance={"fp_checkpoint_sha256": sha256_file(tmp / "fp.pt")})  # fmt: skip
+    with hidden_debian_data(tmp):
+        prepare_fp_and_shards(tmp, FP, "test")
         yield tmp
 
 

@@ -11,14 +11,13 @@ from click.testing import CliRunner
 from workflow_helpers import planned_jobs, snakemake, write_config
 
 from zsqpipe.cli import cli
-from zsqpipe.config import DataConfig, validate_config
+from zsqpipe.config import validate_config
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import load_checkpoint, read_json
 from zsqpipe.nas.benchmark import TABLE_OF_DATASET, kendall_sample, kendall_subset, table_ground_truth
 from zsqpipe.nas.calr import SupernetConfig
 from zsqpipe.nas.spaces.nb201 import index_to_arch, is_connected
 from zsqpipe.nas.supernet201 import NB201Supernet
-from zsqpipe.stages.data import prepare_data
 from zsqpipe.stages.groundtruth import GroundTruthConfig, num_chunks, run_groundtruth, standalone_network
 from zsqpipe.stages.groundtruth_io import load_groundtruth
 from zsqpipe.stages.supernet_table import run_supernet_table
@@ -41,24 +40,16 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The fixture dataset's manifest and its ground truth (3 cells in 2 chunks)."""
-    from conftest import make_fashion_fixture
-
-    import zsqpipe.data.datasets as ds
+    from conftest import hidden_debian_data, prepare_fixture_data
 
     tmp = tmp_path_factory.mktemp("supernet")
-    saved = ds.DEBIAN_FASHION_MNIST
-    ds.DEBIAN_FASHION_MNIST = tmp / "no-debian"
-    try:
-        root = make_fashion_fixture(tmp / "fmnist")
-        manifest = tmp / "manifest.json"
-        prepare_data("fashion_mnist", DataConfig(data_dir=str(root), val_size=40), manifest)
+    with hidden_debian_data(tmp):
+        manifest = prepare_fixture_data(tmp)
         cfg = GroundTruthConfig.from_dict(GT)
         chunks = [tmp / f"chunk{k}.json" for k in range(2)]
         out = [run_groundtruth("fashion_mnist", k, cfg, chunks[k], manifest, "cpu", 1, log=lambda m: None)
                for k in range(2)]  # fmt: skip
         yield {"tmp": tmp, "manifest": manifest, "cfg": cfg, "chunks": chunks, "out": out}
-    finally:
-        ds.DEBIAN_FASHION_MNIST = saved
 
 
 # ---- sample ---------------------------------------------------------------------------------------------
@@ -318,6 +309,7 @@ def test_supernet_train_resumed_after_a_kill_equals_an_uninterrupted_run(tiny, t
     """supernet-train checkpoints every epoch (model, every MS group's optimizer, subnet sampler, data
     position, RNGs, which parameters hold a (zero) gradient): killed after epoch 1 of 3 and rerun, it ends
     bit-identical to an uninterrupted run."""
+    from conftest import same_state
     from test_resume import run_interrupted, without_times
 
     from zsqpipe.io import load_checkpoint
@@ -343,5 +335,4 @@ def test_supernet_train_resumed_after_a_kill_equals_an_uninterrupted_run(tiny, t
     ]
     a = load_checkpoint(tmp_path / "ref" / "supernet.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "out" / "supernet.pt")["state_dict"]
-    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
-    assert not root.exists()
+    assert same_state(a, b) and not root.exists()
