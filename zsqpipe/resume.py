@@ -327,3 +327,30 @@ class Checkpoints:
 
     def clear(self) -> None:
         self.state.clear()
+
+
+def attach_epoch_loop(
+    checkpoints: Checkpoints | None,
+    history: list[dict],
+    timer,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    **objects: Any,
+) -> int:
+    """Wire a loop that keeps one record per epoch in ``history`` and its clock in ``timer`` (an
+    :class:`zsqpipe.engine.Timer`) to ``checkpoints`` (None: no resume), attach ``objects`` and return the
+    first epoch to run. On a restore, ``history`` and the clock continue from the checkpoint and every
+    restored record is passed to ``on_epoch`` again (e.g. this MLflow run gets the restored epochs too).
+    The loop calls ``checkpoints.save(epoch)`` after each epoch."""
+    if checkpoints is None:
+        return 0
+
+    def restore(extra: dict) -> None:
+        history[:] = extra["history"]
+        timer.set(extra["time_s"])
+        for rec in history:
+            if on_epoch is not None:
+                on_epoch(rec["epoch"], rec)
+
+    checkpoints.get_extra = lambda: {"history": history, "time_s": timer()}
+    checkpoints.set_extra = restore
+    return checkpoints.attach(**objects)

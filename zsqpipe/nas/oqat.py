@@ -26,7 +26,6 @@ unreleased). docs/methods/oqat.md lists the equations, sources, choices and devi
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from torch import nn
 
 from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.data.loaders import endless
+from zsqpipe.engine import Timer
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.calr import cosine_factor, sample_arch
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, arch_to_str
@@ -47,7 +47,7 @@ from zsqpipe.quant import QuantConfig, count_bitops, quantize_model, set_quant_s
 from zsqpipe.quant.config import FP_BITS
 from zsqpipe.quant.modules import QuantAct
 from zsqpipe.quant.quantizers import LSQQuantizer, create_quantizer
-from zsqpipe.resume import Checkpoints, PyRandomState
+from zsqpipe.resume import Checkpoints, PyRandomState, attach_epoch_loop
 
 __all__ = [
     "INHERIT_RULES",
@@ -541,21 +541,9 @@ def train_oqat(
             f"oqat: w{model.oqat_bits}a{model.oqat_bits} supernet, T={total} ({cfg.epochs} epochs x {iters} iters)"
         )
     history: list[dict] = []
-    start = time.perf_counter()
-    first = 0
-    if checkpoints is not None:
-
-        def restore(extra: dict) -> None:
-            nonlocal start
-            history[:] = extra["history"]
-            start -= extra["time_s"]
-            for rec in history:
-                if on_epoch is not None:
-                    on_epoch(rec["epoch"], rec)
-
-        checkpoints.get_extra = lambda: {"history": history, "time_s": time.perf_counter() - start}
-        checkpoints.set_extra = restore
-        first = checkpoints.attach(model=model, optimizer=opt, sampler=PyRandomState(rng), data=data)
+    timer = Timer()
+    first = attach_epoch_loop(checkpoints, history, timer, on_epoch, model=model, optimizer=opt,
+                              sampler=PyRandomState(rng), data=data)  # fmt: skip
     for epoch in range(first, cfg.epochs):
         loss_sum = torch.zeros((), device=device)
         hit_sum = torch.zeros((), device=device)
@@ -584,7 +572,7 @@ def train_oqat(
             "train_loss": float(loss_sum) / max(n_seen, 1),
             "train_top1": 100.0 * float(hit_sum) / max(n_seen, 1),
             "lr_mean": lr_sum / max(iters, 1),
-            "time_s": time.perf_counter() - start,
+            "time_s": timer(),
         }
         history.append(rec)
         if on_epoch is not None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsqpipe.data.loaders import endless
+from zsqpipe.engine import Timer
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.calr import (
     GroupedSGD,
@@ -37,7 +38,7 @@ from zsqpipe.nas.calr import (
 )
 from zsqpipe.nas.spaces.nb201 import EDGES, OPS, Arch
 from zsqpipe.progress import progress
-from zsqpipe.resume import Checkpoints, GradPresence, PyRandomState
+from zsqpipe.resume import Checkpoints, GradPresence, PyRandomState, attach_epoch_loop
 
 
 def _bn(c: int, affine: bool, track: bool) -> nn.BatchNorm2d:
@@ -318,23 +319,10 @@ def train_supernet(
             f"T={total} ({cfg.epochs} epochs x {iters} iters)"
         )
     history: list[dict] = []
-    start = time.perf_counter()
-    first = 0
-    if checkpoints is not None:
-
-        def restore(extra: dict) -> None:
-            nonlocal start
-            history[:] = extra["history"]
-            start -= extra["time_s"]
-            for rec in history:
-                if on_epoch is not None:
-                    on_epoch(rec["epoch"], rec)
-
-        checkpoints.get_extra = lambda: {"history": history, "time_s": time.perf_counter() - start}
-        checkpoints.set_extra = restore
-        grads = None if cfg.zero_grad_to_none else GradPresence(model.parameters())
-        first = checkpoints.attach(model=model, optimizer=opt, sampler=PyRandomState(rng), data=data,
-                                   grad_presence=grads)  # fmt: skip
+    timer = Timer()
+    grads = None if cfg.zero_grad_to_none else GradPresence(model.parameters())
+    first = attach_epoch_loop(checkpoints, history, timer, on_epoch, model=model, optimizer=opt,
+                              sampler=PyRandomState(rng), data=data, grad_presence=grads)  # fmt: skip
     for epoch in range(first, cfg.epochs):
         loss_sum = torch.zeros((), device=device)
         hit_sum = torch.zeros((), device=device)
@@ -366,7 +354,7 @@ def train_supernet(
             "lr_mean": lr_sum / max(iters, 1),
             "split_edge": split_edge,
             "group_steps": {g: opt.steps[g] - steps_before[g] for g in opt.groups},
-            "time_s": time.perf_counter() - start,
+            "time_s": timer(),
         }
         history.append(rec)
         if on_epoch is not None:
