@@ -287,7 +287,15 @@ def test_workflow_builds_supernet_table(tmp_path):
     """config/smoke.yaml's supernet section through snakemake (Fashion-MNIST; 3 cells in 2 ground-truth jobs;
     SPOS and SPOS+CaLR+MS, one seed; a few steps each), MLflow off."""
     cfg = write_config(tmp_path / "smoke.yaml", tracking=False)
-    snakemake(tmp_path, cfg, "--cores", "2", "results/tables/supernet.csv")
+    snakemake(
+        tmp_path, cfg, "--cores", "2", "results/tables/supernet.csv", "results/tables/supernet_search.csv"
+    )
+    st = pd.read_csv(tmp_path / "results/tables/supernet_search.csv")
+    searched = st[st["supernet"] != "-"]
+    assert sorted(zip(searched["supernet"], searched["strategy"], strict=True)) == [
+        ("spos", "random"), ("spos", "rea"), ("spos_calr_ms", "random"), ("spos_calr_ms", "rea")]  # fmt: skip
+    assert (searched["queries"] == 12).all() and searched["standalone_test_mean"].notna().all()
+    assert list(st[st["supernet"] == "-"]["n_searches"]) == [3, 3]  # random / best ground-truth cell rows
     t = pd.read_csv(tmp_path / "results/tables/supernet.csv")
     assert list(t["method"]) == ["spos", "spos_calr_ms"] and (t["n_archs"] == 3).all()
     assert (t["truth"] == "fashion_mnist").all() and (t["n_seeds"] == 1).all() and t["tau_mean"].notna().all()
@@ -303,6 +311,10 @@ def test_workflow_builds_supernet_table(tmp_path):
     cfg2 = write_config(tmp_path / "lr.yaml", tracking=False, supernet__train__lr=0.05)
     jobs = sorted(j[0] for j in planned_jobs(tmp_path, cfg2, "results/tables/supernet.csv"))
     assert jobs == ["supernet_table", "supernet_train", "supernet_train"]
+    # a search setting reruns only the searches and their table
+    cfg3 = write_config(tmp_path / "s.yaml", tracking=False, supernet__search__budget=10)
+    jobs = sorted({j[0] for j in planned_jobs(tmp_path, cfg3, "results/tables/supernet_search.csv")})
+    assert jobs == ["supernet_search", "supernet_search_table"]
 
 
 def test_supernet_train_resumed_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path):
@@ -336,3 +348,68 @@ def test_supernet_train_resumed_after_a_kill_equals_an_uninterrupted_run(tiny, t
     a = load_checkpoint(tmp_path / "ref" / "supernet.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "out" / "supernet.pt")["state_dict"]
     assert same_state(a, b) and not root.exists()
+
+
+# ---- supernet-search ----------------------------------------------------------------------------------------
+
+
+def test_supernet_search_uses_the_supernet_and_never_the_test_split(tiny, tmp_path, monkeypatch):
+    """Search on a trained supernet: every query is a supernet score (cached per cell), the found cell is
+    the best-scored one, the test split is read only for the report (scrambled test data leave the search
+    unchanged), and the found cells are trained stand-alone with the groundtruth recipe."""
+    import zsqpipe.stages.supernet_search as stage
+    from zsqpipe.stages.data import load_prepared
+    from zsqpipe.stages.supernet_search import (
+        SupernetSearchConfig,
+        run_supernet_search,
+        run_supernet_search_table,
+    )
+
+    _, d = train(tiny, "spos_calr_ms", tag="search")
+    cfg = SupernetSearchConfig(
+        budget=6, seeds=(0, 1), bn_batches=1, batch_size=16, val_images=40, eval_batch_size=40
+    )
+    queried = []
+    real = stage.evaluate_subnets
+    monkeypatch.setattr(
+        stage, "evaluate_subnets", lambda m, a, *r, **k: queried.extend(a) or real(m, a, *r, **k)
+    )
+    a = run_supernet_search(d / "supernet.pt", tiny["manifest"], "random", cfg, tmp_path / "a.json",
+                            groundtruth=tiny["cfg"], device="cpu", threads=1, log=lambda m: None)  # fmt: skip
+    assert [r["queries"] for r in a["records"]] == [6, 6] and a["n_scored"] <= 12
+    assert all(r["standalone"]["test_acc"] is not None for r in a["records"])
+    assert len(queried) == a["n_scored"] + len(
+        {r["arch"] for r in a["records"]}
+    )  # search scores + the report
+
+    def scrambled(path, verify=True):
+        data = load_prepared(path, verify)
+        data.test.labels = torch.randint(
+            0, 10, data.test.labels.shape, generator=torch.Generator().manual_seed(0)
+        )
+        return data
+
+    monkeypatch.setattr(stage, "load_prepared", scrambled)
+    b = run_supernet_search(d / "supernet.pt", tiny["manifest"], "random", cfg, tmp_path / "b.json",
+                            groundtruth=tiny["cfg"], device="cpu", threads=1, log=lambda m: None)  # fmt: skip
+    key = lambda c: [(r["arch"], r["supernet_val_acc"]) for r in c["records"]]  # noqa: E731
+    assert key(a) == key(b)
+    assert [r["supernet_test_acc"] for r in a["records"]] != [r["supernet_test_acc"] for r in b["records"]]
+    t = run_supernet_search_table(
+        [tmp_path / "a.json"], tmp_path / "t.csv", tmp_path / "t.md", tiny["chunks"]
+    )
+    assert list(t["strategy"]) == ["random", "random cell (groundtruth sample)", "best groundtruth cell"]
+    assert t["n_searches"].tolist()[0] == 2 and (tmp_path / "t.md").read_text().startswith("# NAS with")
+    with pytest.raises(ConfigError, match="supernet.search.strategies"):
+        run_supernet_search(d / "supernet.pt", tiny["manifest"], "ase_plus", cfg, tmp_path / "c.json",
+                            groundtruth=tiny["cfg"], device="cpu", log=lambda m: None)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"supernet\.search\.seeds"):
+        SupernetSearchConfig(seeds=(0, 0))
+
+
+def test_search_schema_defaults_match_the_dataclass():
+    from zsqpipe.stages.supernet_search import SupernetSearchConfig
+
+    d = validate_config({})["supernet"]["search"]
+    assert d.pop("strategies") == ["random", "rea"]
+    assert d == SupernetSearchConfig().to_dict()

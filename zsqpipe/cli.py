@@ -536,6 +536,65 @@ def supernet_train_cmd(groundtruth, manifest, method, seed, params_json, out_mod
             tracker.log_artifact(log_file, "logs")
 
 
+@cli.command("supernet-search")
+@click.argument("supernet", type=EXISTING)
+@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@click.option("--strategy", required=True, help="random, rea, reinforce or ase.")
+@click.option(
+    "--params", "params_json", default="{}", help="Search settings as JSON (config supernet.search)."
+)
+@click.option(
+    "--strategy-params", "strategy_json", default="{}", help="The strategy's settings (nas.params.<name>)."
+)
+@click.option("--groundtruth-params", "gt_json", default=None,
+              help="Stand-alone training recipe as JSON (config supernet.groundtruth with C, N), for the found cells.")  # fmt: skip
+@click.option("--out", type=PATH, required=True, help="Search result (JSON).")
+@runtime_options
+@tracking_options
+@stage_command
+def supernet_search_cmd(supernet, manifest, strategy, params_json, strategy_json, gt_json, out, device, threads,
+                        tracking, rule, wildcards, log_file):  # fmt: skip
+    """Search NB201 cells with a trained SUPERNET (from `zsqpipe supernet-train`) as the evaluator; report the
+    found cells' supernet and stand-alone test accuracy."""
+    from zsqpipe.stages.groundtruth import GroundTruthConfig
+    from zsqpipe.stages.supernet_search import SupernetSearchConfig, run_supernet_search
+
+    cfg = SupernetSearchConfig.from_dict(_json(params_json, "--params"))
+    gt = GroundTruthConfig.from_dict(_json(gt_json, "--groundtruth-params")) if gt_json else None
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"search": cfg.to_dict(), "strategy": strategy})
+    with tracker.run(name, tags):
+        run_supernet_search(supernet, manifest, strategy, cfg, out, _json(strategy_json, "--strategy-params"), gt,
+                            device, threads, tracker, _log)  # fmt: skip
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("supernet-search-table")
+@click.argument("searches", nargs=-1, type=EXISTING, required=True)
+@click.option("--groundtruth", "gt_files", multiple=True, type=EXISTING,
+              help="Ground-truth files (`zsqpipe groundtruth`) for the random-cell reference rows; repeatable.")  # fmt: skip
+@click.option("--out-csv", type=PATH, required=True)
+@click.option("--out-md", type=PATH, required=True)
+@click.option("--title", default="NAS with a trained supernet as the evaluator", show_default=True)
+@tracking_options
+@stage_command
+def supernet_search_table_cmd(
+    searches, gt_files, out_csv, out_md, title, tracking, rule, wildcards, log_file
+):
+    """Table of `zsqpipe supernet-search` SEARCHES: the found cells' stand-alone test accuracy per supernet
+    method and strategy (mean ± std), next to random groundtruth cells."""
+    from zsqpipe.stages.supernet_search import run_supernet_search_table
+
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"searches": [str(p) for p in searches]})
+    with tracker.run(name, tags):
+        run_supernet_search_table(list(searches), out_csv, out_md, list(gt_files) or None, title)
+        tracker.log_artifact(out_csv)
+        tracker.log_artifact(out_md)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+        _log(f"supernet search table -> {out_csv}")
+
+
 @cli.command("supernet-table")
 @click.argument("metrics", nargs=-1, type=EXISTING, required=True)
 @click.option("--out-csv", type=PATH, required=True)

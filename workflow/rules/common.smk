@@ -296,6 +296,32 @@ def supernet_params(wildcards):
     return canonical_json(SUPERNET["train"])
 
 
+SUPERNET_SEARCH = f"{RESULTS}/nas/supernet_search/{{dataset}}/{{method}}/seed{{seed}}/{{strategy}}.json"
+
+
+def supernet_search_params(wildcards):
+    return canonical_json({k: v for k, v in SUPERNET["search"].items() if k != "strategies"})
+
+
+def supernet_search_gt_params(wildcards):
+    """The stand-alone recipe of the found cells (supernet.groundtruth + the supernet's C, N), or ""."""
+    return groundtruth_params(wildcards) if SUPERNET["search"]["standalone"] else ""
+
+
+def supernet_searches(wildcards):
+    return [
+        SUPERNET_SEARCH.format(dataset=d, method=m, seed=s, strategy=st)
+        for d in SUPERNET["datasets"]
+        for m in SUPERNET["methods"]
+        for s in SUPERNET["seeds"]
+        for st in SUPERNET["search"]["strategies"]
+    ]
+
+
+def supernet_search_groundtruth(wildcards):
+    return [GT_RESULT.format(dataset=d, chunk=k) for d in SUPERNET["datasets"] for k in range(groundtruth_chunks(d))]
+
+
 def supernet_metrics(wildcards):
     return [
         f"{SUPERNET_DIR}/metrics.json".format(dataset=d, method=m, seed=s)

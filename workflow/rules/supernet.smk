@@ -98,4 +98,65 @@ rule supernet_table:
         " --rule supernet_table --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"
 
 
+rule supernet_search:
+    input:
+        supernet=f"{SUPERNET_DIR}/supernet.pt",
+        data=f"{RESULTS}/data/{{dataset}}/manifest.json",
+        tracking=ancient(TRACKING),
+    output:
+        SUPERNET_SEARCH,
+    wildcard_constraints:
+        dataset="fashion_mnist|cifar10|cifar100",
+        method="spos|spos_calr_ms",
+        seed=r"\d+",
+        strategy="random|rea|reinforce|ase",
+    params:
+        cfg=supernet_search_params,
+        strategy=lambda w: canonical_json(nas_strategy_params(w.strategy)),
+        gt=supernet_search_gt_params,
+        device=config["device"],
+        code=code_version("zsqpipe.stages.supernet_search"),
+    log:
+        f"{LOGS}/supernet_search/{{dataset}}/{{method}}/seed{{seed}}/{{strategy}}.log",
+    benchmark:
+        f"{BENCH}/supernet_search/{{dataset}}/{{method}}/seed{{seed}}/{{strategy}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=240,
+        gpu=gpus,
+    conda:
+        "../envs/zsqpipe.yaml"
+    shell:
+        "python3 -m zsqpipe supernet-search {input.supernet} --data {input.data} --strategy {wildcards.strategy}"
+        " --params {params.cfg:q} --strategy-params {params.strategy:q} --groundtruth-params {params.gt:q}"
+        " --out {output} --device {params.device} --threads {threads} --tracking {input.tracking}"
+        " --rule supernet_search --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"
+
+
+rule supernet_search_table:
+    input:
+        searches=supernet_searches,
+        groundtruth=supernet_search_groundtruth,
+        tracking=ancient(TRACKING),
+    output:
+        csv=f"{RESULTS}/tables/supernet_search.csv",
+        md=f"{RESULTS}/tables/supernet_search.md",
+    params:
+        gt=lambda w, input: " ".join(f"--groundtruth {p}" for p in input.groundtruth),
+        code=code_version("zsqpipe.stages.supernet_search"),
+    log:
+        f"{LOGS}/supernet_search_table.log",
+    benchmark:
+        f"{BENCH}/supernet_search_table.tsv"
+    localrule: True
+    conda:
+        "../envs/zsqpipe.yaml"
+    shell:
+        "python3 -m zsqpipe supernet-search-table {input.searches} {params.gt} --out-csv {output.csv}"
+        " --out-md {output.md} --tracking {input.tracking} --rule supernet_search_table"
+        " --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"
+
+
+ruleorder: supernet_search_table > aggregate  # a config table named "supernet_search" would match aggregate
 ruleorder: supernet_table > aggregate  # a config table named "supernet" would also match aggregate's output

@@ -1,0 +1,325 @@
+"""Stage ``supernet-search``: NAS with a trained NB201 supernet as the evaluator (docs/methods/nas_search.md,
+*Supernet evaluator*), and ``supernet-search-table``.
+
+The strategies of the tabular ``search`` stage (random, rea, reinforce, ase, ase_plus) query a
+:class:`SupernetEvaluator` instead of the benchmark: a cell's score is the supernet's top-1 on the first
+``val_images`` **validation** images after BN recalibration on fixed training batches (when its BN tracks
+statistics; DYNAS' supernet uses batch statistics). Every query counts against the budget; a cell's score
+is computed once and cached (the evaluator is deterministic). Only after every search has returned is the
+test split read: the found cell's supernet top-1 on the test images, and, with ``standalone``, its true
+accuracy, by training it stand-alone with the ``groundtruth`` stage's recipe (``supernet.groundtruth``) on
+the same data, as the cells the supernet is ranked against in ``supernet.csv``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from zsqpipe.config import from_dict as _from_dict
+from zsqpipe.data import make_loader
+from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
+from zsqpipe.errors import ConfigError, IntegrityError
+from zsqpipe.io import load_checkpoint, read_json, sha256_file, write_json, write_table
+from zsqpipe.nas.calr import SupernetConfig
+from zsqpipe.nas.spaces.nb201 import Arch, arch_to_index, arch_to_str
+from zsqpipe.nas.strategies import STRATEGY_NAMES, run_strategy
+from zsqpipe.nas.supernet201 import build_supernet, evaluate_subnets
+from zsqpipe.stages.data import load_prepared
+from zsqpipe.stages.groundtruth import GroundTruthConfig, standalone_network, train_standalone
+from zsqpipe.stages.groundtruth_io import first_images, load_groundtruth
+from zsqpipe.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class SupernetSearchConfig:
+    """Config ``supernet.search`` (without ``strategies``). budget: queries per search; seeds: search seeds
+    per supernet; bn_batches x batch_size: training images that recalibrate BN before a cell is scored;
+    val_images: validation images that score a cell (the search signal); test_images: test images of the
+    report (null = all); standalone: train each found cell stand-alone (``supernet.groundtruth`` recipe) for
+    its true test accuracy."""
+
+    budget: int = 30
+    seeds: tuple[int, ...] = (0,)
+    bn_batches: int = 5
+    batch_size: int = 64
+    val_images: int | None = 1000
+    test_images: int | None = None
+    eval_batch_size: int = 500
+    standalone: bool = True
+
+    def __post_init__(self):
+        p = "supernet.search"
+        for key in ("budget", "bn_batches", "batch_size", "eval_batch_size"):
+            v = getattr(self, key)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{p}.{key}: expected an integer >= 1, got {v!r}")
+        for key in ("val_images", "test_images"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{p}.{key}: expected null or an integer >= 1, got {v!r}")
+        seeds = tuple(self.seeds) if isinstance(self.seeds, list | tuple) else None
+        if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+            raise ConfigError(f"{p}.seeds: expected a non-empty list of integers >= 0, got {self.seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{p}.seeds: duplicate seed in {list(seeds)}")
+        object.__setattr__(self, "seeds", seeds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seeds": list(self.seeds)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, prefix: str = "supernet.search") -> SupernetSearchConfig:
+        return _from_dict(cls, d, prefix)
+
+
+class SupernetEvaluator:
+    """``arch -> top-1 (%)`` of the subnet on fixed validation batches after BN recalibration on fixed
+    training batches (:func:`zsqpipe.nas.supernet201.evaluate_subnets`), cached per cell. ``calls`` counts
+    queries, ``scores`` holds the distinct cells scored."""
+
+    def __init__(self, model, bn_batches: list, val_batches: list, device):
+        self.model, self.bn, self.val, self.device = model, bn_batches, val_batches, device
+        self.scores: dict[Arch, float] = {}
+        self.calls = 0
+
+    def __call__(self, arch: Arch) -> float:
+        self.calls += 1
+        arch = tuple(arch)
+        if arch not in self.scores:
+            self.scores[arch] = evaluate_subnets(
+                self.model, [arch], self.bn, self.val, len(self.bn), self.device
+            )[0]
+        return self.scores[arch]
+
+
+def load_nb201_supernet(path: Path, device) -> tuple[torch.nn.Module, dict]:
+    """The supernet of a ``supernet-train`` checkpoint and the checkpoint's metadata."""
+    ck = load_checkpoint(path)
+    if ck.get("kind") != "nb201_supernet":
+        raise IntegrityError(f"{path}: not a supernet-train checkpoint (kind {ck.get('kind')!r})")
+    cfg = SupernetConfig.from_dict(ck["config"], f"{path}: config")
+    model = build_supernet(cfg, ck["in_channels"], ck["num_classes"])
+    try:
+        model.load_state_dict(ck.pop("state_dict"))
+    except RuntimeError as e:
+        raise IntegrityError(f"{path}: the state does not fit its config: {e}") from e
+    return model.to(device).eval(), ck
+
+
+def run_supernet_search(
+    supernet: Path,
+    manifest: Path,
+    strategy: str,
+    cfg: SupernetSearchConfig,
+    out: Path,
+    strategy_params: dict | None = None,
+    groundtruth: GroundTruthConfig | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    tracker: Tracker | None = None,
+    log=print,
+) -> dict:
+    """Search with ``strategy`` once per ``cfg.seeds`` on the supernet's validation scores; then report each
+    found cell (supernet test top-1; stand-alone test top-1 with ``cfg.standalone``). Writes and returns
+    ``{dataset, strategy, supernet, config, records: [one per seed], ...}``."""
+    tracker = tracker or Tracker()
+    timer = Timer()
+    if strategy not in STRATEGY_NAMES or strategy == "ase_plus":
+        names = [s for s in STRATEGY_NAMES if s != "ase_plus"]
+        raise ConfigError(f"supernet.search.strategies: {strategy!r} is not one of {names}")
+    if cfg.standalone and groundtruth is None:
+        raise ConfigError("supernet-search: standalone training needs the supernet.groundtruth recipe")
+    dev = resolve_device(device)
+    setup_runtime(threads, cfg.seeds[0])
+    model, ck = load_nb201_supernet(supernet, dev)
+    data = load_prepared(manifest)
+    info = data.info
+    if ck["dataset"] != info.name:
+        raise ConfigError(
+            f"supernet-search: {supernet} was trained on {ck['dataset']!r}, the data is {info.name!r}"
+        )
+    params = dict(strategy_params or {})
+    tracker.log_params({"dataset": info.name, "strategy": strategy, "search": cfg.to_dict(), "params": params,
+                        "supernet_method": ck["config"]["method"], "supernet_seed": ck["config"]["seed"]})  # fmt: skip
+    bn_loader = make_loader(
+        data.train, info, cfg.batch_size, train=True, seed=10_000, device=dev, augment=False
+    )
+    bn = list(islice(bn_loader, cfg.bn_batches))
+    val = list(make_loader(first_images(data.val, cfg.val_images), info, cfg.eval_batch_size, train=False,
+                           device=dev))  # fmt: skip
+    evaluator = SupernetEvaluator(model, bn, val, dev)
+    found = []
+    for step, seed in enumerate(cfg.seeds):
+        t0 = time.perf_counter()
+        calls0, scored0 = evaluator.calls, len(evaluator.scores)
+        result = run_strategy(strategy, evaluator, cfg.budget, seed, params, log)
+        found.append({"seed": seed, "arch": result.best_arch, "supernet_val_acc": result.best_valid,
+                      "queries": len(result.history), "new_cells_scored": len(evaluator.scores) - scored0,
+                      "search_time_s": time.perf_counter() - t0})  # fmt: skip
+        assert evaluator.calls - calls0 == len(result.history)
+        tracker.log_metrics({"supernet_val_acc": result.best_valid}, step=step)
+        log(f"seed {seed}: {arch_to_str(result.best_arch)} supernet val {result.best_valid:.2f} "
+            f"({found[-1]['search_time_s']:.0f}s, {found[-1]['new_cells_scored']} new cells scored)")  # fmt: skip
+    search_time = timer()
+
+    # ---- every search has returned: only now is the test split read ----
+    test = list(make_loader(first_images(data.test, cfg.test_images), info, cfg.eval_batch_size, train=False,
+                            device=dev))  # fmt: skip
+    archs = sorted({f["arch"] for f in found})
+    sn_test = dict(zip(archs, evaluate_subnets(model, archs, bn, test, len(bn), dev), strict=True))
+    standalone: dict[Arch, dict] = {}
+    if cfg.standalone:
+        gt_val = make_loader(first_images(data.val, groundtruth.val_images), info, groundtruth.eval_batch_size,
+                             train=False, device=dev)  # fmt: skip
+        gt_test = make_loader(first_images(data.test, groundtruth.test_images), info, groundtruth.eval_batch_size,
+                              train=False, device=dev)  # fmt: skip
+        for arch in archs:  # the groundtruth stage's recipe and seeds: comparable with its cells
+            runs = []
+            for seed in groundtruth.seeds:
+                setup_runtime(threads, seed)
+                net = standalone_network(
+                    arch, groundtruth.C, groundtruth.N, info.in_channels, info.num_classes
+                )
+                loader = make_loader(data.train, info, groundtruth.batch_size, train=True, seed=seed, device=dev,
+                                     augment=groundtruth.augment)  # fmt: skip
+                train_standalone(net, loader, groundtruth, dev)
+                runs.append({"seed": seed, "valid_acc": evaluate(net, gt_val)["top1"],
+                             "test_acc": evaluate(net, gt_test)["top1"]})  # fmt: skip
+            standalone[arch] = {"test_acc": float(np.mean([r["test_acc"] for r in runs])),
+                                "valid_acc": float(np.mean([r["valid_acc"] for r in runs])), "runs": runs}  # fmt: skip
+            log(f"stand-alone {arch_to_str(arch)}: test {standalone[arch]['test_acc']:.2f}")
+    records = [
+        {
+            "dataset": info.name,
+            "strategy": strategy,
+            **{k: v for k, v in f.items() if k != "arch"},
+            "arch": arch_to_str(f["arch"]),
+            "index": arch_to_index(f["arch"]),
+            "supernet_test_acc": sn_test[f["arch"]],
+            "standalone": standalone.get(f["arch"]),
+        }
+        for f in found
+    ]
+    content = {
+        "dataset": info.name,
+        "strategy": strategy,
+        "params": params,
+        "config": cfg.to_dict(),
+        "groundtruth_config": groundtruth.to_dict() if groundtruth is not None else None,
+        "supernet": {
+            "path": str(supernet),
+            "sha256": sha256_file(supernet),
+            "method": ck["config"]["method"],
+            "seed": ck["config"]["seed"],
+            "config": ck["config"],
+        },  # fmt: skip
+        "records": records,
+        "n_scored": len(evaluator.scores),
+        "bn_images": sum(len(y) for _, y in bn),
+        "val_images": sum(len(y) for _, y in val),
+        "test_images": sum(len(y) for _, y in test),
+        "search_time_s": search_time,
+        "wall_time_s": timer(),
+        "device": str(dev),
+    }
+    write_json(out, content)
+    tracker.log_metrics({"search_time_s": search_time, "wall_time_s": content["wall_time_s"]})
+    tracker.log_artifact(out)
+    return content
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Table
+
+NOTE = (
+    "Searches on a trained NB201 supernet (the evaluator: supernet top-1 on validation images after BN "
+    "recalibration), one per supernet seed x search seed. stand-alone test = test top-1 (%) of the found cell "
+    "trained alone with the groundtruth recipe (its true accuracy at our budget), mean ± sample std over the "
+    "searches; supernet val / test = the supernet's estimate. Reference rows from the groundtruth sample "
+    "(cells drawn at random, trained with the same recipe): their mean ± std and the best of them."
+)
+
+
+def _pm(m: float, s: float) -> str:
+    if m is None or np.isnan(m):
+        return ""
+    return f"{m:.2f}" if s is None or np.isnan(s) else f"{m:.2f} ± {s:.2f}"
+
+
+def summarize_searches(paths: list[Path], groundtruth: list[Path] | None = None) -> pd.DataFrame:
+    rows = []
+    for p in paths:
+        c = read_json(p)
+        if not isinstance(c, dict) or not c.get("records"):
+            raise IntegrityError(f"{p}: supernet-search file without 'records'")
+        for r in c["records"]:
+            sa = r.get("standalone") or {}
+            rows.append({"dataset": c["dataset"], "supernet": c["supernet"]["method"], "strategy": c["strategy"],
+                         "supernet_seed": c["supernet"]["seed"], "seed": r["seed"], "arch": r["arch"],
+                         "queries": r["queries"], "val": r["supernet_val_acc"], "sn_test": r["supernet_test_acc"],
+                         "test": sa.get("test_acc", np.nan), "time": r["search_time_s"]})  # fmt: skip
+    if not rows:
+        raise IntegrityError("supernet-search-table: no search files given")
+    df = pd.DataFrame(rows)
+    out = []
+    for (dataset, method, strategy), g in df.groupby(["dataset", "supernet", "strategy"], sort=True):
+        n = len(g)
+
+        def sd(col: str, g=g, n=n) -> float:
+            return float(g[col].std(ddof=1)) if n > 1 else np.nan
+
+        out.append({"dataset": dataset, "supernet": method, "strategy": strategy, "n_searches": n,
+                    "runs": " ".join(f"{a}/{b}" for a, b in zip(g["supernet_seed"], g["seed"], strict=True)),
+                    "queries": float(g["queries"].mean()),
+                    "standalone_test_mean": float(g["test"].mean()), "standalone_test_std": sd("test"),
+                    "supernet_val_mean": float(g["val"].mean()), "supernet_val_std": sd("val"),
+                    "supernet_test_mean": float(g["sn_test"].mean()), "supernet_test_std": sd("sn_test"),
+                    "n_distinct_archs": int(g["arch"].nunique()), "search_time_s_mean": float(g["time"].mean())})  # fmt: skip
+    if groundtruth:
+        gt = load_groundtruth(groundtruth)
+        tests = np.array([r["test_acc"] for r in gt["records"]], dtype=float)
+        for name, mean, std in (("random cell (groundtruth sample)", tests.mean(), tests.std(ddof=1)),
+                                ("best groundtruth cell", tests.max(), np.nan)):  # fmt: skip
+            out.append({"dataset": gt["dataset"], "supernet": "-", "strategy": name, "n_searches": len(tests),
+                        "standalone_test_mean": float(mean), "standalone_test_std": float(std)})  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def to_markdown(table: pd.DataFrame, title: str) -> str:
+    cols = ["dataset", "supernet", "strategy", "searches", "queries", "stand-alone test", "supernet val",
+            "supernet test", "distinct cells", "search s"]  # fmt: skip
+    lines = [f"# {title}", "", NOTE, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+
+        def get(k: str, r=r) -> float:
+            return r[k] if k in r and not pd.isna(r[k]) else np.nan
+
+        cells = [r["dataset"], r["supernet"], r["strategy"], str(r["n_searches"]),
+                 "" if np.isnan(get("queries")) else f"{get('queries'):.0f}",
+                 _pm(get("standalone_test_mean"), get("standalone_test_std")),
+                 _pm(get("supernet_val_mean"), get("supernet_val_std")),
+                 _pm(get("supernet_test_mean"), get("supernet_test_std")),
+                 "" if np.isnan(get("n_distinct_archs")) else str(int(get("n_distinct_archs"))),
+                 "" if np.isnan(get("search_time_s_mean")) else f"{get('search_time_s_mean'):.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_supernet_search_table(
+    paths: list[Path],
+    out_csv: Path,
+    out_md: Path,
+    groundtruth: list[Path] | None = None,
+    title: str = "NAS with a trained supernet as the evaluator",
+) -> pd.DataFrame:
+    table = summarize_searches(paths, groundtruth)
+    write_table(table, out_csv, out_md, to_markdown(table, title))
+    return table
