@@ -246,6 +246,8 @@ def test_quantized_ofa_supernet_shares_one_step_per_layer_and_counts_bitops():
         ("classifier", 32),
     ]
     assert model.blocks[0].input_quant.quantizer.q_n < 0  # signed
+    with pytest.raises(ValueError, match="quantized"):
+        model.get_active_subnet()
     official = build_oqat_supernet(ofa_cfg(block_input_quant="unsigned"), 1, 10)
     assert official.blocks[0].input_quant.quantizer.q_n == 0  # OQA's lsq_conv.py: every conv input unsigned
     steps = step_sizes(model)

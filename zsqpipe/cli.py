@@ -683,8 +683,8 @@ def plot_cmd(inputs, kind, out, title, order, style_json, benchmark_path):
 @stage_command
 def oqat_train_cmd(manifest, bits, seed, params_json, inherit_from, out_model, out_history, out_metrics, device,
                    threads, resume_root, no_resume, tracking, rule, wildcards, log_file):  # fmt: skip
-    """Train an LSQ-quantized NB201 supernet with shared step sizes (OQAT), from scratch or by bit
-    inheritance from a higher-bit supernet."""
+    """Train an LSQ-quantized supernet (NB201 or OFA/MobileNetV3 space) with shared step sizes (OQAT), from
+    scratch or by bit inheritance from a higher-bit supernet."""
     from zsqpipe.nas.oqat import OQATTrainConfig
     from zsqpipe.stages.oqat_train import run_oqat_train
 

@@ -347,10 +347,11 @@ def attach_epoch_loop(
     def restore(extra: dict) -> None:
         history[:] = extra["history"]
         timer.set(extra["time_s"])
-        for rec in history:
-            if on_epoch is not None:
-                on_epoch(rec["epoch"], rec)
 
     checkpoints.get_extra = lambda: {"history": history, "time_s": timer()}
     checkpoints.set_extra = restore
-    return checkpoints.attach(**objects)
+    first = checkpoints.attach(**objects)
+    if on_epoch is not None:  # after attach: a failing callback (e.g. MLflow) must not discard the checkpoint
+        for rec in history[:first]:
+            on_epoch(rec["epoch"], rec)
+    return first

@@ -304,8 +304,15 @@ def supernet_search_params(wildcards):
 
 
 def supernet_search_gt_params(wildcards):
-    """The stand-alone recipe of the found cells (supernet.groundtruth + the supernet's C, N), or ""."""
-    return groundtruth_params(wildcards) if SUPERNET["search"]["standalone"] else ""
+    """The stand-alone recipe of the found cells (supernet.groundtruth + the supernet's C, N), or "" (no
+    stand-alone training; a NAS-Bench-201 dataset reads the found cells' accuracy from the table)."""
+    if not SUPERNET["search"]["standalone"] or wildcards.dataset in TABLE_OF_DATASET:
+        return ""
+    return groundtruth_params(wildcards)
+
+
+def supernet_search_code(wildcards):
+    return code_version("zsqpipe.stages.supernet_search", f"zsqpipe.nas.strategies.{wildcards.strategy}")
 
 
 def supernet_searches(wildcards):

@@ -115,7 +115,7 @@ rule supernet_search:
         strategy=lambda w: canonical_json(nas_strategy_params(w.strategy)),
         gt=supernet_search_gt_params,
         device=config["device"],
-        code=code_version("zsqpipe.stages.supernet_search"),
+        code=supernet_search_code,
     log:
         f"{LOGS}/supernet_search/{{dataset}}/{{method}}/seed{{seed}}/{{strategy}}.log",
     benchmark:

@@ -1,4 +1,5 @@
-"""OQAT on the NAS-Bench-201 space: a quantized weight-sharing supernet with shared LSQ step sizes, bit
+"""OQAT on the NAS-Bench-201 space (default) or the OFA / MobileNetV3 space (``space: ofa_mbv3``,
+docs/methods/ofa_space.md): a quantized weight-sharing supernet with shared LSQ step sizes, bit
 inheritance, BN recalibration, subnet BitOPs and a BitOPs-constrained evolutionary search.
 
 Shen, Liang, Gong, Li, Li, Lin, Yu, Yan, Ouyang, "Once Quantization-Aware Training: High Performance Extremely
@@ -107,7 +108,8 @@ class OQATTrainConfig:
     bn_affine: BN with affine parameters (NB201 supernets: false). epochs x iters: schedule length (iters null
     = one pass over the training split per epoch). lr, momentum, nesterov, wd, grad_clip: SGD; step sizes get no
     weight decay. init_batches: training batches that initialise the LSQ steps (2 mean|x| / sqrt(Q_P), averaged;
-    run with the all-conv1x1 and all-conv3x3 cells, which together reach every quantizer). inherit_rule: how an
+    run with subnets that together reach every quantizer: NB201 the all-conv1x1 and all-conv3x3 cells, OFA the
+    largest subnet). inherit_rule: how an
     inherited supernet's steps are set (``double``: s_{b'} = 2^(b-b') s_b; ``reinit``: LSQ init again).
     bn_batches, val_images: the after-training sanity check (largest cell's validation top-1 after BN
     recalibration, also measured right after inheritance, before fine-tuning)."""
@@ -513,7 +515,7 @@ def train_oqat(
     inheritance). Per iteration t of T = epochs x iters (SPOS uniform single-path sampling; OQAT samples OFA
     subnets, its exact rule is unreleased):
 
-        alpha ~ U(15,625 cells);  lr = lr0 (1 + cos(pi t/T)) / 2
+        alpha ~ U(space) (NB201: 15,625 cells; OFA: each ks, e, d uniform);  lr = lr0 (1 + cos(pi t/T)) / 2
         zero_grad; CE(subnet_alpha(x), y); backward (LSQ gradients, scaled by 1/sqrt(N Q_P)); clip; SGD step
 
     Weights and the shared step sizes are updated together; only the parameters the subnet used get a

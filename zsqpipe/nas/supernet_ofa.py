@@ -298,7 +298,15 @@ class OFASupernet(nn.Module):
 
     def get_active_subnet(self) -> nn.Module:
         """A stand-alone FP copy of the active subnet (``nn.Conv2d``/``nn.BatchNorm2d``/``nn.Linear``): the
-        kernel transformation is folded into its weights; its output equals the supernet's."""
+        kernel transformation is folded into its weights; its output equals the supernet's. Only for a
+        full-precision supernet: the copy of a quantized (OQAT) one would drop its quantizers, so it raises
+        (quantize the extracted FP subnet with ``quantize_model`` instead)."""
+        quantized = [n for n, m in self.named_modules() if isinstance(m, Quantizer) and m.bits < 32]
+        if quantized:
+            raise ValueError(
+                f"OFASupernet.get_active_subnet: the supernet is quantized ({quantized[0]}, ...); "
+                "extract from a full-precision supernet"
+            )
         return StaticOFANet(self)
 
 

@@ -1,6 +1,6 @@
 """Stage ``oqat-train``: train one OQAT supernet (docs/methods/oqat.md).
 
-Without ``inherit_from``: a W=A=``cfg.bits`` LSQ-quantized NB201 supernet, steps initialised with LSQ's init,
+Without ``inherit_from``: a W=A=``cfg.bits`` LSQ-quantized supernet (NB201, or OFA with ``space: ofa_mbv3``), steps initialised with LSQ's init,
 trained with SPOS uniform single-path sampling (:func:`zsqpipe.nas.oqat.train_oqat`). With ``inherit_from``
 (a higher-bit ``oqat-train`` checkpoint): bit inheritance (:func:`zsqpipe.nas.oqat.inherit_bits`, rule
 ``cfg.inherit_rule``), then the same training at the lower bits (the fine-tuning recipe of config

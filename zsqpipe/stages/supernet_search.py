@@ -5,10 +5,12 @@ The strategies of the tabular ``search`` stage (random, rea, reinforce, ase, ase
 :class:`SupernetEvaluator` instead of the benchmark: a cell's score is the supernet's top-1 on the first
 ``val_images`` **validation** images after BN recalibration on fixed training batches (when its BN tracks
 statistics; DYNAS' supernet uses batch statistics). Every query counts against the budget; a cell's score
-is computed once and cached (the evaluator is deterministic). Only after every search has returned is the
-test split read: the found cell's supernet top-1 on the test images, and, with ``standalone``, its true
-accuracy, by training it stand-alone with the ``groundtruth`` stage's recipe (``supernet.groundtruth``) on
-the same data, as the cells the supernet is ranked against in ``supernet.csv``.
+is computed once and cached (the evaluator is deterministic). The evaluator holds only training (BN) and
+validation batches; test images are batched and scored only after every search has returned: the found
+cell's supernet top-1 on them, and its true accuracy: on a NAS-Bench-201 dataset (CIFAR-10/100) the table's
+200-epoch test accuracy, elsewhere (with ``standalone``) the cell trained stand-alone with the
+``groundtruth`` stage's recipe (``supernet.groundtruth``) on the same data, as the cells the supernet is
+ranked against in ``supernet.csv``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import load_checkpoint, read_json, sha256_file, write_json, write_table
+from zsqpipe.nas.benchmark import TABLE_OF_DATASET, table_ground_truth
 from zsqpipe.nas.calr import SupernetConfig
 from zsqpipe.nas.spaces.nb201 import Arch, arch_to_index, arch_to_str
 from zsqpipe.nas.strategies import STRATEGY_NAMES, run_strategy
@@ -44,7 +47,7 @@ class SupernetSearchConfig:
     per supernet; bn_batches x batch_size: training images that recalibrate BN before a cell is scored;
     val_images: validation images that score a cell (the search signal); test_images: test images of the
     report (null = all); standalone: train each found cell stand-alone (``supernet.groundtruth`` recipe) for
-    its true test accuracy."""
+    its true test accuracy (datasets without NAS-Bench-201 ground truth; CIFAR reads the table)."""
 
     budget: int = 30
     seeds: tuple[int, ...] = (0,)
@@ -135,13 +138,14 @@ def run_supernet_search(
     if strategy not in STRATEGY_NAMES or strategy == "ase_plus":
         names = [s for s in STRATEGY_NAMES if s != "ase_plus"]
         raise ConfigError(f"supernet.search.strategies: {strategy!r} is not one of {names}")
-    if cfg.standalone and groundtruth is None:
-        raise ConfigError("supernet-search: standalone training needs the supernet.groundtruth recipe")
     dev = resolve_device(device)
     setup_runtime(threads, cfg.seeds[0])
     model, ck = load_nb201_supernet(supernet, dev)
     data = load_prepared(manifest)
     info = data.info
+    table = TABLE_OF_DATASET.get(info.name)
+    if table is None and cfg.standalone and groundtruth is None:
+        raise ConfigError("supernet-search: standalone training needs the supernet.groundtruth recipe")
     if ck["dataset"] != info.name:
         raise ConfigError(
             f"supernet-search: {supernet} was trained on {ck['dataset']!r}, the data is {info.name!r}"
@@ -170,13 +174,20 @@ def run_supernet_search(
             f"({found[-1]['search_time_s']:.0f}s, {found[-1]['new_cells_scored']} new cells scored)")  # fmt: skip
     search_time = timer()
 
-    # ---- every search has returned: only now is the test split read ----
+    # ---- every search has returned: only now are test images batched and scored ----
     test = list(make_loader(first_images(data.test, cfg.test_images), info, cfg.eval_batch_size, train=False,
                             device=dev))  # fmt: skip
     archs = sorted({f["arch"] for f in found})
     sn_test = dict(zip(archs, evaluate_subnets(model, archs, bn, test, len(bn), dev), strict=True))
-    standalone: dict[Arch, dict] = {}
-    if cfg.standalone:
+    truth: dict[Arch, dict] = {}
+    if table is not None:  # NAS-Bench-201 200-epoch accuracies of the found cells
+        for arch, t in zip(archs, table_ground_truth(archs), strict=True):
+            truth[arch] = {
+                "source": "nasbench201",
+                "test_acc": t[f"{table}_test"],
+                "valid_acc": t[f"{table}_valid"],
+            }
+    elif cfg.standalone:
         gt_val = make_loader(first_images(data.val, groundtruth.val_images), info, groundtruth.eval_batch_size,
                              train=False, device=dev)  # fmt: skip
         gt_test = make_loader(first_images(data.test, groundtruth.test_images), info, groundtruth.eval_batch_size,
@@ -193,9 +204,9 @@ def run_supernet_search(
                 train_standalone(net, loader, groundtruth, dev)
                 runs.append({"seed": seed, "valid_acc": evaluate(net, gt_val)["top1"],
                              "test_acc": evaluate(net, gt_test)["top1"]})  # fmt: skip
-            standalone[arch] = {"test_acc": float(np.mean([r["test_acc"] for r in runs])),
-                                "valid_acc": float(np.mean([r["valid_acc"] for r in runs])), "runs": runs}  # fmt: skip
-            log(f"stand-alone {arch_to_str(arch)}: test {standalone[arch]['test_acc']:.2f}")
+            truth[arch] = {"source": "standalone", "test_acc": float(np.mean([r["test_acc"] for r in runs])),
+                           "valid_acc": float(np.mean([r["valid_acc"] for r in runs])), "runs": runs}  # fmt: skip
+            log(f"stand-alone {arch_to_str(arch)}: test {truth[arch]['test_acc']:.2f}")
     records = [
         {
             "dataset": info.name,
@@ -204,7 +215,7 @@ def run_supernet_search(
             "arch": arch_to_str(f["arch"]),
             "index": arch_to_index(f["arch"]),
             "supernet_test_acc": sn_test[f["arch"]],
-            "standalone": standalone.get(f["arch"]),
+            "truth": truth.get(f["arch"]),
         }
         for f in found
     ]
@@ -213,7 +224,7 @@ def run_supernet_search(
         "strategy": strategy,
         "params": params,
         "config": cfg.to_dict(),
-        "groundtruth_config": groundtruth.to_dict() if groundtruth is not None else None,
+        "groundtruth_config": groundtruth.to_dict() if groundtruth is not None and table is None else None,
         "supernet": {
             "path": str(supernet),
             "sha256": sha256_file(supernet),
@@ -241,10 +252,11 @@ def run_supernet_search(
 
 NOTE = (
     "Searches on a trained NB201 supernet (the evaluator: supernet top-1 on validation images after BN "
-    "recalibration), one per supernet seed x search seed. stand-alone test = test top-1 (%) of the found cell "
-    "trained alone with the groundtruth recipe (its true accuracy at our budget), mean ± sample std over the "
-    "searches; supernet val / test = the supernet's estimate. Reference rows from the groundtruth sample "
-    "(cells drawn at random, trained with the same recipe): their mean ± std and the best of them."
+    "recalibration), one per supernet seed x search seed. true test = test top-1 (%) of the found cell: trained "
+    "alone with the groundtruth recipe (its true accuracy at our budget), or NAS-Bench-201's 200-epoch test "
+    "accuracy on CIFAR; mean ± sample std over the searches; supernet val / test = the supernet's estimate. "
+    "Reference rows from the groundtruth sample (random cells, the same ground truth): their mean ± std and "
+    "the best of them."
 )
 
 
@@ -261,7 +273,7 @@ def summarize_searches(paths: list[Path], groundtruth: list[Path] | None = None)
         if not isinstance(c, dict) or not c.get("records"):
             raise IntegrityError(f"{p}: supernet-search file without 'records'")
         for r in c["records"]:
-            sa = r.get("standalone") or {}
+            sa = r.get("truth") or {}
             rows.append({"dataset": c["dataset"], "supernet": c["supernet"]["method"], "strategy": c["strategy"],
                          "supernet_seed": c["supernet"]["seed"], "seed": r["seed"], "arch": r["arch"],
                          "queries": r["queries"], "val": r["supernet_val_acc"], "sn_test": r["supernet_test_acc"],
@@ -279,22 +291,25 @@ def summarize_searches(paths: list[Path], groundtruth: list[Path] | None = None)
         out.append({"dataset": dataset, "supernet": method, "strategy": strategy, "n_searches": n,
                     "runs": " ".join(f"{a}/{b}" for a, b in zip(g["supernet_seed"], g["seed"], strict=True)),
                     "queries": float(g["queries"].mean()),
-                    "standalone_test_mean": float(g["test"].mean()), "standalone_test_std": sd("test"),
+                    "true_test_mean": float(g["test"].mean()), "true_test_std": sd("test"),
                     "supernet_val_mean": float(g["val"].mean()), "supernet_val_std": sd("val"),
                     "supernet_test_mean": float(g["sn_test"].mean()), "supernet_test_std": sd("sn_test"),
                     "n_distinct_archs": int(g["arch"].nunique()), "search_time_s_mean": float(g["time"].mean())})  # fmt: skip
-    if groundtruth:
-        gt = load_groundtruth(groundtruth)
+    by_dataset: dict[str, list[Path]] = {}
+    for p in groundtruth or []:  # one reference pair per dataset
+        by_dataset.setdefault(read_json(p).get("dataset"), []).append(p)
+    for _, files in sorted(by_dataset.items(), key=lambda kv: str(kv[0])):
+        gt = load_groundtruth(files)
         tests = np.array([r["test_acc"] for r in gt["records"]], dtype=float)
         for name, mean, std in (("random cell (groundtruth sample)", tests.mean(), tests.std(ddof=1)),
                                 ("best groundtruth cell", tests.max(), np.nan)):  # fmt: skip
             out.append({"dataset": gt["dataset"], "supernet": "-", "strategy": name, "n_searches": len(tests),
-                        "standalone_test_mean": float(mean), "standalone_test_std": float(std)})  # fmt: skip
+                        "true_test_mean": float(mean), "true_test_std": float(std)})  # fmt: skip
     return pd.DataFrame(out)
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:
-    cols = ["dataset", "supernet", "strategy", "searches", "queries", "stand-alone test", "supernet val",
+    cols = ["dataset", "supernet", "strategy", "searches", "queries", "true test", "supernet val",
             "supernet test", "distinct cells", "search s"]  # fmt: skip
     lines = [f"# {title}", "", NOTE, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in table.iterrows():
@@ -304,7 +319,7 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
 
         cells = [r["dataset"], r["supernet"], r["strategy"], str(r["n_searches"]),
                  "" if np.isnan(get("queries")) else f"{get('queries'):.0f}",
-                 _pm(get("standalone_test_mean"), get("standalone_test_std")),
+                 _pm(get("true_test_mean"), get("true_test_std")),
                  _pm(get("supernet_val_mean"), get("supernet_val_std")),
                  _pm(get("supernet_test_mean"), get("supernet_test_std")),
                  "" if np.isnan(get("n_distinct_archs")) else str(int(get("n_distinct_archs"))),
