@@ -179,6 +179,27 @@ def train_standalone(model: torch.nn.Module, loader, cfg: GroundTruthConfig, dev
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * hits / max(seen, 1), "steps": total}
 
 
+def train_cell_runs(
+    arch, cfg: GroundTruthConfig, data, val, test, device, threads: int | None = None
+) -> list[dict]:
+    """One stand-alone training of ``arch`` per seed of ``cfg.seeds`` (runtime seeded first, the loader seeded
+    with the same seed): ``[{seed, valid_acc, test_acc, train_loss, train_top1, steps, time_s}]``; ``val`` and
+    ``test`` are evaluation loaders. Shared by ``groundtruth`` and ``supernet-search`` (its found cells)."""
+    info = data.info
+    runs = []
+    for seed in cfg.seeds:
+        t0 = time.perf_counter()
+        setup_runtime(threads, seed)
+        model = standalone_network(arch, cfg.C, cfg.N, info.in_channels, info.num_classes)
+        loader = make_loader(data.train, info, cfg.batch_size, train=True, seed=seed, device=device,
+                             augment=cfg.augment)  # fmt: skip
+        train = train_standalone(model, loader, cfg, device)
+        v, t = evaluate(model, val), evaluate(model, test)
+        runs.append({"seed": seed, "valid_acc": v["top1"], "test_acc": t["top1"], **train,
+                     "time_s": time.perf_counter() - t0})  # fmt: skip
+    return runs
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Stage
 
@@ -250,17 +271,7 @@ def run_groundtruth(
         records = []
         for pos, index in enumerate(chunk_cells):
             arch = index_to_arch(index)
-            runs = []
-            for seed in cfg.seeds:
-                t0 = time.perf_counter()
-                setup_runtime(threads, seed)
-                model = standalone_network(arch, cfg.C, cfg.N, info.in_channels, info.num_classes)
-                loader = make_loader(data.train, info, cfg.batch_size, train=True, seed=seed, device=dev,
-                                     augment=cfg.augment)  # fmt: skip
-                train = train_standalone(model, loader, cfg, dev)
-                v, t = evaluate(model, val), evaluate(model, test)
-                runs.append({"seed": seed, "valid_acc": v["top1"], "test_acc": t["top1"], **train,
-                             "time_s": time.perf_counter() - t0})  # fmt: skip
+            runs = train_cell_runs(arch, cfg, data, val, test, dev, threads)
             rec = {
                 "index": index,
                 "arch": arch_to_str(arch),

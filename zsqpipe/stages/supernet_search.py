@@ -27,7 +27,7 @@ import torch
 
 from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.data import make_loader
-from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
+from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import load_checkpoint, read_json, sha256_file, write_json, write_table
 from zsqpipe.nas.benchmark import TABLE_OF_DATASET, table_ground_truth
@@ -36,7 +36,7 @@ from zsqpipe.nas.spaces.nb201 import Arch, arch_to_index, arch_to_str
 from zsqpipe.nas.strategies import STRATEGY_NAMES, run_strategy
 from zsqpipe.nas.supernet201 import build_supernet, evaluate_subnets
 from zsqpipe.stages.data import load_prepared
-from zsqpipe.stages.groundtruth import GroundTruthConfig, standalone_network, train_standalone
+from zsqpipe.stages.groundtruth import GroundTruthConfig, train_cell_runs
 from zsqpipe.stages.groundtruth_io import first_images, load_groundtruth
 from zsqpipe.tracking import Tracker
 
@@ -193,17 +193,7 @@ def run_supernet_search(
         gt_test = make_loader(first_images(data.test, groundtruth.test_images), info, groundtruth.eval_batch_size,
                               train=False, device=dev)  # fmt: skip
         for arch in archs:  # the groundtruth stage's recipe and seeds: comparable with its cells
-            runs = []
-            for seed in groundtruth.seeds:
-                setup_runtime(threads, seed)
-                net = standalone_network(
-                    arch, groundtruth.C, groundtruth.N, info.in_channels, info.num_classes
-                )
-                loader = make_loader(data.train, info, groundtruth.batch_size, train=True, seed=seed, device=dev,
-                                     augment=groundtruth.augment)  # fmt: skip
-                train_standalone(net, loader, groundtruth, dev)
-                runs.append({"seed": seed, "valid_acc": evaluate(net, gt_val)["top1"],
-                             "test_acc": evaluate(net, gt_test)["top1"]})  # fmt: skip
+            runs = train_cell_runs(arch, groundtruth, data, gt_val, gt_test, dev, threads)
             truth[arch] = {"source": "standalone", "test_acc": float(np.mean([r["test_acc"] for r in runs])),
                            "valid_acc": float(np.mean([r["valid_acc"] for r in runs])), "runs": runs}  # fmt: skip
             log(f"stand-alone {arch_to_str(arch)}: test {truth[arch]['test_acc']:.2f}")
