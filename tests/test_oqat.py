@@ -349,8 +349,7 @@ def test_oqat_train_resumed_after_a_kill_equals_an_uninterrupted_run(trained, tm
     """oqat-train checkpoints every epoch (model, optimizer, subnet sampler, data position, RNGs): killed after
     epoch 1 of 3 and rerun, it ends bit-identical to an uninterrupted run (NB201 inherited from the fixture's
     4-bit supernet; the OFA space from LSQ init)."""
-    from conftest import same_state
-    from test_resume import run_interrupted, without_times
+    from test_resume import assert_supernet_resume_exact
 
     manifest = trained["manifest"]
     if space == "nb201":
@@ -359,24 +358,11 @@ def test_oqat_train_resumed_after_a_kill_equals_an_uninterrupted_run(trained, tm
         ofa = {"widths": [16, 24], "strides": [2, 2], "depth_list": [1, 2], "width_mult": 0.5}
         base = {**TINY.to_dict(), "space": "ofa_mbv3", "ofa": ofa, "C": 8, "N": 1, "epochs": 3, "bits": 4}
         parent = None
-    cfg, logs = OQATTrainConfig.from_dict(base), []
+    cfg = OQATTrainConfig.from_dict(base)
 
     def run(out, root, log=lambda _m: None):
         return run_oqat_train(manifest, cfg, out / "supernet.pt", out / "history.json", out / "metrics.json",
                               parent, "cpu", 1, log=log, resume_root=root)  # fmt: skip
 
-    ref = run(tmp_path / "ref", None)
-    root = tmp_path / ".resume"
-    run_interrupted(lambda: run(tmp_path / "out", root), after_epoch=1)
-    assert len(list(root.rglob("state.pt"))) == 1 and not (tmp_path / "out" / "metrics.json").exists()
-    res = run(tmp_path / "out", root, logs.append)
-    assert res["resumed_from_epoch"] == 2 and ref["resumed_from_epoch"] is None
-    assert any("resumed from epoch 2" in m for m in logs), logs
-    h_ref = read_json(tmp_path / "ref" / "history.json")["history"]
-    h_res = read_json(tmp_path / "out" / "history.json")["history"]
-    assert without_times(h_res) == without_times(h_ref) and [r["epoch"] for r in h_res] == [0, 1, 2]
+    ref, res = assert_supernet_resume_exact(run, tmp_path)
     assert res["val_top1_largest"] == ref["val_top1_largest"]
-    a = load_checkpoint(tmp_path / "ref" / "supernet.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "out" / "supernet.pt")["state_dict"]
-    assert same_state(a, b)
-    assert not root.exists()  # cleaned once the outputs are written

@@ -57,6 +57,30 @@ def without_times(records):
     return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
 
 
+def assert_supernet_resume_exact(run, tmp_path: Path) -> tuple[dict, dict]:
+    """A supernet stage (``run(out_dir, resume_root, log)`` writing ``supernet.pt``, ``history.json`` and
+    ``metrics.json``) killed after epoch 1 of 3 and rerun: resumed from epoch 2, the same history and a
+    bit-identical checkpoint as an uninterrupted run, checkpoints cleaned. Returns (reference, resumed) metrics."""
+    from zsqpipe.io import load_checkpoint, read_json
+
+    logs: list[str] = []
+    ref = run(tmp_path / "ref", None)
+    root = tmp_path / ".resume"
+    run_interrupted(lambda: run(tmp_path / "out", root), after_epoch=1)
+    assert len(list(root.rglob("state.pt"))) == 1 and not (tmp_path / "out" / "metrics.json").exists()
+    res = run(tmp_path / "out", root, logs.append)
+    assert res["resumed_from_epoch"] == 2 and ref["resumed_from_epoch"] is None
+    assert any("resumed from epoch 2" in m for m in logs), logs
+    h_ref = read_json(tmp_path / "ref" / "history.json")["history"]
+    h_res = read_json(tmp_path / "out" / "history.json")["history"]
+    assert without_times(h_res) == without_times(h_ref) and [r["epoch"] for r in h_res] == [0, 1, 2]
+    a = load_checkpoint(tmp_path / "ref" / "supernet.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "out" / "supernet.pt")["state_dict"]
+    assert same_state(a, b)
+    assert not root.exists()  # cleaned once the outputs are written
+    return ref, res
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Data manifest, FP model and synthetic shards on the tiny Fashion-MNIST fixture."""

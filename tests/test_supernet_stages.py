@@ -321,33 +321,18 @@ def test_supernet_train_resumed_after_a_kill_equals_an_uninterrupted_run(tiny, t
     """supernet-train checkpoints every epoch (model, every MS group's optimizer, subnet sampler, data
     position, RNGs, which parameters hold a (zero) gradient): killed after epoch 1 of 3 and rerun, it ends
     bit-identical to an uninterrupted run."""
-    from conftest import same_state
-    from test_resume import run_interrupted, without_times
+    from test_resume import assert_supernet_resume_exact
 
-    from zsqpipe.io import load_checkpoint
-
-    cfg, logs = SupernetConfig.from_dict({**SN, "epochs": 3, "iters": 4, "method": "spos_calr_ms"}), []
+    cfg = SupernetConfig.from_dict({**SN, "epochs": 3, "iters": 4, "method": "spos_calr_ms"})
 
     def run(out, root, log=lambda _m: None):
         return run_supernet_train(tiny["manifest"], tiny["chunks"], cfg, out / "supernet.pt", out / "history.json",
                                   out / "metrics.json", "cpu", 1, log=log, resume_root=root)  # fmt: skip
 
-    ref = run(tmp_path / "ref", None)
-    root = tmp_path / ".resume"
-    run_interrupted(lambda: run(tmp_path / "out", root), after_epoch=1)
-    assert len(list(root.rglob("state.pt"))) == 1
-    res = run(tmp_path / "out", root, logs.append)
-    assert res["resumed_from_epoch"] == 2 and ref["resumed_from_epoch"] is None
-    assert any("resumed from epoch 2" in m for m in logs), logs
-    h_ref = read_json(tmp_path / "ref" / "history.json")["history"]
-    h_res = read_json(tmp_path / "out" / "history.json")["history"]
-    assert without_times(h_res) == without_times(h_ref) and [r["epoch"] for r in h_res] == [0, 1, 2]
+    ref, res = assert_supernet_resume_exact(run, tmp_path)
     assert [s["supernet_valid_acc"] for s in res["subnets"]] == [
         s["supernet_valid_acc"] for s in ref["subnets"]
     ]
-    a = load_checkpoint(tmp_path / "ref" / "supernet.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "out" / "supernet.pt")["state_dict"]
-    assert same_state(a, b) and not root.exists()
 
 
 # ---- supernet-search ----------------------------------------------------------------------------------------
