@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from zsqpipe.errors import IntegrityError, OutputError
 
 _UMASK = os.umask(0)
@@ -73,6 +75,26 @@ def write_table(table: Any, out_csv: str | os.PathLike, out_md: str | os.PathLik
         tmp_md.write_text(markdown)
         with atomic_path(out_csv) as tmp:
             table.to_csv(tmp, index=False, float_format="%.4f")
+
+
+def mean_pm_std(mean: float | None, std: float | None, digits: int = 2) -> str:
+    """``mean ± std`` with ``digits`` decimals; the mean alone when std is missing (one seed); "" when the mean
+    is missing."""
+    if mean is None or np.isnan(mean):
+        return ""
+    if std is None or np.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(title: str, preamble: list[str], cols: list[str], rows: list[list[Any]]) -> list[str]:
+    """Lines of a Markdown page: ``# title``, each preamble paragraph, then the table (cells via ``str``)."""
+    lines = [f"# {title}", ""]
+    for paragraph in preamble:
+        lines += [paragraph, ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
 
 
 def _json_default(o):

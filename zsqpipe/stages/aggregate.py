@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from zsqpipe.errors import IntegrityError
-from zsqpipe.io import read_json, write_table
+from zsqpipe.io import markdown_table, mean_pm_std, read_json, write_table
 
 KEYS = ["dataset", "arch", "method", "w_bits", "a_bits"]
 ACCURACIES = ["last_top1", "best_top1", "val_selected_top1"]
@@ -68,12 +68,6 @@ def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _pm(mean: float, std: float) -> str:
-    if np.isnan(mean):
-        return ""
-    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
-
-
 def to_markdown(table: pd.DataFrame, title: str) -> str:
     cols = [
         "dataset",
@@ -90,9 +84,8 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         "size KiB",
         "BitOPs (G)",
     ]
-    lines = [f"# {title}", "", NOTE, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in table.iterrows():
-        cells = [
+    rows = [
+        [
             r["dataset"],
             r["arch"],
             r["method"],
@@ -100,15 +93,16 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
             f"{r['fp_top1']:.2f}",
             f"{r['n_seeds']} ({r['seeds']})",
             "" if np.isnan(r["paper_top1"]) else f"{r['paper_top1']:.2f}",
-            _pm(r["last_top1_mean"], r["last_top1_std"]),
-            _pm(r["best_top1_mean"], r["best_top1_std"]),
-            _pm(r["val_selected_top1_mean"], r["val_selected_top1_std"]),
+            mean_pm_std(r["last_top1_mean"], r["last_top1_std"]),
+            mean_pm_std(r["best_top1_mean"], r["best_top1_std"]),
+            mean_pm_std(r["val_selected_top1_mean"], r["val_selected_top1_std"]),
             f"{r['wall_time_s_mean']:.0f}",
             f"{r.get('model_size_bits', np.nan) / 8 / 1024:.1f}",
             f"{r.get('bitops', np.nan) / 1e9:.3f}",
         ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        for _, r in table.iterrows()
+    ]
+    return "\n".join(markdown_table(title, [NOTE], cols, rows)) + "\n"
 
 
 def run_aggregate(

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from zsqpipe.errors import IntegrityError
-from zsqpipe.io import read_json, write_table
+from zsqpipe.io import markdown_table, mean_pm_std, read_json, write_table
 from zsqpipe.nas.benchmark import DATASETS, benchmark_optimum
 from zsqpipe.nas.strategies import STRATEGY_NAMES
 
@@ -63,12 +63,6 @@ def paper_value(paper: dict | None, strategy: str, dataset: str) -> tuple[float,
         return np.nan, np.nan
 
 
-def _pm(mean: float, std: float) -> str:
-    if np.isnan(mean):
-        return ""
-    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
-
-
 def _order(values, known) -> list:
     return sorted(values, key=lambda v: (known.index(v) if v in known else len(known), v))
 
@@ -102,7 +96,7 @@ def summarize(
                         "valid_acc_std": float(g["valid_acc"].std(ddof=1)) if n > 1 else np.nan,
                         "n_distinct_archs": int(g["arch"].nunique()),
                         "wall_time_s_mean": float(g["wall_time_s"].mean()),
-                        "paper": _pm(pm, ps),
+                        "paper": mean_pm_std(pm, ps),
                         "paper_mean": pm,
                         "paper_std": ps,
                         "optimum_test": optima[dataset]["best_test_acc"],
@@ -115,22 +109,22 @@ def summarize(
 def to_markdown(table: pd.DataFrame, title: str) -> str:
     cols = ["dataset", "strategy", "seeds", "queries", "test", "valid", "paper", "optimum", "best-valid cell",
             "search s"]  # fmt: skip
-    lines = [f"# {title}", "", NOTE, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in table.iterrows():
-        cells = [
+    rows = [
+        [
             r["dataset"],
             r["strategy"],
             str(r["n_seeds"]),
             f"{r['queries']:.0f}",
-            _pm(r["test_acc_mean"], r["test_acc_std"]),
-            _pm(r["valid_acc_mean"], r["valid_acc_std"]),
+            mean_pm_std(r["test_acc_mean"], r["test_acc_std"]),
+            mean_pm_std(r["valid_acc_mean"], r["valid_acc_std"]),
             r["paper"],
             f"{r['optimum_test']:.2f}",
             f"{r['best_valid_cell_test']:.2f}",
             f"{r['wall_time_s_mean']:.1f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        for _, r in table.iterrows()
+    ]
+    return "\n".join(markdown_table(title, [NOTE], cols, rows)) + "\n"
 
 
 def run_nas_table(

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from zsqpipe.errors import IntegrityError
-from zsqpipe.io import atomic_path, read_json, write_table
+from zsqpipe.io import atomic_path, markdown_table, mean_pm_std, read_json, write_table
 
 REQUIRED = ["dataset", "bits", "seed", "found", "pareto", "max_bitops", "supernet", "wall_time_s"]
 NOTE = (
@@ -104,16 +104,10 @@ def short_arch(arch) -> str:
     return "".join(CODES[o] for o in str_to_arch(arch))
 
 
-def _pm(m: float, s: float) -> str:
-    if np.isnan(m):
-        return ""
-    return f"{m:.2f}" if np.isnan(s) else f"{m:.2f} ± {s:.2f}"
-
-
 def to_markdown(table: pd.DataFrame, title: str) -> str:
     cols = ["dataset", "W/A bits", "init", "budget (x max)", "budget (MBitOPs)", "seeds", "test top-1", "val top-1",
             "found MBitOPs", "found cells"]  # fmt: skip
-    lines = [f"# {title}", "", NOTE, "", LEGEND, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = []
     for _, r in table.iterrows():
         init = (
             "LSQ init"
@@ -121,10 +115,10 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
             else f"from w{int(r['inherited_from_bits'])} ({r['inherit_rule']})"
         )
         cells = [r["dataset"], f"{r['bits']}/{r['bits']}", init, f"{r['budget']:g}", f"{r['budget_mbitops']:.1f}",
-                 r["seeds"], _pm(r["test_top1_mean"], r["test_top1_std"]), _pm(r["val_top1_mean"], r["val_top1_std"]),
+                 r["seeds"], mean_pm_std(r["test_top1_mean"], r["test_top1_std"]), mean_pm_std(r["val_top1_mean"], r["val_top1_std"]),
                  f"{r['mbitops_mean']:.1f}", r["cells"]]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return "\n".join(markdown_table(title, [NOTE, LEGEND], cols, rows)) + "\n"
 
 
 def plot_pareto(pareto: pd.DataFrame, found: pd.DataFrame, out_png: Path, title: str) -> None:

@@ -29,7 +29,15 @@ from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
-from zsqpipe.io import load_checkpoint, read_json, sha256_file, write_json, write_table
+from zsqpipe.io import (
+    load_checkpoint,
+    markdown_table,
+    mean_pm_std,
+    read_json,
+    sha256_file,
+    write_json,
+    write_table,
+)
 from zsqpipe.nas.benchmark import TABLE_OF_DATASET, table_ground_truth
 from zsqpipe.nas.calr import SupernetConfig
 from zsqpipe.nas.spaces.nb201 import Arch, arch_to_index, arch_to_str
@@ -250,12 +258,6 @@ NOTE = (
 )
 
 
-def _pm(m: float, s: float) -> str:
-    if m is None or np.isnan(m):
-        return ""
-    return f"{m:.2f}" if s is None or np.isnan(s) else f"{m:.2f} ± {s:.2f}"
-
-
 def summarize_searches(paths: list[Path], groundtruth: list[Path] | None = None) -> pd.DataFrame:
     rows = []
     for p in paths:
@@ -301,7 +303,7 @@ def summarize_searches(paths: list[Path], groundtruth: list[Path] | None = None)
 def to_markdown(table: pd.DataFrame, title: str) -> str:
     cols = ["dataset", "supernet", "strategy", "searches", "queries", "true test", "supernet val",
             "supernet test", "distinct cells", "search s"]  # fmt: skip
-    lines = [f"# {title}", "", NOTE, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = []
     for _, r in table.iterrows():
 
         def get(k: str, r=r) -> float:
@@ -309,13 +311,13 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
 
         cells = [r["dataset"], r["supernet"], r["strategy"], str(r["n_searches"]),
                  "" if np.isnan(get("queries")) else f"{get('queries'):.0f}",
-                 _pm(get("true_test_mean"), get("true_test_std")),
-                 _pm(get("supernet_val_mean"), get("supernet_val_std")),
-                 _pm(get("supernet_test_mean"), get("supernet_test_std")),
+                 mean_pm_std(get("true_test_mean"), get("true_test_std")),
+                 mean_pm_std(get("supernet_val_mean"), get("supernet_val_std")),
+                 mean_pm_std(get("supernet_test_mean"), get("supernet_test_std")),
                  "" if np.isnan(get("n_distinct_archs")) else str(int(get("n_distinct_archs"))),
                  "" if np.isnan(get("search_time_s_mean")) else f"{get('search_time_s_mean'):.0f}"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return "\n".join(markdown_table(title, [NOTE], cols, rows)) + "\n"
 
 
 def run_supernet_search_table(

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from zsqpipe.errors import IntegrityError
-from zsqpipe.io import read_json, write_table
+from zsqpipe.io import markdown_table, mean_pm_std, read_json, write_table
 from zsqpipe.nas.benchmark import DATASETS as NB201_DATASETS
 from zsqpipe.nas.calr import METHODS
 
@@ -81,12 +81,6 @@ def paper_value(paper: dict | None, method: str, truth: str, metric: str) -> tup
         return np.nan, np.nan
 
 
-def _pm(mean: float, std: float, digits: int) -> str:
-    if np.isnan(mean):
-        return ""
-    return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def _order(values, known) -> list:
     return sorted(values, key=lambda v: (known.index(v) if v in known else len(known), v))
 
@@ -129,8 +123,8 @@ def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
                         "top1_mean": top,
                         "top1_std": top_sd,
                         "sample_best_test": float(g["sample_best_test"].iloc[0]),
-                        "paper_tau": _pm(ptau, ptau_sd, 3),
-                        "paper_top1": _pm(ptop, ptop_sd, 2),
+                        "paper_tau": mean_pm_std(ptau, ptau_sd, 3),
+                        "paper_top1": mean_pm_std(ptop, ptop_sd, 2),
                         "paper_tau_mean": ptau,
                         "paper_top1_mean": ptop,
                         "train_time_s_mean": float(g["train_time_s"].mean()),
@@ -144,7 +138,7 @@ def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
 def to_markdown(table: pd.DataFrame, title: str) -> str:
     cols = ["method", "dataset", "ground truth", "seeds", "cells", "tau", "tau (valid)", "top-1", "sample best",
             "paper tau", "paper top-1", "supernet job (min)"]  # fmt: skip
-    lines = [f"# {title}", "", NOTE, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = []
     for _, r in table.iterrows():
         truth = r["truth"] + (" (NB201)" if r["truth_source"] == "nasbench201" else " (ours)")
         cells = [
@@ -153,15 +147,16 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
             truth,
             str(r["n_seeds"]),
             str(r["n_archs"]),
-            _pm(r["tau_mean"], r["tau_std"], 3),
-            _pm(r["tau_valid_mean"], r["tau_valid_std"], 3),
-            _pm(r["top1_mean"], r["top1_std"], 2),
+            mean_pm_std(r["tau_mean"], r["tau_std"], 3),
+            mean_pm_std(r["tau_valid_mean"], r["tau_valid_std"], 3),
+            mean_pm_std(r["top1_mean"], r["top1_std"], 2),
             f"{r['sample_best_test']:.2f}",
             r["paper_tau"],
             r["paper_top1"],
             f"{r['wall_time_s_mean'] / 60:.1f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = markdown_table(title, [NOTE], cols, rows)
     gt = table.drop_duplicates("dataset")
     for _, r in gt.iterrows():
         if r["truth_source"] == "trained" and not np.isnan(r["gt_wall_time_s"]):
