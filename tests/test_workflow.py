@@ -228,7 +228,9 @@ def test_readme_main_command_end_to_end(tmp_path):
     training, data, 12 quantize + evaluate cells (real, ptq at W3A3/W4A4, 3 seeds), aggregate; FP ResNet-20
     >= 91 %, within the README's time (20 min on an idle 2-core machine; slack for a busy CI host)."""
     t0 = time.time()
-    snakemake(tmp_path, REPO / "config" / "main.yaml", "--cores", "2", "results/tables/hast.csv", timeout=2400)
+    snakemake(
+        tmp_path, REPO / "config" / "main.yaml", "--cores", "2", "results/tables/hast.csv", timeout=2400
+    )
     minutes = (time.time() - t0) / 60
     fp = json.loads((tmp_path / "results/models/fashion_mnist/resnet20/fp_metrics.json").read_text())
     assert fp["test_top1"] >= 91.0, fp["test_top1"]
