@@ -647,3 +647,27 @@ def test_snakemake_rejects_a_null_or_integer_key_in_one_line(tmp_path):
     assert len(lines) == 1 and "'data.test_subset'" in lines[0] and "'integer', 'null'" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_supernet_checkpoints_of_the_wrong_kind_or_shape_are_one_line_errors(tmp_path):
+    """supernet-search and oqat-search load their supernets through checkpoint_of_kind + load_state_checked:
+    a checkpoint of another stage, or a state that does not fit the rebuilt model, is one line naming the file."""
+    from zsqpipe.io import save_checkpoint
+    from zsqpipe.stages.model_io import checkpoint_of_kind, load_state_checked
+    from zsqpipe.stages.oqat_io import load_oqat_supernet
+    from zsqpipe.stages.supernet_search import load_nb201_supernet
+
+    path = tmp_path / "fp.pt"
+    save_checkpoint(path, {"kind": "fp_model", "state_dict": {}})
+    for load, kind in ((load_nb201_supernet, "'nb201_supernet'"), (load_oqat_supernet, "expected")):
+        with pytest.raises(IntegrityError) as e:
+            load(path, "cpu")
+        assert str(path) in str(e.value) and kind in str(e.value) and "\n" not in str(e.value)
+    assert checkpoint_of_kind(path, "fp_model", "an fp-model checkpoint")["kind"] == "fp_model"
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    bad = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")} | {"2.weight": torch.zeros(1)}
+    with pytest.raises(IntegrityError) as e:
+        load_state_checked(model, bad, path, "the supernet of its config")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: weights do not fit the supernet of its config:") and "\n" not in msg
+    assert "1.weight" in msg and "(and 1 more)" in msg  # the unexpected "2.weight" line is counted, not shown

@@ -32,12 +32,24 @@ def model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Mo
     )
     if ckpt.get("quant") is not None:
         quantize_model(model, QuantConfig.from_dict(ckpt["quant"]))
+    load_state_checked(model, ckpt["state_dict"], path, repr(ckpt["arch"]))
+    return model.to(device).eval(), ckpt
+
+
+def load_state_checked(model: nn.Module, state: dict, path: str | Path, target: str) -> None:
+    """``model.load_state_dict(state)``; a mismatch is one IntegrityError line naming ``path`` and ``target``
+    (torch's message lists every missing/unexpected key on a line of its own: the first two are kept)."""
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:  # torch lists every missing/unexpected key on a line of its own
+        model.load_state_dict(state)
+    except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-        raise IntegrityError(
-            f"{path}: weights do not fit {ckpt['arch']!r}: {' '.join(lines[:2])}{more}"
-        ) from e
-    return model.to(device).eval(), ckpt
+        raise IntegrityError(f"{path}: weights do not fit {target}: {' '.join(lines[:2])}{more}") from e
+
+
+def checkpoint_of_kind(path: str | Path, kind: str, what: str) -> dict:
+    """The checkpoint at ``path``, which must carry ``kind`` (``what`` names the stage that writes it)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != kind:
+        raise IntegrityError(f"{path}: not {what} (kind {ckpt.get('kind')!r}, expected {kind!r})")
+    return ckpt

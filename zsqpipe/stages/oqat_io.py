@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from zsqpipe.errors import IntegrityError
-from zsqpipe.io import load_checkpoint, save_checkpoint
+from zsqpipe.io import save_checkpoint
 from zsqpipe.nas.oqat import OQATTrainConfig, build_oqat_supernet
 from zsqpipe.nas.supernet201 import NB201Supernet
+from zsqpipe.stages.model_io import checkpoint_of_kind, load_state_checked
 
 KIND = "oqat_supernet"
 
@@ -33,13 +33,8 @@ def save_oqat_supernet(path: Path, model: NB201Supernet, cfg: OQATTrainConfig, i
 
 def load_oqat_supernet(path: Path, device: torch.device | str = "cpu") -> tuple[NB201Supernet, dict]:
     """The supernet of an ``oqat-train`` checkpoint (on ``device``) and the checkpoint's metadata."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != KIND:
-        raise IntegrityError(f"{path}: not an OQAT supernet checkpoint (kind {ckpt.get('kind')!r})")
+    ckpt = checkpoint_of_kind(path, KIND, "an oqat-train checkpoint")
     cfg = OQATTrainConfig.from_dict(ckpt["config"], f"{path}: config")
     model = build_oqat_supernet(cfg, ckpt["in_channels"], ckpt["num_classes"], ckpt["bits"])
-    try:
-        model.load_state_dict(ckpt.pop("state_dict"))
-    except RuntimeError as e:
-        raise IntegrityError(f"{path}: the state does not fit its config: {e}") from e
+    load_state_checked(model, ckpt.pop("state_dict"), path, "the OQAT supernet of its config")
     return model.to(device), ckpt

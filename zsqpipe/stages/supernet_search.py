@@ -30,7 +30,6 @@ from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import (
-    load_checkpoint,
     markdown_table,
     mean_pm_std,
     read_json,
@@ -46,6 +45,7 @@ from zsqpipe.nas.supernet201 import build_supernet, evaluate_subnets
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth import GroundTruthConfig, train_cell_runs
 from zsqpipe.stages.groundtruth_io import first_images, load_groundtruth
+from zsqpipe.stages.model_io import checkpoint_of_kind, load_state_checked
 from zsqpipe.tracking import Tracker
 
 
@@ -113,15 +113,10 @@ class SupernetEvaluator:
 
 def load_nb201_supernet(path: Path, device) -> tuple[torch.nn.Module, dict]:
     """The supernet of a ``supernet-train`` checkpoint and the checkpoint's metadata."""
-    ck = load_checkpoint(path)
-    if ck.get("kind") != "nb201_supernet":
-        raise IntegrityError(f"{path}: not a supernet-train checkpoint (kind {ck.get('kind')!r})")
+    ck = checkpoint_of_kind(path, "nb201_supernet", "a supernet-train checkpoint")
     cfg = SupernetConfig.from_dict(ck["config"], f"{path}: config")
     model = build_supernet(cfg, ck["in_channels"], ck["num_classes"])
-    try:
-        model.load_state_dict(ck.pop("state_dict"))
-    except RuntimeError as e:
-        raise IntegrityError(f"{path}: the state does not fit its config: {e}") from e
+    load_state_checked(model, ck.pop("state_dict"), path, "the supernet of its config")
     return model.to(device).eval(), ck
 
 
