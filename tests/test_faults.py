@@ -665,7 +665,9 @@ def test_supernet_checkpoints_of_the_wrong_kind_or_shape_are_one_line_errors(tmp
         assert str(path) in str(e.value) and kind in str(e.value) and "\n" not in str(e.value)
     assert checkpoint_of_kind(path, "fp_model", "an fp-model checkpoint")["kind"] == "fp_model"
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
-    bad = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")} | {"2.weight": torch.zeros(1)}
+    bad = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")} | {
+        "2.weight": torch.zeros(1)
+    }
     with pytest.raises(IntegrityError) as e:
         load_state_checked(model, bad, path, "the supernet of its config")
     msg = str(e.value)
