@@ -11,32 +11,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
+from _timing import sgd_step, step_times
 
 from zsqpipe.engine import resolve_device
 from zsqpipe.models import create_model
 from zsqpipe.quant import QuantConfig, quantize_model, set_quant_state
-
-
-def step_times(model, x, y, iters: int, warmup: int, device) -> list[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    times = []
-    for i in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times
 
 
 def main() -> None:
@@ -61,11 +42,15 @@ def main() -> None:
     with torch.no_grad():
         q(x)
     set_quant_state(q, update_ranges=False)
-    # interleave to share machine noise fairly
+
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+    # interleave to share machine noise fairly (one optimizer per model and round, as before)
     t_fp, t_q = [], []
     for _ in range(2):
-        t_fp += step_times(fp, x, y, args.iters // 2, args.warmup, dev)
-        t_q += step_times(q, x, y, args.iters // 2, args.warmup, dev)
+        t_fp += step_times(sgd_step(fp, x, y, sgd(fp)), args.iters // 2, args.warmup, dev)
+        t_q += step_times(sgd_step(q, x, y, sgd(q)), args.iters // 2, args.warmup, dev)
     m_fp, m_q = statistics.median(t_fp), statistics.median(t_q)
     print(f"device={dev} threads={args.threads} arch={args.arch} batch={args.batch} W{args.bits}A{args.bits}")
     print(f"FP step:        {m_fp * 1e3:8.1f} ms (median of {len(t_fp)})")

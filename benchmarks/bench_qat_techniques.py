@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from _timing import sgd_step, step_times
 
 from zsqpipe.engine import resolve_device
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
@@ -28,32 +26,6 @@ from zsqpipe.quant import QuantConfig, quantize_model, set_quant_state
 from zsqpipe.quant.talr import TALR, TALRConfig, talr_param_groups
 
 LR = 1e-3
-
-
-def step_times(step: Callable[[], None], iters: int, warmup: int, device) -> list[float]:
-    times = []
-    for i in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times
-
-
-def make_step(model, x, y, opt, after: Callable[[], None] | None = None) -> Callable[[], None]:
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if after is not None:
-            after()
-
-    return step
 
 
 def main() -> None:
@@ -97,10 +69,10 @@ def main() -> None:
         return torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)
 
     steps = {
-        "qat": make_step(qat, x, y, sgd(qat)),
-        "lsq": make_step(lsq, x, y, sgd(lsq)),
-        "lsq+talr": make_step(lsq_t, x, y, talr),
-        f"qat+g{args.grad_bits}": make_step(qat_g, x, y, sgd(qat_g), gq.update_intervals),
+        "qat": sgd_step(qat, x, y, sgd(qat)),
+        "lsq": sgd_step(lsq, x, y, sgd(lsq)),
+        "lsq+talr": sgd_step(lsq_t, x, y, talr),
+        f"qat+g{args.grad_bits}": sgd_step(qat_g, x, y, sgd(qat_g), after=gq.update_intervals),
     }
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(2):  # interleave to share machine noise fairly

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
+from _timing import sgd_step, step_times
 
 from zsqpipe.engine import resolve_device
 from zsqpipe.nas.oqat import OQATTrainConfig, build_oqat_supernet, init_step_sizes, oqat_space
@@ -26,22 +25,10 @@ from zsqpipe.nas.supernet_ofa import OFASupernet
 
 
 def step_ms(model, archs, x, y, warmup: int, device) -> float:
+    """Median ms of an SGD step, the i-th one on subnet ``archs[i]`` (activating it is part of the step)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    times = []
-    for i, arch in enumerate(archs):
-        model.set_active_subnet(arch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    step = sgd_step(model, x, y, opt, before=lambda i: model.set_active_subnet(archs[i]))
+    return 1000 * statistics.median(step_times(step, len(archs) - warmup, warmup, device))
 
 
 def main() -> None:
