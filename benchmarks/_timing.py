@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+
+def parse_bench_args(doc: str, batch: int, iters: int, warmup: int, threads: int, extra=None):
+    """The options every step benchmark takes (--batch --iters --warmup --threads --bits --device, plus
+    ``extra(parser)``'s); sets torch's threads and seed 0. Returns (args, device)."""
+    from zsqpipe.engine import resolve_device
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args, resolve_device(args.device)
 
 
 def step_times(step: Callable[[int], None], iters: int, warmup: int, device: torch.device) -> list[float]:

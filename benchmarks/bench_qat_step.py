@@ -8,31 +8,19 @@ calibrated and ranges frozen, as during fine-tuning. Prints the median step time
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
 import torch
-from _timing import sgd_step, step_times
+from _timing import parse_bench_args, sgd_step, step_times
 
-from zsqpipe.engine import resolve_device
 from zsqpipe.models import create_model
 from zsqpipe.quant import QuantConfig, quantize_model, set_quant_state
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="resnet20")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dev = resolve_device(args.device)
+    args, dev = parse_bench_args(__doc__, batch=128, iters=20, warmup=3, threads=2,
+                                 extra=lambda ap: ap.add_argument("--arch", default="resnet20"))  # fmt: skip
     fp = create_model(args.arch, num_classes=10, in_channels=1, image_size=28).to(dev)
     fp = fp.to(memory_format=torch.channels_last).eval()
     q = quantize_model(copy.deepcopy(fp), QuantConfig(weight_bits=args.bits, act_bits=args.bits))

@@ -12,14 +12,12 @@ Prints the median step times and their ratios to ``qat``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
 import torch
-from _timing import sgd_step, step_times
+from _timing import parse_bench_args, sgd_step, step_times
 
-from zsqpipe.engine import resolve_device
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.models import create_model
 from zsqpipe.quant import QuantConfig, quantize_model, set_quant_state
@@ -29,19 +27,11 @@ LR = 1e-3
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="resnet20")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--grad-bits", type=int, default=4)
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dev = resolve_device(args.device)
+    def extra(ap):
+        ap.add_argument("--arch", default="resnet20")
+        ap.add_argument("--grad-bits", type=int, default=4)
+
+    args, dev = parse_bench_args(__doc__, batch=128, iters=20, warmup=3, threads=2, extra=extra)
     fp = create_model(args.arch, num_classes=10, in_channels=1, image_size=28).to(dev)
     fp = fp.to(memory_format=torch.channels_last).eval()
     x = torch.randn(args.batch, 1, 28, 28, device=dev).contiguous(memory_format=torch.channels_last)

@@ -10,14 +10,12 @@ OFA / NB201 ratio of the sampled-subnet medians.
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 
 import torch
-from _timing import sgd_step, step_times
+from _timing import parse_bench_args, sgd_step, step_times
 
-from zsqpipe.engine import resolve_device
 from zsqpipe.nas.oqat import OQATTrainConfig, build_oqat_supernet, init_step_sizes, oqat_space
 from zsqpipe.nas.spaces.ofa import OFASpaceConfig
 from zsqpipe.nas.supernet201 import NB201Supernet
@@ -32,17 +30,7 @@ def step_ms(model, archs, x, y, warmup: int, device) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dev = resolve_device(args.device)
+    args, dev = parse_bench_args(__doc__, batch=64, iters=10, warmup=2, threads=1)
     x = torch.randn(args.batch, 1, 28, 28, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     n = args.warmup + args.iters

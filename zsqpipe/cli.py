@@ -112,6 +112,22 @@ def _tracker(tracking, rule, wildcards, params: dict):
     return tracker, name, tags
 
 
+def _table_run(kind: str, inputs, build, outputs, tracking, rule, wildcards, log_file) -> None:
+    """The body of every table command: one MLflow run that builds the table (``build()`` returns it) from the
+    ``inputs`` files (``kind``: what they are), logs their count and the rows, and attaches the written
+    ``outputs`` (under ``tables/``) and the job's log."""
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {kind: [str(p) for p in inputs]})
+    with tracker.run(name, tags):
+        table = build()
+        tracker.log_params({f"n_{kind}": len(inputs), "rows": len(table)})
+        for path in outputs:
+            if path is not None:
+                tracker.log_artifact(path, "tables")
+        _log(f"{len(table)} rows -> {outputs[0]}")
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="zsqpipe")
 def cli():
@@ -343,15 +359,9 @@ def aggregate_cmd(metrics, out_csv, out_md, title, paper_json, tracking, rule, w
     """Build a results table (CSV + Markdown) from METRICS files (mean ± std over seeds)."""
     from zsqpipe.stages.aggregate import run_aggregate
 
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"metrics": [str(m) for m in metrics]})
-    with tracker.run(name, tags):
-        table = run_aggregate(list(metrics), out_csv, out_md, title, _json(paper_json, "--paper"))
-        tracker.log_params({"n_metrics": len(metrics), "rows": len(table)})
-        tracker.log_artifact(out_csv, "tables")
-        tracker.log_artifact(out_md, "tables")
-        _log(f"{len(table)} rows -> {out_csv}")
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
+    paper = _json(paper_json, "--paper")
+    build = functools.partial(run_aggregate, list(metrics), out_csv, out_md, title, paper)
+    _table_run("metrics", metrics, build, (out_csv, out_md), tracking, rule, wildcards, log_file)
 
 
 def _seed_list(seed: tuple[int, ...], seeds: str | None) -> list[int]:
@@ -442,16 +452,9 @@ def nas_table_cmd(results, out_csv, out_md, title, paper_json, benchmark_path, t
     """Build the NAS table (CSV + Markdown) from `zsqpipe search` RESULTS (mean ± std over seeds)."""
     from zsqpipe.stages.nas_table import run_nas_table
 
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"results": [str(r) for r in results]})
-    with tracker.run(name, tags):
-        table = run_nas_table(list(results), out_csv, out_md, title, _json(paper_json, "--paper"),
-                              benchmark_path)  # fmt: skip
-        tracker.log_params({"n_results": len(results), "rows": len(table)})
-        tracker.log_artifact(out_csv, "tables")
-        tracker.log_artifact(out_md, "tables")
-        _log(f"{len(table)} rows -> {out_csv}")
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
+    paper = _json(paper_json, "--paper")
+    build = functools.partial(run_nas_table, list(results), out_csv, out_md, title, paper, benchmark_path)
+    _table_run("results", results, build, (out_csv, out_md), tracking, rule, wildcards, log_file)
 
 
 @cli.command("groundtruth")
@@ -585,14 +588,10 @@ def supernet_search_table_cmd(
     method and strategy (mean ± std), next to random groundtruth cells."""
     from zsqpipe.stages.supernet_search import run_supernet_search_table
 
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"searches": [str(p) for p in searches]})
-    with tracker.run(name, tags):
-        run_supernet_search_table(list(searches), out_csv, out_md, list(gt_files) or None, title)
-        tracker.log_artifact(out_csv)
-        tracker.log_artifact(out_md)
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
-        _log(f"supernet search table -> {out_csv}")
+    build = functools.partial(
+        run_supernet_search_table, list(searches), out_csv, out_md, list(gt_files) or None, title
+    )
+    _table_run("searches", searches, build, (out_csv, out_md), tracking, rule, wildcards, log_file)
 
 
 @cli.command("supernet-table")
@@ -612,15 +611,9 @@ def supernet_table_cmd(metrics, out_csv, out_md, title, paper_json, tracking, ru
     """Build the supernet table (CSV + Markdown) from `zsqpipe supernet-train` METRICS (mean ± std over seeds)."""
     from zsqpipe.stages.supernet_table import run_supernet_table
 
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"metrics": [str(m) for m in metrics]})
-    with tracker.run(name, tags):
-        table = run_supernet_table(list(metrics), out_csv, out_md, title, _json(paper_json, "--paper"))
-        tracker.log_params({"n_metrics": len(metrics), "rows": len(table)})
-        tracker.log_artifact(out_csv, "tables")
-        tracker.log_artifact(out_md, "tables")
-        _log(f"{len(table)} rows -> {out_csv}")
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
+    paper = _json(paper_json, "--paper")
+    build = functools.partial(run_supernet_table, list(metrics), out_csv, out_md, title, paper)
+    _table_run("metrics", metrics, build, (out_csv, out_md), tracking, rule, wildcards, log_file)
 
 
 @cli.command("plot")
@@ -743,16 +736,9 @@ def oqat_table_cmd(
     """Build the OQAT table (CSV + Markdown), Pareto CSV and plot from `zsqpipe oqat-search` SEARCHES."""
     from zsqpipe.stages.oqat_table import run_oqat_table
 
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"searches": [str(s) for s in searches]})
-    with tracker.run(name, tags):
-        table = run_oqat_table(list(searches), out_csv, out_md, out_pareto, out_plot, title)
-        tracker.log_params({"n_searches": len(searches), "rows": len(table)})
-        for p in (out_csv, out_md, out_pareto, out_plot):
-            if p is not None:
-                tracker.log_artifact(p, "tables")
-        _log(f"{len(table)} rows -> {out_csv}")
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
+    build = functools.partial(run_oqat_table, list(searches), out_csv, out_md, out_pareto, out_plot, title)
+    outputs = (out_csv, out_md, out_pareto, out_plot)
+    _table_run("searches", searches, build, outputs, tracking, rule, wildcards, log_file)
 
 
 def _terminate(signum, _frame):
