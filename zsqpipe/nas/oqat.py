@@ -42,7 +42,7 @@ from zsqpipe.errors import ConfigError
 from zsqpipe.nas.calr import cosine_factor, sample_arch
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, arch_to_str
 from zsqpipe.nas.spaces.ofa import OFASpaceConfig
-from zsqpipe.nas.supernet201 import NB201Supernet, recalibrate_bn
+from zsqpipe.nas.supernet201 import NB201Supernet, recalibrate_bn, single_path_epochs
 from zsqpipe.nas.supernet_ofa import OFASupernet
 from zsqpipe.quant import QuantConfig, count_bitops, quantize_model, set_quant_state
 from zsqpipe.quant.config import FP_BITS
@@ -546,46 +546,23 @@ def train_oqat(
     timer = Timer()
     first = attach_epoch_loop(checkpoints, history, timer, on_epoch, model=model, optimizer=opt,
                               sampler=PyRandomState(rng), data=data)  # fmt: skip
-    for epoch in range(first, cfg.epochs):
-        loss_sum = torch.zeros((), device=device)
-        hit_sum = torch.zeros((), device=device)
-        n_seen, lr_sum = 0, 0.0
-        for it in range(iters):
-            t = epoch * iters + it
-            x, y = next(data)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = cfg.lr * cosine_factor(t, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            model.set_active_subnet(space.sample(rng))
-            opt.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            loss_sum += loss.detach() * len(y)
-            hit_sum += (logits.detach().argmax(1) == y).sum()
-            n_seen += len(y)
-            lr_sum += lr
-        rec = {
-            "epoch": epoch,
-            "train_loss": float(loss_sum) / max(n_seen, 1),
-            "train_top1": 100.0 * float(hit_sum) / max(n_seen, 1),
-            "lr_mean": lr_sum / max(iters, 1),
-            "time_s": timer(),
-        }
-        history.append(rec)
-        if on_epoch is not None:
-            on_epoch(epoch, rec)
-        if log is not None:
-            log(
-                f"epoch {epoch}: loss {rec['train_loss']:.4f} top1 {rec['train_top1']:.2f} ({rec['time_s']:.0f}s)"
-            )
-        if checkpoints is not None:
-            checkpoints.save(epoch)
-    return history
+
+    def step(t: int, x: torch.Tensor, y: torch.Tensor):
+        lr = cfg.lr * cosine_factor(t, total)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.set_active_subnet(space.sample(rng))
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        return loss, logits, lr
+
+    return single_path_epochs(step, data, device, cfg.epochs, iters, first, history, timer,
+                              f"oqat w{model.oqat_bits}", log, on_epoch, checkpoints)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

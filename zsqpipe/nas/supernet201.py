@@ -270,6 +270,58 @@ def cycle_batches(loader: Iterable):
             raise ValueError("supernet training: the training loader is empty")
 
 
+def single_path_epochs(
+    step: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, float]],
+    data,
+    device,
+    epochs: int,
+    iters: int,
+    first: int,
+    history: list[dict],
+    timer: Timer,
+    desc: str,
+    log: Callable[[str], None] | None = print,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    checkpoints: Checkpoints | None = None,
+    epoch_extras: Callable[[], dict] | None = None,
+) -> list[dict]:
+    """The epoch loop of single-path supernet training (``train_supernet``, ``train_oqat``): epochs
+    ``first..epochs-1`` of ``iters`` iterations; iteration t gets the next batch of ``data`` and runs
+    ``step(t, x, y) -> (loss, logits, lr)`` (sample a subnet, set the LR, one optimizer step). Per epoch one
+    record (train loss and top-1 over its subnets, mean LR, ``epoch_extras()``, time) is appended to
+    ``history``, passed to ``on_epoch``, logged, and the epoch is checkpointed."""
+    for epoch in range(first, epochs):
+        loss_sum = torch.zeros((), device=device)
+        hit_sum = torch.zeros((), device=device)
+        n_seen, lr_sum = 0, 0.0
+        for it in progress(range(iters), desc=f"{desc} epoch {epoch + 1}/{epochs}"):
+            x, y = _to(next(data), device)
+            loss, logits, lr = step(epoch * iters + it, x, y)
+            loss_sum += loss.detach() * len(y)
+            hit_sum += (logits.detach().argmax(1) == y).sum()
+            n_seen += len(y)
+            lr_sum += lr
+        rec = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum) / max(n_seen, 1),
+            "train_top1": 100.0 * float(hit_sum) / max(n_seen, 1),
+            "lr_mean": lr_sum / max(iters, 1),
+            **(epoch_extras() if epoch_extras is not None else {}),
+            "time_s": timer(),
+        }
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+        if log is not None:
+            log(
+                f"epoch {epoch}: loss {rec['train_loss']:.4f} top1 {rec['train_top1']:.2f} "
+                f"lr {rec['lr_mean']:.4g} ({rec['time_s']:.0f}s)"
+            )
+        if checkpoints is not None:
+            checkpoints.save(epoch)
+    return history
+
+
 def train_supernet(
     model: NB201Supernet,
     loader: Iterable,
@@ -323,47 +375,28 @@ def train_supernet(
     grads = None if cfg.zero_grad_to_none else GradPresence(model.parameters())
     first = attach_epoch_loop(checkpoints, history, timer, on_epoch, model=model, optimizer=opt,
                               sampler=PyRandomState(rng), data=data, grad_presence=grads)  # fmt: skip
-    for epoch in range(first, cfg.epochs):
-        loss_sum = torch.zeros((), device=device)
-        hit_sum = torch.zeros((), device=device)
-        n_seen, lr_sum = 0, 0.0
-        steps_before = dict(opt.steps)
-        for it in progress(range(iters), desc=f"supernet epoch {epoch + 1}/{cfg.epochs}"):
-            t = epoch * iters + it
-            x, y = _to(next(data), device)
-            arch = sample_arch(rng)
-            group = group_of(arch, split_edge)
-            lr = cfg.lr * (calr.factor(arch, t, total) if calr is not None else cosine_factor(t, total))
-            opt.set_lr(group, lr)
-            model.set_active_subnet(arch)
-            opt.zero_grad(set_to_none=cfg.zero_grad_to_none)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step(group)
-            loss_sum += loss.detach() * len(y)
-            hit_sum += (logits.detach().argmax(1) == y).sum()
-            n_seen += len(y)
-            lr_sum += lr
-        rec = {
-            "epoch": epoch,
-            "train_loss": float(loss_sum) / max(n_seen, 1),
-            "train_top1": 100.0 * float(hit_sum) / max(n_seen, 1),
-            "lr_mean": lr_sum / max(iters, 1),
-            "split_edge": split_edge,
-            "group_steps": {g: opt.steps[g] - steps_before[g] for g in opt.groups},
-            "time_s": timer(),
-        }
-        history.append(rec)
-        if on_epoch is not None:
-            on_epoch(epoch, rec)
-        if log is not None:
-            log(
-                f"epoch {epoch}: loss {rec['train_loss']:.4f} top1 {rec['train_top1']:.2f} "
-                f"lr {rec['lr_mean']:.4g} ({rec['time_s']:.0f}s)"
-            )
-        if checkpoints is not None:
-            checkpoints.save(epoch)
-    return history
+    last_steps = dict(opt.steps)  # per-group step counts at the start of the epoch (restored on resume)
+
+    def step(t: int, x: torch.Tensor, y: torch.Tensor):
+        arch = sample_arch(rng)
+        group = group_of(arch, split_edge)
+        lr = cfg.lr * (calr.factor(arch, t, total) if calr is not None else cosine_factor(t, total))
+        opt.set_lr(group, lr)
+        model.set_active_subnet(arch)
+        opt.zero_grad(set_to_none=cfg.zero_grad_to_none)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step(group)
+        return loss, logits, lr
+
+    def epoch_extras() -> dict:
+        nonlocal last_steps
+        done = {g: opt.steps[g] - last_steps[g] for g in opt.groups}
+        last_steps = dict(opt.steps)
+        return {"split_edge": split_edge, "group_steps": done}
+
+    return single_path_epochs(step, data, device, cfg.epochs, iters, first, history, timer, "supernet", log,
+                              on_epoch, checkpoints, epoch_extras)  # fmt: skip
