@@ -10,7 +10,7 @@ import time
 
 import pandas as pd
 import pytest
-from workflow_helpers import REPO, planned_jobs, snakemake, snakemake_cmd, write_config
+from workflow_helpers import REPO, planned, planned_jobs, snakemake, snakemake_cmd, write_config
 
 N_TRACKED_JOBS = 7  # data, fp_model, 2 x quantize, 2 x evaluate, aggregate (mlflow_init creates the store)
 
@@ -186,27 +186,11 @@ def test_killed_job_resumes(smoke, tmp_path):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def planned_shell(workdir, configfile, *targets):
-    """{(rule, wildcards): (output, shell command)} of every job a dry run with printed commands plans."""
-    r = snakemake(workdir, configfile, "-n", "-p", *targets)
-    jobs, key, out = {}, None, ""
-    for line in r.stdout.splitlines():
-        if m := re.match(r"^(?:local)?rule (\w+):", line):
-            key, out = (m.group(1), ""), ""
-        elif (m := re.match(r"^\s+output: (.*)$", line)) and key:
-            out = m.group(1)
-        elif (m := re.match(r"^\s+wildcards: (.*)$", line)) and key:
-            key = (key[0], m.group(1))
-        elif line.startswith("Shell command: ") and key:
-            jobs[key] = (out, line.removeprefix("Shell command: "))
-    return jobs
-
-
 def test_main_job_is_a_prefix_of_the_full_table(tmp_path):
     """README's main command (config/main.yaml over config/config.yaml) plans exactly the real/ptq cells at
     W3A3/W4A4 x 3 seeds, and each of its jobs has the same command (params, code version) under the full
     default config, so `make run-full` after `make run` reuses them and only adds the zero-shot cells."""
-    main = planned_shell(tmp_path, REPO / "config" / "main.yaml", "results/tables/hast.csv")
+    main = planned(tmp_path, REPO / "config" / "main.yaml", "results/tables/hast.csv")
     cells = sorted(w for r, w in main if r == "quantize")
     expected = sorted(
         f"dataset=fashion_mnist, arch=resnet20, method={m}, wbits={b}, abits={b}, seed={s}"
@@ -214,8 +198,8 @@ def test_main_job_is_a_prefix_of_the_full_table(tmp_path):
     )  # fmt: skip
     assert cells == expected, cells
     assert {r for r, _ in main} == {"mlflow_init", "data", "fp_model", "quantize", "evaluate", "aggregate"}
-    metrics = [out for (rule, _), (out, _) in main.items() if rule == "evaluate"]
-    full = planned_shell(tmp_path, REPO / "config" / "config.yaml", *metrics)
+    metrics = [job["output"] for (rule, _), job in main.items() if rule == "evaluate"]
+    full = planned(tmp_path, REPO / "config" / "config.yaml", *metrics)
     shared = [k for k in main if k[0] != "aggregate"]
     assert set(full) == set(shared)
     assert all(main[k] == full[k] for k in shared), [k for k in shared if main[k] != full[k]]

@@ -41,20 +41,24 @@ def snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900, c
     return r
 
 
+def planned(workdir: Path, configfile: Path, *targets: str) -> dict[tuple[str, str], dict[str, str]]:
+    """Every job a dry run (``-n -p``) would execute, in order: ``{(rule, wildcards): {"output", "shell"}}``
+    (the rule ``all`` left out)."""
+    r = snakemake(workdir, configfile, "-n", "-p", *targets)
+    jobs: list[list] = []  # [rule, wildcards, {"output", "shell"}] per job
+    for line in r.stdout.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):", line):
+            jobs.append([m.group(1), "", {"output": "", "shell": ""}])
+        elif jobs and (m := re.match(r"^\s+(wildcards|output): (.*)$", line)):
+            if m.group(1) == "wildcards":
+                jobs[-1][1] = m.group(2)
+            else:
+                jobs[-1][2]["output"] = m.group(2)
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1][2]["shell"] = line.removeprefix("Shell command: ")
+    return {(rule, w): info for rule, w, info in jobs if rule != "all"}
+
+
 def planned_jobs(workdir: Path, configfile: Path, *targets: str) -> list[tuple[str, str]]:
     """(rule, wildcards) of every job a dry run would execute."""
-    r = snakemake(workdir, configfile, "-n", *targets)
-    jobs, current = [], None
-    for line in r.stdout.splitlines():
-        m = re.match(r"^(?:local)?rule (\w+):", line)
-        if m:
-            if current:
-                jobs.append(current)
-            current = (m.group(1), "")
-            continue
-        m = re.match(r"^\s+wildcards: (.*)$", line)
-        if m and current:
-            current = (current[0], m.group(1))
-    if current:
-        jobs.append(current)
-    return [j for j in jobs if j[0] != "all"]
+    return list(planned(workdir, configfile, *targets))
