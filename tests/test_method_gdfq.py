@@ -11,10 +11,11 @@ from torch import nn
 from zsqpipe.data import forbid_real_data
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import QuantContext
-from zsqpipe.methods.gdfq import GDFQ, kd_loss
+from zsqpipe.methods.gdfq import GDFQ
 from zsqpipe.models import create_model
 from zsqpipe.quant import QuantConfig, quantize_model
 from zsqpipe.zsq.bnstats import BNStatistics
+from zsqpipe.zsq.generator_qat import kd_loss
 
 SHAPE = (1, 8, 8)
 

@@ -282,7 +282,7 @@ def old_synthetic_batches(shards, batch_size, seed, augment=True):
 
 def test_synthetic_streams_unchanged_and_restore_mid_shard(prepared):
     from zsqpipe.methods.base import QuantContext
-    from zsqpipe.methods.zeroq import ShardStream
+    from zsqpipe.zsq.finetune import ShardStream
 
     shards = ShardSet.open(prepared / "samples" / "manifest.json")
     reference = take(old_synthetic_batches(shards, 16, 5), 20)  # 2 + 2 + 1 batches a pass: 4 passes

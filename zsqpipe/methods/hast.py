@@ -35,9 +35,9 @@ from torch import nn
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.methods.real import warn_short_official_calibration
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
+from zsqpipe.zsq.calibration import warn_short_official_calibration
 from zsqpipe.zsq.finetune import SyntheticBatches, finetune
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.methods.real import calibrate, warn_short_official_calibration
-from zsqpipe.methods.zeroq import ShardStream, check_augment
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.finetune import finetune
+from zsqpipe.zsq.calibration import calibrate, warn_short_official_calibration
+from zsqpipe.zsq.finetune import ShardStream, check_augment, finetune
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 
 CALIBRATIONS = ("shards", "generator")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from zsqpipe.engine import infinite
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.methods.real import calibrate
+from zsqpipe.zsq.calibration import calibrate
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torch import nn
 
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import QuantContext, register_method
-from zsqpipe.methods.gdfq import GDFQ, kd_loss
+from zsqpipe.zsq.generator_qat import GeneratorQAT, kd_loss
 from zsqpipe.zsq.generators import GDFQGenerator
 
 NORM_EPS = 1e-5  # BatchNorm1d's default eps, as in the official embedding normaliser
@@ -155,7 +155,7 @@ def sample_latents(
 
 
 @register_method("qimera")
-class Qimera(GDFQ):
+class Qimera(GeneratorQAT):
     Config = QimeraConfig
 
     def __init__(self, cfg=None):

@@ -29,8 +29,8 @@ from zsqpipe.engine import kd_kl, make_optimizer, make_scheduler
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.progress import progress
-from zsqpipe.quant import set_quant_state
 from zsqpipe.quant.talr import TALR, TALRConfig, talr_param_groups
+from zsqpipe.zsq.calibration import calibrate
 
 
 @dataclass(frozen=True)
@@ -62,31 +62,6 @@ class RealConfig:
 
     def grad_quant_config(self) -> GradQuantConfig:
         return GradQuantConfig.from_dict(self.grad_quant or {}, prefix="methods.real.grad_quant")
-
-
-OFFICIAL_EMA_MIN_STEPS = 200
-
-
-def warn_short_official_calibration(student, steps: int, log=print) -> None:
-    """Warn when ``quant.ema_mode=official`` gets fewer calibration steps than its range update needs."""
-    if steps < OFFICIAL_EMA_MIN_STEPS and any(
-        getattr(m, "ema_mode", None) == "official" for m in student.modules()
-    ):
-        log(
-            f"warning: quant.ema_mode=official with {steps} calibration steps: the official range update "
-            f"inflates ranges for its first ~150 steps (docs/quantization.md); use >= {OFFICIAL_EMA_MIN_STEPS}"
-        )
-
-
-def calibrate(student, batches, calib_batches: int, log=print) -> None:
-    """Run ``calib_batches`` batches through ``student`` with range updates on, then freeze the ranges."""
-    warn_short_official_calibration(student, calib_batches, log)
-    set_quant_state(student, enabled=True, update_ranges=True)
-    with torch.no_grad():
-        for _ in range(calib_batches):
-            x, _ = next(batches)
-            student(x)
-    set_quant_state(student, update_ranges=False)
 
 
 @register_method("real")

@@ -17,19 +17,14 @@ tables, IntraQ issue #1; reference note §2.6):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from zsqpipe.engine import kd_kl
-from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.methods.real import calibrate
-from zsqpipe.zsq.augment import random_resized_crop_flip
-from zsqpipe.zsq.finetune import SyntheticBatches, finetune
-
-AUGMENTS = ("rrc", "crop_flip", "none")
+from zsqpipe.zsq.calibration import calibrate
+from zsqpipe.zsq.finetune import ShardStream, check_augment, finetune
 
 
 @dataclass(frozen=True)
@@ -51,54 +46,6 @@ class ZeroQConfig:
     ce_weight: float = 0.0  # KD only (IntraQ issue #1: "KD, or KD+CE")
     augment: str = "rrc"  # rrc (IntraQ's RandomResizedCrop + flip) | crop_flip (pad-crop + flip) | none
     aug_margin: float = 0.5  # RandomResizedCrop scale lower bound
-
-
-def check_augment(cfg, name: str) -> None:
-    if cfg.augment not in AUGMENTS:
-        raise ConfigError(f"methods.{name}.augment: expected one of {list(AUGMENTS)}, got {cfg.augment!r}")
-    if not 0.0 < cfg.aug_margin <= 1.0:
-        raise ConfigError(f"methods.{name}.aug_margin: expected a value in (0, 1], got {cfg.aug_margin}")
-
-
-class ShardStream:
-    """Endless (images, labels) batches of ``ctx.samples`` with the chosen augmentation.
-
-    ``SyntheticBatches`` drops ragged batches, so the batch is capped at the largest shard (with a warning)
-    rather than waiting forever for a full one. ``state_dict()`` saves the exact position (resumable runs).
-    """
-
-    def __init__(
-        self, ctx: QuantContext, batch_size: int, seed: int, augment: str = "none", aug_margin: float = 0.5
-    ):
-        if ctx.samples is None:
-            raise ConfigError("this method trains on synthetic shards, but the context has no samples")
-        largest = max(int(e["rows"]) for e in ctx.samples.manifest["shards"])
-        if batch_size > largest:
-            ctx.log(f"warning: batch {batch_size} > {largest} samples per shard; using batches of {largest}")
-            batch_size = largest
-        self.batches = SyntheticBatches(
-            ctx.samples, batch_size, seed, ctx.device, augment=augment == "crop_flip"
-        )
-        self.rrc = augment == "rrc"
-        self.scale = (aug_margin, 1.0)
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = next(self.batches)
-        if not self.rrc:
-            return x, y
-        x = random_resized_crop_flip(x, self.scale, self.gen)
-        return x.contiguous(memory_format=torch.channels_last), y
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches.state_dict(), "gen": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches.load_state_dict(state["batches"])
-        self.gen.set_state(state["gen"])
 
 
 @register_method("zeroq")

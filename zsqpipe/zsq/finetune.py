@@ -13,6 +13,7 @@ from zsqpipe.engine import make_optimizer, make_scheduler
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import QuantContext
 from zsqpipe.progress import progress
+from zsqpipe.zsq.augment import random_resized_crop_flip
 
 
 class SyntheticBatches:
@@ -65,6 +66,57 @@ class SyntheticBatches:
         if state["cursor"] is not None:
             self.cursor = ShardCursor(self.shards, self.batch_size, seed=self.seed + self.epoch)
             self.cursor.load_state_dict(state["cursor"])
+
+
+AUGMENTS = ("rrc", "crop_flip", "none")
+
+
+def check_augment(cfg, name: str) -> None:
+    if cfg.augment not in AUGMENTS:
+        raise ConfigError(f"methods.{name}.augment: expected one of {list(AUGMENTS)}, got {cfg.augment!r}")
+    if not 0.0 < cfg.aug_margin <= 1.0:
+        raise ConfigError(f"methods.{name}.aug_margin: expected a value in (0, 1], got {cfg.aug_margin}")
+
+
+class ShardStream:
+    """Endless (images, labels) batches of ``ctx.samples`` with the chosen augmentation.
+
+    ``SyntheticBatches`` drops ragged batches, so the batch is capped at the largest shard (with a warning)
+    rather than waiting forever for a full one. ``state_dict()`` saves the exact position (resumable runs).
+    """
+
+    def __init__(
+        self, ctx: QuantContext, batch_size: int, seed: int, augment: str = "none", aug_margin: float = 0.5
+    ):
+        if ctx.samples is None:
+            raise ConfigError("this method trains on synthetic shards, but the context has no samples")
+        largest = max(int(e["rows"]) for e in ctx.samples.manifest["shards"])
+        if batch_size > largest:
+            ctx.log(f"warning: batch {batch_size} > {largest} samples per shard; using batches of {largest}")
+            batch_size = largest
+        self.batches = SyntheticBatches(
+            ctx.samples, batch_size, seed, ctx.device, augment=augment == "crop_flip"
+        )
+        self.rrc = augment == "rrc"
+        self.scale = (aug_margin, 1.0)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(self.batches)
+        if not self.rrc:
+            return x, y
+        x = random_resized_crop_flip(x, self.scale, self.gen)
+        return x.contiguous(memory_format=torch.channels_last), y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches.state_dict(), "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.gen.set_state(state["gen"])
 
 
 def finetune(

@@ -33,8 +33,13 @@ from torch import nn
 from zsqpipe.errors import ConfigError
 from zsqpipe.zsq.augment import random_resized_crop_flip
 from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.synth_zeroq import batch_sizes, check_common, optimise_pixels
-from zsqpipe.zsq.synthesis import SynthContext, register_synthesizer
+from zsqpipe.zsq.synthesis import (
+    SynthContext,
+    batch_sizes,
+    check_common,
+    optimise_pixels,
+    register_synthesizer,
+)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,13 @@ from torch import nn
 
 from zsqpipe.errors import ConfigError
 from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.synthesis import SynthContext, register_synthesizer
+from zsqpipe.zsq.synthesis import (
+    SynthContext,
+    batch_sizes,
+    check_common,
+    optimise_pixels,
+    register_synthesizer,
+)
 
 ZEROQ_INITS = ("gaussian", "uniform", "zeroq_uniform")
 UNIFORM_VARIANCE = 5418.75  # var of U(-128, 127) = 255^2 / 12, the constant in ZeroQ's UniformDataset
@@ -50,19 +55,6 @@ class ZeroQSynthConfig:
     input_weight: float = 1.0  # weight of the input-level N(0, 1) term (official: 1)
     eps: float = 1e-6  # the official eps inside the input-level std
     shard_size: int = 1024
-
-
-def check_common(cfg, name: str) -> None:
-    for key in ("num_samples", "batch_size", "iters", "shard_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"synthesis.{name}.{key}: must be >= 1, got {getattr(cfg, key)}")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.patience < 0:
-        raise ConfigError(f"synthesis.{name}: lr must be > 0, min_lr and patience >= 0")
-
-
-def batch_sizes(total: int, batch: int) -> list[int]:
-    """Split ``total`` samples into batches of ``batch`` (the last one smaller)."""
-    return [min(batch, total - s) for s in range(0, total, batch)]
 
 
 def initial_images(init: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -84,32 +76,6 @@ def input_stats_loss(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = x.mean(dim=(2, 3))
     std = x.var(dim=(2, 3), unbiased=False).add(eps).sqrt()
     return (mean**2).sum(1).mean() + ((std - 1.0) ** 2).sum(1).mean()
-
-
-def optimise_pixels(
-    x0: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, int], torch.Tensor],
-    iters: int,
-    lr: float,
-    patience: int,
-    min_lr: float = 1e-4,
-) -> tuple[torch.Tensor, float]:
-    """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss).
-
-    Adam's default betas (0.9, 0.999) and eps, as ``optim.Adam([x], lr=0.5)`` in ZeroQ, IntraQ and HAST
-    ``distill_data.py``. Gradients are taken w.r.t. x only, so the teacher's parameters collect none.
-    """
-    x = x0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=min_lr, patience=patience)
-    last = float("nan")
-    for step in range(iters):
-        loss = loss_fn(x, step)
-        (x.grad,) = torch.autograd.grad(loss, [x])
-        opt.step()
-        last = float(loss.detach())
-        sched.step(last)
-    return x.detach(), last
 
 
 @register_synthesizer("zeroq", ZeroQSynthConfig)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zsqpipe.errors import ConfigError
 from zsqpipe.progress import progress
 
 _SYNTHESIZERS: dict[str, tuple[Callable, type]] = {}
@@ -76,6 +77,46 @@ def optimise_batch(
         opt.step()
         sched.step(loss.item())
     return x.detach()
+
+
+def check_common(cfg, name: str) -> None:
+    """Checks of the pixel-optimising synthesizers' common settings (ZeroQ, IntraQ): one-line ConfigErrors."""
+    for key in ("num_samples", "batch_size", "iters", "shard_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"synthesis.{name}.{key}: must be >= 1, got {getattr(cfg, key)}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.patience < 0:
+        raise ConfigError(f"synthesis.{name}: lr must be > 0, min_lr and patience >= 0")
+
+
+def batch_sizes(total: int, batch: int) -> list[int]:
+    """Split ``total`` samples into batches of ``batch`` (the last one smaller)."""
+    return [min(batch, total - s) for s in range(0, total, batch)]
+
+
+def optimise_pixels(
+    x0: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, int], torch.Tensor],
+    iters: int,
+    lr: float,
+    patience: int,
+    min_lr: float = 1e-4,
+) -> tuple[torch.Tensor, float]:
+    """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss).
+
+    Adam's default betas (0.9, 0.999) and eps, as ``optim.Adam([x], lr=0.5)`` in ZeroQ, IntraQ and HAST
+    ``distill_data.py``. Gradients are taken w.r.t. x only, so the teacher's parameters collect none.
+    """
+    x = x0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=min_lr, patience=patience)
+    last = float("nan")
+    for step in range(iters):
+        loss = loss_fn(x, step)
+        (x.grad,) = torch.autograd.grad(loss, [x])
+        opt.step()
+        last = float(loss.detach())
+        sched.step(last)
+    return x.detach(), last
 
 
 @torch.no_grad()
