@@ -34,7 +34,10 @@ class WorkflowCopy:
                 shutil.copy2(src, self.repo / part)
         self.root, self.wd = root, root / "wd"
         self.cfg = write_config(
-            root / "all.yaml", tables__hast__methods=list(METHOD_NAMES), tables__hast__seeds=[0], tracking=False
+            root / "all.yaml",
+            tables__hast__methods=list(METHOD_NAMES),
+            tables__hast__seeds=[0],
+            tracking=False,
         )
         self.env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         self.env["PYTHONPATH"] = str(self.repo)  # the copy's zsqpipe (run outside REPO: `-m` puts cwd first)
