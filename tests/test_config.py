@@ -84,7 +84,7 @@ def test_snakemake_rejects_bad_config_in_one_line(tmp_path, override, key):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if "invalid config" in ln]

@@ -19,9 +19,8 @@ N_TRACKED_JOBS = 7  # data, fp_model, 2 x quantize, 2 x evaluate, aggregate (mlf
 def smoke(tmp_path_factory):
     wd = tmp_path_factory.mktemp("smoke")
     cfg = write_config(wd / "smoke.yaml")
-    t0 = time.time()
     snakemake(wd, cfg, "--cores", "2")
-    return {"wd": wd, "cfg": cfg, "seconds": time.time() - t0}
+    return {"wd": wd, "cfg": cfg}
 
 
 def test_smoke_table(smoke):
@@ -31,7 +30,6 @@ def test_smoke_table(smoke):
     for col in ("last_top1_mean", "best_top1_mean", "val_selected_top1_mean", "fp_top1", "wall_time_s_mean"):
         assert table[col].notna().all()
     assert (smoke["wd"] / "results/tables/hast.md").is_file()
-    assert smoke["seconds"] < 150  # the whole DAG in under 2 minutes on an idle 2-core CPU (~80 s measured)
 
 
 def test_every_rule_has_log_and_benchmark(smoke):
@@ -210,12 +208,10 @@ def test_main_job_is_a_prefix_of_the_full_table(tmp_path):
 def test_readme_main_command_end_to_end(tmp_path):
     """The README's main command (`make run`: config/main.yaml over config/config.yaml) end to end: FP
     training, data, 12 quantize + evaluate cells (real, ptq at W3A3/W4A4, 3 seeds), aggregate; FP ResNet-20
-    >= 91 %, within the README's time (20 min on an idle 2-core machine; slack for a busy CI host)."""
-    t0 = time.time()
+    >= 91 %. Its wall time is measured by benchmarks/bench_main_job.py, not asserted here."""
     snakemake(
         tmp_path, REPO / "config" / "main.yaml", "--cores", "2", "results/tables/hast.csv", timeout=2400
     )
-    minutes = (time.time() - t0) / 60
     fp = json.loads((tmp_path / "results/models/fashion_mnist/resnet20/fp_metrics.json").read_text())
     assert fp["test_top1"] >= 91.0, fp["test_top1"]
     table = pd.read_csv(tmp_path / "results/tables/hast.csv")
@@ -225,5 +221,3 @@ def test_readme_main_command_end_to_end(tmp_path):
     assert (table["n_seeds"] == 3).all() and table["last_top1_std"].notna().all()
     real4 = table[(table["method"] == "real") & (table["bits"] == "W4A4")].iloc[0]
     assert real4["last_top1_mean"] > 85.0  # real-data QAT at 4 bits stays near the FP model
-    print(f"README main command: {minutes:.1f} min, FP {fp['test_top1']:.2f}%")
-    assert minutes <= 30
