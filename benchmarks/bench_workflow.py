@@ -80,8 +80,18 @@ def main() -> None:
               f"{v['wall_s_max']:>7.1f} {v['cpu_s_sum']:>8.1f}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"config": args.configfile, "target": args.target, "cores": args.cores, "load": load,
-                        "wall_s": wall, "rules": rules, "workdir": str(workdir)}, indent=2)  # fmt: skip
+            json.dumps(
+                {
+                    "config": args.configfile,
+                    "target": args.target,
+                    "cores": args.cores,
+                    "load": load,
+                    "wall_s": wall,
+                    "rules": rules,
+                    "workdir": str(workdir),
+                },
+                indent=2,
+            )  # fmt: skip
         )
 
 

@@ -205,7 +205,7 @@ def test_corrupt_checkpoint_is_reported(pipeline):
             str(p["tmp"] / "h.json"),
         ],
     )
-    assert r.exit_code == 1 and "truncated or corrupt" in r.output
+    assert r.exit_code == 1 and "not a zsqpipe checkpoint (truncated or damaged" in r.output
 
 
 @pytest.mark.parametrize("method", ["hast", "zeroq", "intraq"])

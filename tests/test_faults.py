@@ -183,7 +183,7 @@ def test_truncated_fp_checkpoint_quantize(prepared, tmp_path, keep):
     (tmp_path / "manifest.json").write_bytes((prepared / "manifest.json").read_bytes())
     out = tmp_path / "q"
     r = run_cli(*quantize_args(tmp_path, out))
-    one_error_line(r, "quantize", str(bad), "truncated or corrupt")
+    one_error_line(r, "quantize", str(bad), "not a zsqpipe checkpoint (truncated or damaged")
     assert_no_outputs(out, "model.pt", "history.json")
 
 
@@ -196,9 +196,58 @@ def test_truncated_checkpoint_evaluate(prepared, tmp_path, which):
     out = tmp_path / "e" / "metrics.json"
     r = run_cli("evaluate", "--model", bad, "--history", cell / "history.json", "--data", prepared / "manifest.json",
                 "--cell", json.dumps(CELL), "--out", out, "--device", "cpu")  # fmt: skip
-    one_error_line(r, "evaluate", str(bad), "truncated or corrupt")
+    one_error_line(r, "evaluate", str(bad), "not a zsqpipe checkpoint (truncated or damaged")
     assert_no_outputs(out.parent, "metrics.json")
     assert snapshot(prepared / "cells") == before
+
+
+NOT_A_CHECKPOINT = {  # what users find at a checkpoint path: fixed bytes, no randomness
+    "garbage": (bytes(range(7, 256, 3)) * 40, "neither a torch zip archive nor a pickle"),
+    "html": (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n",
+             "an HTML/XML page"),
+    "lfs": (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"4d7a" * 16 + b"\nsize 1095\n",
+            "a Git LFS pointer file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", NOT_A_CHECKPOINT)
+@pytest.mark.parametrize("role", ["model.pt to evaluate", "fp.pt to quantize"])
+def test_file_that_is_not_a_checkpoint_is_one_line(prepared, tmp_path, kind, role):
+    """Garbage, an HTML error page or a Git LFS pointer where a checkpoint belongs: exactly one stderr line
+    ``zsqpipe <cmd>: error: <path>: not a zsqpipe checkpoint (<why>)``, exit 1, nothing written, and none of
+    torch's weights_only advice (re-running with weights_only=False would execute a foreign file's code)."""
+    content, why = NOT_A_CHECKPOINT[kind]
+    (tmp_path / "manifest.json").write_bytes((prepared / "manifest.json").read_bytes())
+    if role.startswith("model.pt"):
+        cmd, bad, out, names = "evaluate", tmp_path / "model.pt", tmp_path / "e", ["metrics.json"]
+        bad.write_bytes(content)
+        cell = prepared / "cells" / "ptq"
+        r = run_cli("evaluate", "--model", bad, "--history", cell / "history.json", "--data",
+                    tmp_path / "manifest.json", "--cell", json.dumps(CELL), "--out", out / "metrics.json",
+                    "--device", "cpu")  # fmt: skip
+    else:
+        cmd, bad, out, names = "quantize", tmp_path / "fp.pt", tmp_path / "q", ["model.pt", "history.json"]
+        bad.write_bytes(content)
+        r = run_cli(*quantize_args(tmp_path, out))
+    line = one_error_line(r, cmd, f"{bad}: not a zsqpipe checkpoint ({why}")
+    assert r.stderr.strip().splitlines() == [line], r.stderr
+    assert "weights_only" not in r.output
+    assert_no_outputs(out, *names)
+
+
+def test_external_fp_checkpoint_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    """fp_model.checkpoints naming an HTML page: one IntegrityError line, "not a PyTorch checkpoint"."""
+    from zsqpipe.models import create_model
+    from zsqpipe.stages.fp_model import _load_external
+
+    bad = tmp_path / "resnet20.pth"
+    bad.write_bytes(NOT_A_CHECKPOINT["html"][0])
+    with pytest.raises(IntegrityError) as e:
+        _load_external(create_model("resnet20", num_classes=10, in_channels=1, image_size=28), bad)
+    assert (
+        str(e.value)
+        == f"{bad}: not a PyTorch checkpoint (an HTML/XML page, e.g. an error page saved by a failed download)"
+    )
 
 
 def test_checkpoint_that_is_not_a_model(prepared, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -184,6 +185,34 @@ def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     _validate_variants(schema, instance)
     _validate_tables(instance)
     return instance
+
+
+def check_config_paths(config: dict, base: str | os.PathLike = ".") -> None:
+    """Every file or folder a (validated) config names must exist, relative paths read from ``base`` (the
+    workflow's working directory): each ``fp_model.checkpoints`` entry (keyed ``<dataset>/<arch>``) a file,
+    ``data.data_dir`` a folder when it is not the default ``data`` and downloads are off. A ConfigError line
+    names the key and the path (Snakemake would otherwise treat an existing fp.pt whose checkpoint input is
+    missing as a source file and keep reporting the old model)."""
+    from zsqpipe.names import ARCH_NAMES, DATASET_NAMES
+
+    base = Path(base)
+    for key, path in config["fp_model"]["checkpoints"].items():
+        dataset, _, arch = key.partition("/")
+        if dataset not in DATASET_NAMES or arch not in ARCH_NAMES:
+            raise ConfigError(
+                f"config key 'fp_model.checkpoints.{key}': expected a '<dataset>/<arch>' key, dataset one of "
+                f"{list(DATASET_NAMES)}, arch one of {list(ARCH_NAMES)}"
+            )
+        full = base / path
+        if not full.is_file():
+            what = "is a folder, expected a checkpoint file" if full.is_dir() else "no such file"
+            raise ConfigError(f"config key 'fp_model.checkpoints.{key}': {path}: {what}")
+    data = config["data"]
+    explicit = data["data_dir"] != DataConfig.data_dir and not data["allow_download"]
+    if explicit and not (base / data["data_dir"]).is_dir():
+        raise ConfigError(
+            f"config key 'data.data_dir': {data['data_dir']}: no such folder (or set data.allow_download: true)"
+        )
 
 
 def _validate_tables(instance: dict) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,21 +146,64 @@ def save_checkpoint(path: str | os.PathLike, obj: dict, before_publish=None) -> 
             before_publish(tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint`; a truncated/corrupt file gives an IntegrityError."""
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+
+
+def _not_a_checkpoint_reason(head: bytes, size: int) -> str | None:
+    """Why the first bytes of a file say it cannot be a torch checkpoint (None: it may be one)."""
+    if size == 0:
+        return "the file is empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer file, not the weights: fetch them with `git lfs pull`"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "an HTML/XML page, e.g. an error page saved by a failed download"
+    if not head.startswith((ZIP_MAGIC, b"\x80")):  # zip archive, or a pre-1.6 (pickle protocol >= 2) file
+        return f"neither a torch zip archive nor a pickle: it starts with {head[:16]!r}"
+    return None
+
+
+def torch_load_checked(path: str | os.PathLike, map_location="cpu", what: str = "a zsqpipe checkpoint"):
+    """``torch.load(path, weights_only=True)`` whose failure is one IntegrityError line,
+    ``<path>: not <what> (<reason>)``: empty, a Git LFS pointer, an HTML page, a truncated archive, or objects
+    safe loading refuses. Never torch's multi-line text (whose advice, ``weights_only=False``, would run code
+    from a damaged or foreign file)."""
+    import pickle
+    import warnings
+
     import torch
 
     path = Path(path)
     if not path.is_file():
-        raise IntegrityError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise IntegrityError(
-            f"{path}: cannot load checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
-        ) from e
+        raise IntegrityError(f"{path}: checkpoint not found" + (" (a directory)" if path.is_dir() else ""))
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    reason = _not_a_checkpoint_reason(head, size)
+    if reason is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. torch's multi-line pickle-protocol UserWarning
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            reason = (
+                f"it holds a Python object that safe loading (weights_only=True) refuses: {refused.group(1)}"
+                if refused
+                else "a pickle stream that safe loading cannot read: damaged, or not written by torch.save"
+            )
+        except Exception as e:  # zip reader / EOF errors of a truncated or damaged file
+            first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
+            reason = f"truncated or damaged: {type(e).__name__}{': ' + first if first else ''}"
+    raise IntegrityError(f"{path}: not {what} ({reason})")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`; a missing, truncated or foreign file gives one
+    IntegrityError line (:func:`torch_load_checked`)."""
+    obj = torch_load_checked(path, map_location)
     if not isinstance(obj, dict):
-        raise IntegrityError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+        raise IntegrityError(f"{path}: not a zsqpipe checkpoint (a {type(obj).__name__}, expected a dict)")
     return obj
 
 

@@ -6,7 +6,7 @@ import shutil
 import sys
 
 from zsqpipe.codehash import code_version
-from zsqpipe.config import canonical_json, validate_config
+from zsqpipe.config import canonical_json, check_config_paths, validate_config
 from zsqpipe.errors import ConfigError
 from zsqpipe.io import sha256_file
 from zsqpipe.nas.benchmark import DATASETS as NAS_DATASETS
@@ -18,6 +18,7 @@ from zsqpipe.names import ARCH_NAMES, DATASET_NAMES, METHOD_NAMES, METHOD_SYNTHE
 
 try:
     _validated = validate_config(config)
+    check_config_paths(_validated)  # relative paths from the working directory, as the jobs read them
 except ConfigError as _err:
     sys.exit(f"zsqpipe: invalid config: {_err}")
 config.clear()
@@ -67,10 +68,22 @@ def data_params(wildcards):
     return canonical_json(config["data"])
 
 
+@functools.cache
+def checkpoint_sha256(path):
+    """SHA-256 of a configured FP checkpoint: a param, so other bytes at the same path (even with an older
+    mtime, e.g. `cp -p`) rerun fp_model and everything below it."""
+    return sha256_file(path)
+
+
 def fp_params(wildcards):
     fp = {k: v for k, v in config["fp_model"].items() if k != "checkpoints"}
     fp["checkpoint"] = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
     return canonical_json(fp)
+
+
+def fp_checkpoint_sha(wildcards):
+    path = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
+    return checkpoint_sha256(path) if path else ""
 
 
 def fp_checkpoint_input(wildcards):

@@ -11,6 +11,7 @@ rule fp_model:
         metrics=f"{RESULTS}/models/{{dataset}}/{{arch}}/fp_metrics.json",
     params:
         cfg=fp_params,
+        checkpoint_sha256=fp_checkpoint_sha,
         device=config["device"],
         code=code_version("zsqpipe.stages.fp_model"),
     log:

@@ -24,7 +24,7 @@ from zsqpipe.data.loaders import order_generator
 from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
-from zsqpipe.io import atomic_path, json_text, save_checkpoint, sha256_file
+from zsqpipe.io import atomic_path, json_text, save_checkpoint, sha256_file, torch_load_checked
 from zsqpipe.models import create_model
 from zsqpipe.progress import progress
 from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
@@ -36,10 +36,7 @@ from zsqpipe.tracking import Tracker
 def _load_external(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"fp_model.checkpoint: file {path} not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise IntegrityError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
+    obj = torch_load_checked(path, what="a PyTorch checkpoint")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
