@@ -89,6 +89,24 @@ def test_ablation_figure_bars_and_error_bars():
     assert len(fp_lines(ax)) == 1
 
 
+LONG_TITLE = "HAST at W3A3: activation ranges calibrated on 50 (default), 200 or 800 (official 4 x 200) GDFQ-generator batches"  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["bits", "ablation", "nas"])
+def test_a_long_title_fits_inside_the_figure(kind):
+    """Every figure shows its whole title (wrapped), also a one-panel figure with a long table title."""
+    if kind == "bits":
+        fig = plots.bits_figure(table(methods=("real", "ptq")), title=LONG_TITLE)
+    elif kind == "ablation":
+        fig = plots.ablation_figure(table(methods=("hast_none", "hast"), bits=(3,)), title=LONG_TITLE)
+    else:
+        fig = plots.nas_curves_figure([search_result("rea", "cifar10", [[1, 2]])], title=LONG_TITLE)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (box, fig.bbox)
+    assert " ".join(fig._suptitle.get_text().split()) == LONG_TITLE
+
+
 def search_result(strategy, dataset, curves, layout="best"):
     recs = []
     for seed, vals in enumerate(curves):

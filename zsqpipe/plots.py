@@ -16,6 +16,7 @@ through :func:`zsqpipe.io.atomic_path`.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def _new_figure(n_panels: int, style: dict) -> tuple[Figure, list]:
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     return fig, axes[:n_panels]
+
+
+def _suptitle(fig: Figure, text: str, fontsize: float = 11) -> None:
+    """The figure title, wrapped to the figure's width (a long table title is never clipped at the edges)."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))  # ~0.55 em per character
+    fig.suptitle(textwrap.fill(text, chars), fontsize=fontsize)
 
 
 def _check_table(table: pd.DataFrame) -> None:
@@ -136,7 +143,7 @@ def bits_figure(
         loc="outside lower center",
         ncols=3,
     )
-    fig.suptitle(title or "Accuracy vs bit-width (mean ± std over seeds)", fontsize=11)
+    _suptitle(fig, title or "Accuracy vs bit-width (mean ± std over seeds)")
     return fig
 
 
@@ -185,7 +192,7 @@ def ablation_figure(
         [f"solid: {LAST_LABEL}", f"hatched: {BEST_LABEL}", f"dotted: {FP_LABEL}"],
         fontsize=7.5, loc="outside lower center", ncols=3,
     )  # fmt: skip
-    fig.suptitle(title or "Ablation (mean ± std over seeds)", fontsize=11)
+    _suptitle(fig, title or "Ablation (mean ± std over seeds)")
     return fig
 
 
@@ -256,7 +263,7 @@ def nas_curves_figure(
         ax.set_title(dataset, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right", title="mean ± 1 std over seeds", title_fontsize=7)
-    fig.suptitle(title or "NAS search: best validation accuracy vs queries", fontsize=11)
+    _suptitle(fig, title or "NAS search: best validation accuracy vs queries")
     return fig
 
 
