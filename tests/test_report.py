@@ -103,7 +103,7 @@ def test_a_long_title_fits_inside_the_figure(kind):
         fig = plots.nas_curves_figure([search_result("rea", "cifar10", [[1, 2]])], title=LONG_TITLE)
     fig.canvas.draw()
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
-    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (box, fig.bbox)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (box, fig.bbox)
     assert " ".join(fig._suptitle.get_text().split()) == LONG_TITLE
 
 
