@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.synthesis import SynthContext, optimise_batch, register_synthesizer
+from zsqpipe.zsq.synthesis import SynthContext, optimise_pixels, register_synthesizer
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def synthesize_hast(teacher: nn.Module, cfg: HASTSynthConfig, ctx: SynthContext)
             def loss_fn(x, _step, y=y):
                 return hast_synthesis_loss(teacher, bn_stats, x, y, cfg)
 
-            x = optimise_batch(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr)
+            x, _ = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr)
             with torch.no_grad():
                 final = float(loss_fn(x, cfg.iters))
                 p = teacher(x).softmax(1).gather(1, y[:, None]).mean()

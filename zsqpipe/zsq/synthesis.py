@@ -58,27 +58,6 @@ class SynthContext:
     extras: dict[str, Any] | None = None
 
 
-def optimise_batch(
-    x0: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, int], torch.Tensor],
-    iters: int,
-    lr: float,
-    patience: int,
-    min_lr: float = 1e-4,
-) -> torch.Tensor:
-    """Adam on the pixels of ``x0`` for ``iters`` steps with ReduceLROnPlateau on the loss; returns x."""
-    x = x0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)  # ZeroQ/IntraQ/HAST distill_data.py: Adam(lr=0.5), default betas
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=min_lr, patience=patience)
-    for step in progress(range(iters), desc="synthesis"):
-        loss = loss_fn(x, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step(loss.item())
-    return x.detach()
-
-
 def check_common(cfg, name: str) -> None:
     """Checks of the pixel-optimising synthesizers' common settings (ZeroQ, IntraQ): one-line ConfigErrors."""
     for key in ("num_samples", "batch_size", "iters", "shard_size"):
@@ -104,13 +83,14 @@ def optimise_pixels(
     """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss).
 
     Adam's default betas (0.9, 0.999) and eps, as ``optim.Adam([x], lr=0.5)`` in ZeroQ, IntraQ and HAST
-    ``distill_data.py``. Gradients are taken w.r.t. x only, so the teacher's parameters collect none.
+    ``distill_data.py`` (the one pixel loop of the ZeroQ, IntraQ and HAST synthesizers). Gradients are taken
+    w.r.t. x only, so the teacher's parameters collect none.
     """
     x = x0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=min_lr, patience=patience)
     last = float("nan")
-    for step in range(iters):
+    for step in progress(range(iters), desc="synthesis"):
         loss = loss_fn(x, step)
         (x.grad,) = torch.autograd.grad(loss, [x])
         opt.step()
