@@ -187,3 +187,39 @@ def test_bitops_and_size():
     first = ops["features.init_block.conv"]
     assert first.bitops == first.macs * 4 * 32
     assert model_size_bits(model) < 32 * n_params / 6
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fast_fake_quant_paths_are_bit_identical(bits):
+    """Scalar clamp bounds (CPU) and in-place evaluation give exactly the values of the plain formula
+    s * clamp(round(x * (1/s)), q_lo, q_hi) with tensor bounds, for a window with and without 0."""
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(64, 8, 7, 7, generator=gen) * 3
+    for lo, hi in ((torch.tensor(0.0), torch.tensor(4.1)), (torch.tensor(-1.3), torch.tensor(2.7))):
+        scale, zp = qparams(lo, hi, bits)
+        ref = torch.mul(x, 1.0 / scale).round_().clamp_(-zp, -zp + 2**bits - 1).mul_(scale)
+        assert torch.equal(fake_quant_per_tensor(x, lo, hi, bits), ref)
+        with torch.inference_mode():
+            y = x.clone()
+            out = fake_quant_per_tensor(y, lo, hi, bits, inplace=True)
+        assert out.data_ptr() == y.data_ptr() and torch.equal(out, ref)
+
+
+def test_inplace_evaluation_gives_the_training_forward_exactly():
+    """A calibrated W4A4 ResNet-20 in eval mode: logits under inference_mode (activations quantized in place)
+    equal those of a forward that records autograd, bit for bit."""
+    torch.manual_seed(0)
+    fp = create_model("resnet20", num_classes=10, in_channels=1, image_size=28)
+    model = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4))
+    x = torch.randn(32, 1, 28, 28)
+    set_quant_state(model, enabled=True, update_ranges=True)
+    with torch.no_grad():
+        model(x)
+    set_quant_state(model, update_ranges=False)
+    model.eval()
+    acts = [m.quantizer for m in model.modules() if isinstance(m, QuantAct)]
+    assert acts and all(q.inplace_input for q in acts)
+    with torch.inference_mode():
+        fast = model(x)
+    slow = model(x)
+    assert slow.requires_grad and torch.equal(fast, slow.detach())

@@ -46,19 +46,40 @@ class _FakeQuant(torch.autograd.Function):
 
 
 def fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, ste: str = "identity"
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    ste: str = "identity",
+    inplace: bool = False,
 ):
-    """Fake-quantize ``x`` with (broadcastable) ``scale`` and float ``zero_point`` on the grid [0, 2^bits - 1]."""
+    """Fake-quantize ``x`` with (broadcastable) ``scale`` and float ``zero_point`` on the grid [0, 2^bits - 1].
+
+    Same values, cheaper (bit-identical, tests/test_quant.py): a per-tensor window on the CPU is clamped with
+    Python-float bounds (a clamp with 0-d tensor bounds is ~4x slower); with ``inplace`` and under
+    ``torch.inference_mode`` (evaluation), ``x`` itself is overwritten (no autograd record, no new tensor).
+    """
     q_lo = -zero_point
-    return _FakeQuant.apply(x, scale, q_lo, q_lo + (2**bits - 1), ste == "clipped")
+    if q_lo.dim() == 0 and q_lo.device.type == "cpu":
+        q_lo = float(q_lo)
+    q_hi = q_lo + (2**bits - 1)
+    if inplace and torch.is_inference_mode_enabled():
+        return x.mul_(1.0 / scale).round_().clamp_(q_lo, q_hi).mul_(scale)
+    return _FakeQuant.apply(x, scale, q_lo, q_hi, ste == "clipped")
 
 
 def fake_quant_per_tensor(
-    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, ste: str = "identity"
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bits: int,
+    ste: str = "identity",
+    inplace: bool = False,
 ):
-    """Asymmetric per-tensor fake quantization of ``x`` to ``bits`` over [lo, hi] (0-d or 1-element tensors)."""
+    """Asymmetric per-tensor fake quantization of ``x`` to ``bits`` over [lo, hi] (0-d or 1-element tensors);
+    ``inplace``: see :func:`fake_quant`."""
     scale, zp = qparams(lo.reshape(()).float(), hi.reshape(()).float(), bits)
-    return fake_quant(x, scale, zp, bits, ste)
+    return fake_quant(x, scale, zp, bits, ste, inplace)
 
 
 def fake_quant_per_channel(

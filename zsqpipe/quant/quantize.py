@@ -62,6 +62,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         aq = create_quantizer(
             cfg.act_quantizer, "act", bits, ste=cfg.ste, momentum=cfg.ema_momentum, ema_mode=cfg.ema_mode
         )
+        aq.inplace_input = True  # it reads the ReLU's output only: evaluation may quantize that in place
         _set_module(model, name, nn.Sequential(act, QuantAct(aq)))
     return model
 

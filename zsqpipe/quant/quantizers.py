@@ -67,6 +67,9 @@ class Quantizer(nn.Module):
         self.ste = ste
         self.enabled = True
         self.update_ranges = False
+        # the input is a tensor only this quantizer reads (e.g. the output of the ReLU before it,
+        # ``quantize_model``): under torch.inference_mode it may be fake-quantized in place
+        self.inplace_input = False
 
     @property
     def active(self) -> bool:
@@ -159,7 +162,7 @@ class EMAMinMaxQuantizer(Quantizer):
             return x
         if not self._has_range:
             raise RuntimeError("activation quantizer has no range yet: calibrate (update_ranges=True) first")
-        return fake_quant_per_tensor(x, self.x_min, self.x_max, self.bits, self.ste)
+        return fake_quant_per_tensor(x, self.x_min, self.x_max, self.bits, self.ste, self.inplace_input)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}, ema_mode={self.ema_mode}"
