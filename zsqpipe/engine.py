@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -37,9 +38,23 @@ def setup_runtime(threads: int | None, seed: int, deterministic: bool = True) ->
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic_algorithms()
     else:
         torch.backends.cudnn.benchmark = True
+
+
+def deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` without its import of TorchInductor (and
+    with it TorchDynamo: ~2.3 s of every job's start-up on a 2-core CPU) just to set a flag a stage that never
+    compiles does not read; inductor's flag is set too when it is already loaded."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # a torch without the private setter: the public API (slower start-up, same effect)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return
+    setter(True, warn_only=True)
+    inductor_config = sys.modules.get("torch._inductor.config")
+    if inductor_config is not None:
+        inductor_config.deterministic = True
 
 
 def seed_everything(seed: int) -> None:
