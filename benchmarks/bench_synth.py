@@ -1,0 +1,133 @@
+"""Benchmark: synthesis throughput (images x steps / s) of the ``hast`` and ``zeroq`` synthesizers vs a plain loop.
+
+The synthesizers (``synthesize_hast``, ``synthesize_zeroq``: hooks, loss, ``optimise_pixels`` with Adam +
+ReduceLROnPlateau, logging) against a plain PyTorch loop written here that does the same optimisation: Adam on
+the pixels of one batch, the same BN-statistics loss (HAST: batch statistics + beta * focal CE; ZeroQ:
+per-image statistics + the input-level term), the same scheduler, on the same ResNet-20 teacher. The plain loop
+runs twice, in NCHW (as the official distill_data.py code) and in channels_last, so the ratio shows both the
+harness's cost and whether the memory format pays. The per-step cost is the difference between runs of k1 and
+k2 steps divided by k2 - k1, so set-up (hooks, initial images, final scoring) cancels out.
+
+    python benchmarks/bench_synth.py [--threads 1] [--batch 256] [--k1 5] [--k2 25] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from zsqpipe.engine import resolve_device  # noqa: E402
+from zsqpipe.models import create_model  # noqa: E402
+from zsqpipe.zsq.synth_hast import HASTSynthConfig, synthesize_hast  # noqa: E402
+from zsqpipe.zsq.synth_zeroq import ZeroQSynthConfig, synthesize_zeroq  # noqa: E402
+from zsqpipe.zsq.synthesis import SynthContext  # noqa: E402
+
+
+def teacher_model(dev: torch.device) -> torch.nn.Module:
+    """ResNet-20 (1x28x28) with non-trivial BN running statistics (a few train-mode forwards of noise)."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 1, 28).to(dev).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(256, 1, 28, 28, device=dev) * 2 + 0.5)
+    return model.eval().requires_grad_(False)
+
+
+def stage(name: str, teacher, dev, batch: int, iters: int) -> None:
+    ctx = SynthContext(10, (1, 28, 28), dev, torch.Generator().manual_seed(0), lambda s: None)
+    if name == "hast":
+        synthesize_hast(teacher, HASTSynthConfig(num_samples=batch, batch_size=batch, iters=iters), ctx)
+    else:
+        synthesize_zeroq(teacher, ZeroQSynthConfig(num_samples=batch, batch_size=batch, iters=iters), ctx)
+
+
+def plain(name: str, teacher, dev, batch: int, iters: int, channels_last: bool) -> None:
+    """The same optimisation written directly: hooks on the BN inputs, Adam + ReduceLROnPlateau on x."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    teacher = teacher.to(memory_format=fmt)
+    bns = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    inputs = [None] * len(bns)
+    handles = [
+        m.register_forward_hook(lambda _m, inp, _o, i=i: inputs.__setitem__(i, inp[0]))
+        for i, m in enumerate(bns)
+    ]
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (batch,), generator=g).to(dev)
+    x = torch.randn(batch, 1, 28, 28, generator=g).to(dev).contiguous(memory_format=fmt).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.5)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=10)
+
+    def hast_loss():
+        logits = teacher(x)
+        log_p = F.log_softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+        focal = ((1 - log_p.exp()).clamp_min(1e-12) ** 2 * -log_p).mean()
+        bn = sum(F.mse_loss(a.mean((0, 2, 3)), m.running_mean) + F.mse_loss(a.var((0, 2, 3), unbiased=False),
+                 m.running_var) for m, a in zip(bns, inputs, strict=True)) / len(bns)  # fmt: skip
+        return 10 * focal + bn
+
+    def zeroq_loss():
+        teacher(x)
+        loss = 0.0
+        for m, a in zip(bns, inputs, strict=True):
+            std = a.var((2, 3), unbiased=False).add(m.eps).sqrt()
+            loss = loss + ((a.mean((2, 3)) - m.running_mean) ** 2).sum(1).mean()
+            loss = loss + ((std - m.running_var.add(m.eps).sqrt()) ** 2).sum(1).mean()
+        std_in = x.var((2, 3), unbiased=False).add(1e-6).sqrt()
+        return loss + (x.mean((2, 3)) ** 2).sum(1).mean() + ((std_in - 1) ** 2).sum(1).mean()
+
+    loss_fn = hast_loss if name == "hast" else zeroq_loss
+    for _ in range(iters):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step(float(loss.detach()))
+    for h in handles:
+        h.remove()
+
+
+def per_step(fn, k1: int, k2: int) -> float:
+    fn(k1)  # warm-up: lazy imports and first-call allocations do not count
+    times = []
+    for k in (k1, k2):
+        t = time.perf_counter()
+        fn(k)
+        times.append(time.perf_counter() - t)
+    return (times[1] - times[0]) / (k2 - k1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--k1", type=int, default=5)
+    ap.add_argument("--k2", type=int, default=25)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    print(f"ResNet-20 1x28x28 teacher, batch {args.batch}, device={dev}, threads={args.threads}, "
+          f"per step = (t({args.k2}) - t({args.k1})) / {args.k2 - args.k1}")  # fmt: skip
+    print(f"{'synth':<6} {'stage img*steps/s':>18} {'plain NCHW':>11} {'plain CL':>9} {'stage/NCHW':>11} "
+          f"{'stage/CL':>9}")  # fmt: skip
+    for name in ("hast", "zeroq"):
+        rates = []
+        for run in (
+            lambda k, name=name: stage(name, teacher_model(dev), dev, args.batch, k),
+            lambda k, name=name: plain(name, teacher_model(dev), dev, args.batch, k, channels_last=False),
+            lambda k, name=name: plain(name, teacher_model(dev), dev, args.batch, k, channels_last=True),
+        ):
+            rates.append(args.batch / per_step(run, args.k1, args.k2))
+        s, nchw, cl = rates
+        print(f"{name:<6} {s:18.0f} {nchw:11.0f} {cl:9.0f} {s / nchw:11.2f} {s / cl:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
