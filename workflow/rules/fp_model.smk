@@ -18,7 +18,7 @@ rule fp_model:
         f"{LOGS}/fp_model/{{dataset}}/{{arch}}.log",
     benchmark:
         f"{BENCH}/fp_model/{{dataset}}/{{arch}}.tsv"
-    threads: 2
+    threads: 2  # runs alone at the top of the DAG; with a second job beside it 2 x 1 thread gains only 5 % (bench_threads.py)
     resources:
         mem_mb=8000,
         runtime=240,

@@ -16,7 +16,7 @@ rule synthesize:
         f"{LOGS}/synthesize/{{dataset}}/{{arch}}/{{synth}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/synthesize/{{dataset}}/{{arch}}/{{synth}}/seed{{seed}}.tsv"
-    threads: 2
+    threads: 1  # benchmarks/bench_threads.py: two 1-thread synthesis jobs do 1.33x the steps of one 2-thread job
     resources:
         mem_mb=8000,
         runtime=240,
