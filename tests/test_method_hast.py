@@ -192,6 +192,17 @@ def test_config_rejects_unknown_fgsm_objective():
         HAST({"fgsm_objective": "pgd"})
     with pytest.raises(ConfigError, match="unknown key"):
         HAST({"lam": 1.0})
+    with pytest.raises(ConfigError, match=r"methods\.hast\.augment: expected str, got bool True"):
+        HAST({"augment": True})  # the boolean of the pre-issue-13 config
+    with pytest.raises(ConfigError, match=r"methods\.hast\.augment: expected one of \['rrc', 'crop_flip', 'none'\]"):
+        HAST({"augment": "pad"})
+
+
+def test_miniature_defaults_follow_the_budget_rule():
+    """docs/budget.md: HAST takes the `real` step (kd_alpha * lr = 0.005, as ZeroQ/IntraQ), the official
+    RandomResizedCrop(0.5, 1) + flip, and 200 calibration steps; the paper configs keep lr 1e-5."""
+    c = HAST({}).cfg
+    assert math.isclose(c.kd_alpha * c.lr, 0.005) and (c.augment, c.aug_margin, c.calib_iters) == ("rrc", 0.5, 200)
 
 
 # ---------------------------------------------------------------------------------------- end to end
@@ -247,6 +258,8 @@ TINY = {
         {},
         {"fgsm_objective": "kd_fa", "ce_weight": 1.0},
         {"difficulty_promotion": False, "feature_alignment": False},
+        {"augment": "crop_flip"},
+        {"augment": "none"},
     ],
 )
 def test_end_to_end_run(tiny_context, options):

@@ -43,7 +43,7 @@ class IntraQConfig:
     generator_latent_dim: int = 100
     bns_weight: float = 0.1
     epochs: int = 2
-    iters_per_epoch: int = 25
+    iters_per_epoch: int = 20  # 2 x 20 steps: every method's fine-tuning budget (docs/budget.md)
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 2.5e-4  # x alpha 20 = 0.005, the `real` step size (paper: 1e-4 for 147 x 200 steps)

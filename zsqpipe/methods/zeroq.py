@@ -32,7 +32,7 @@ class ZeroQConfig:
     finetune: bool = True  # false = the original ZeroQ protocol: calibrate ranges, no training
     calib_batches: int = 4  # 4 x 128 = one pass over the 512 default samples
     epochs: int = 2
-    iters_per_epoch: int = 25
+    iters_per_epoch: int = 20  # 2 x 20 steps: every method's fine-tuning budget (docs/budget.md)
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 2.5e-4  # x kd_weight 20 = 0.005, the `real` step size (paper harness: 1e-4 for 30k steps)
