@@ -187,6 +187,23 @@ def test_feature_points_per_architecture():
     assert hooks.outputs == [None] * 9 and not any(m._forward_hooks for m in r20.modules())
 
 
+def test_bottleneck_feature_is_the_residual_branch_not_the_block_output():
+    """torchvision's Bottleneck adds the shortcut to bn3's output in place; the hook must keep bn3's output."""
+    from torchvision.models.resnet import Bottleneck
+
+    block = nn.Sequential(Bottleneck(16, 4)).eval()
+    names = feature_points(block)
+    assert names == ["0.bn3"]
+    branch = []
+    block[0].bn3.register_forward_hook(lambda _m, _i, out: branch.append(out.clone()))
+    hooks = FeatureHooks(block, names)
+    x = torch.randn(2, 16, 6, 6)
+    out = block(x)
+    (feat,) = hooks.take()
+    hooks.remove()
+    assert torch.equal(feat, branch[0]) and not torch.equal(feat, out)
+
+
 def test_config_rejects_unknown_fgsm_objective():
     with pytest.raises(ConfigError, match="fgsm_objective"):
         HAST({"fgsm_objective": "pgd"})

@@ -151,11 +151,20 @@ class FeatureHooks:
         if missing:
             raise ValueError(f"hast: feature point {missing[0]!r} not found in the model")
         self.outputs: list[torch.Tensor | None] = [None] * len(names)
-        self.handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(names)]
+        # torchvision's Bottleneck adds the shortcut to bn3's output in place (`out += identity`), which would
+        # turn the stored residual branch into the block output: keep a copy there (the official code clones
+        # every feature; elsewhere the output is not modified afterwards, so no copy is needed)
+        from torchvision.models.resnet import Bottleneck
 
-    def _hook(self, i: int):
+        parents = {n: modules.get(n.rpartition(".")[0]) for n in names}
+        self.handles = [
+            modules[n].register_forward_hook(self._hook(i, isinstance(parents[n], Bottleneck)))
+            for i, n in enumerate(names)
+        ]
+
+    def _hook(self, i: int, copy: bool):
         def hook(_m, _inp, out):
-            self.outputs[i] = out
+            self.outputs[i] = out.clone() if copy else out
 
         return hook
 
