@@ -45,6 +45,20 @@ def step_times(step: Callable[[int], None], iters: int, warmup: int, device: tor
     return times
 
 
+def per_step_by_difference(run: Callable[[int], None], k1: int, k2: int, warmup: bool = False) -> float:
+    """Seconds per step as (t(k2) - t(k1)) / (k2 - k1), t(k) the time of ``run(k)`` (k steps): fixed costs
+    inside ``run`` (set-up, final scoring) cancel. ``warmup``: one untimed ``run(k1)`` first (lazy imports,
+    first-call allocations)."""
+    if warmup:
+        run(k1)
+    times = []
+    for k in (k1, k2):
+        t = time.perf_counter()
+        run(k)
+        times.append(time.perf_counter() - t)
+    return (times[1] - times[0]) / (k2 - k1)
+
+
 def sgd_step(model, x, y, opt, before: Callable[[int], None] | None = None,
              after: Callable[[], None] | None = None) -> Callable[[int], None]:  # fmt: skip
     """One training step on a fixed batch: cross-entropy, backward, ``opt.step()``; ``before(i)`` runs first

@@ -7,8 +7,9 @@ generator), does the same optimiser steps on the same batch sizes and the same e
 test 10,000 images after every epoch, batch 1000), with none of the harness. Both run in this process, one
 after the other, with the same thread count; start-up (imports, MLflow) is ``bench_startup.py``'s.
 
-Methods: ``real`` (8 calibration batches + 2 x 20 KD steps of batch 128), ``hast`` (50 generator calibration
-steps of batch 16, 2 x 20 steps of batch 64 with feature alignment and the FGSM copy) and ``gdfq`` (3 x 20
+Methods: ``real`` (8 calibration batches + 2 x 20 KD steps of batch 128), ``hast`` (200 generator calibration
+steps of batch 16, 2 x 20 steps of batch 64 on RandomResizedCrop + flip batches, with feature alignment and the
+FGSM copy) and ``gdfq`` (3 x 20
 generator steps of batch 64, the last 2 epochs with a student step): the default config's budgets. ``fp``
 compares ``run_fp_model`` (the default recipe capped at 2 x 100 steps of batch 128: validation after each
 epoch, test once) with the same SGD + one-cycle loop (the workflow runs it with ``--threads 2``).
@@ -229,9 +230,9 @@ def plain_gdfq(p: Plain) -> None:
 def plain_hast(p: Plain) -> None:
     import pyarrow.parquet as pq
 
-    from zsqpipe.data.loaders import random_crop_flip
     from zsqpipe.io import read_json
     from zsqpipe.methods.hast import attention_loss, feature_points
+    from zsqpipe.zsq.augment import random_resized_crop_flip
     from zsqpipe.zsq.generators import GDFQGenerator
 
     c = get_method("hast").Config()
@@ -269,7 +270,8 @@ def plain_hast(p: Plain) -> None:
     for _ in range(c.epochs):
         for _ in range(c.iters_per_epoch):
             idx = torch.randperm(len(labels))[: c.batch_size]
-            x = random_crop_flip(images[idx], 3, True, gen_aug).contiguous(memory_format=torch.channels_last)
+            x = random_resized_crop_flip(images[idx], (c.aug_margin, 1.0), gen_aug)
+            x = x.contiguous(memory_format=torch.channels_last)
             y = labels[idx]
             x.requires_grad_(True)
             s, fs = fwd(p.student, "s", x)

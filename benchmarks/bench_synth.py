@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import per_step_by_difference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -93,16 +93,6 @@ def plain(name: str, teacher, dev, batch: int, iters: int, channels_last: bool) 
         h.remove()
 
 
-def per_step(fn, k1: int, k2: int) -> float:
-    fn(k1)  # warm-up: lazy imports and first-call allocations do not count
-    times = []
-    for k in (k1, k2):
-        t = time.perf_counter()
-        fn(k)
-        times.append(time.perf_counter() - t)
-    return (times[1] - times[0]) / (k2 - k1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -124,7 +114,7 @@ def main() -> None:
             lambda k, name=name: plain(name, teacher_model(dev), dev, args.batch, k, channels_last=False),
             lambda k, name=name: plain(name, teacher_model(dev), dev, args.batch, k, channels_last=True),
         ):
-            rates.append(args.batch / per_step(run, args.k1, args.k2))
+            rates.append(args.batch / per_step_by_difference(run, args.k1, args.k2, warmup=True))
         s, nchw, cl = rates
         print(f"{name:<6} {s:18.0f} {nchw:11.0f} {cl:9.0f} {s / nchw:11.2f} {s / cl:9.2f}", flush=True)
 

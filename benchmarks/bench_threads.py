@@ -1,7 +1,7 @@
 """Benchmark: on this machine's cores, is one job with T threads or T jobs with 1 thread the better use?
 
-The workflow gives each rule its ``threads`` (fp_model and synthesize 2, the many quantize / supernet / NAS
-jobs 1, so that Snakemake runs two of them side by side on 2 cores). For each kind of work this measures the
+The workflow gives each rule its ``threads`` (fp_model 2: it runs alone at the top of the DAG; synthesize and
+the many quantize / supernet / NAS jobs 1, so that Snakemake runs two of them side by side on 2 cores). For each kind of work this measures the
 steps per second of (a) one process with all ``--cores`` threads and (b) ``--cores`` processes with one thread
 each running at once (total steps / wall time of the slowest), with the same per-step work: an FP ResNet-20
 SGD step (batch 128), a W4A4 fake-quant KD step (batch 128, the ``real`` method's step) and a HAST synthesis

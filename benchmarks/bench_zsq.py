@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import per_step_by_difference
 
 from zsqpipe.data.shards import ShardSet, write_shards
 from zsqpipe.engine import resolve_device
@@ -48,13 +49,8 @@ def make_ctx(teacher, dev, samples=None, real=False, batch=128):
 
 
 def time_method(cls, cfg, teacher, dev, samples=None, real=False, k1=2, k2=6) -> float:
-    times = []
-    for k in (k1, k2):
-        ctx = make_ctx(teacher, dev, samples, real)
-        t = time.perf_counter()
-        cls({**cfg, "epochs": 1, "iters_per_epoch": k}).run(ctx)
-        times.append(time.perf_counter() - t)
-    return (times[1] - times[0]) / (k2 - k1)
+    ctxs = {k: make_ctx(teacher, dev, samples, real) for k in (k1, k2)}  # built before timing
+    return per_step_by_difference(lambda k: cls({**cfg, "epochs": 1, "iters_per_epoch": k}).run(ctxs[k]), k1, k2)
 
 
 def main() -> None:
