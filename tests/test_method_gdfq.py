@@ -162,9 +162,30 @@ def test_run_end_to_end_reads_no_real_data():
     assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["g_loss"]) for h in history)
 
 
+def test_warmup_iters_sets_the_generator_steps_of_the_warmup_epochs_only():
+    """warmup_iters = 3, iters_per_epoch = 2: 3 generator steps (ranges, no student step) + 2 student steps."""
+    m = GDFQ({"epochs": 2, "warmup_epochs": 1, "warmup_iters": 3, "iters_per_epoch": 2, "batch_size": 4})
+    calls = []
+    orig_step, orig_loss = m.generator_step, m.student_loss
+    m.generator_step = lambda *a: calls.append("g") or orig_step(*a)
+    m.student_loss = lambda *a: calls.append("s") or orig_loss(*a)
+    at_epoch_end = []
+
+    def end_epoch(epoch, metrics):
+        at_epoch_end.append((calls.count("g"), metrics["warmup"]))
+        return metrics
+
+    ctx, _ = tiny_ctx(end_epoch)
+    with forbid_real_data("gdfq test"):
+        m.run(ctx)
+    assert "".join(calls) == "gs" * 5  # every generator step is followed by a student loss (logged in warm-up)
+    assert at_epoch_end == [(3, 1.0), (5, 0.0)]
+
+
 @pytest.mark.parametrize(
     "cfg",
-    [{"warmup_epochs": 0}, {"epochs": 2, "warmup_epochs": 3}, {"kd_reduction": "sum"}, {"batch_size": 1}],
+    [{"warmup_epochs": 0}, {"epochs": 2, "warmup_epochs": 3}, {"kd_reduction": "sum"}, {"batch_size": 1},
+     {"warmup_iters": -1}],
 )
 def test_bad_config_is_rejected(cfg):
     with pytest.raises(ConfigError):

@@ -222,6 +222,18 @@ def test_miniature_defaults_follow_the_budget_rule():
     assert math.isclose(c.kd_alpha * c.lr, 0.005) and (c.augment, c.aug_margin, c.calib_iters) == ("rrc", 0.5, 200)
 
 
+def test_intraq_and_hast_share_the_official_generator_calibration_budget():
+    """docs/budget.md: IntraQ and HAST both calibrate ranges with the official GDFQ-generator epochs, at the same
+    step count and batch (no method gets a calibration the other is denied)."""
+    from zsqpipe.methods.intraq import IntraQ
+
+    h, i = HAST({}).cfg, IntraQ({}).cfg
+    assert i.calibration == "generator"
+    assert (i.generator_steps, i.generator_batch_size, i.generator_lr, i.bns_weight) == (
+        h.calib_iters, h.calib_batch_size, h.generator_lr, h.generator_bns_weight
+    )
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 

@@ -36,6 +36,7 @@ from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 class GDFQConfig:
     epochs: int = 3  # warm-up epochs included (the official 400 include its 4 warm-up epochs)
     warmup_epochs: int = 1
+    warmup_iters: int = 0  # generator steps per warm-up epoch; 0 = iters_per_epoch (official: 200 every epoch)
     iters_per_epoch: int = 20
     batch_size: int = 64
     latent_dim: int = 100

@@ -35,11 +35,8 @@ from torch import nn
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.quant import set_quant_state
-from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.calibration import warn_short_official_calibration
+from zsqpipe.zsq.calibration import calibrate_with_generator
 from zsqpipe.zsq.finetune import ShardStream, check_augment, finetune
-from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 
 FGSM_OBJECTIVES = ("difficulty", "kd_fa")
 
@@ -181,34 +178,6 @@ class FeatureHooks:
 # ---------------------------------------------------------------------------------------------- method
 
 
-def calibrate_with_generator(ctx: QuantContext, c: HASTConfig) -> None:
-    """Official epochs 0-3: train a GDFQ generator on the teacher (CE + 0.1 BNS) while the quantized student
-    forwards its detached samples with activation ranges updating (no student step); then freeze the ranges."""
-    student, teacher = ctx.student, ctx.teacher
-    warn_short_official_calibration(student, c.calib_iters, ctx.log)
-    generator = GDFQGenerator(ctx.num_classes, tuple(ctx.input_shape), c.generator_latent_dim).to(ctx.device)
-    generator.train()
-    opt = torch.optim.Adam(generator.parameters(), lr=c.generator_lr, betas=(0.5, 0.999))
-    rng = torch.Generator().manual_seed(ctx.seed)
-    bn_stats = BNStatistics(teacher)
-    student.eval()
-    set_quant_state(student, enabled=True, update_ranges=True)
-    total = 0.0
-    try:
-        for _ in range(c.calib_iters):
-            x, _, loss = gdfq_generator_step(
-                generator, teacher, bn_stats, opt, c.calib_batch_size, rng, ctx.device, c.generator_bns_weight
-            )
-            total += loss
-            with torch.no_grad():
-                student(x.contiguous(memory_format=torch.channels_last))
-    finally:
-        bn_stats.remove()
-        set_quant_state(student, update_ranges=False)
-    ctx.log(f"hast: calibrated activation ranges on {c.calib_iters} generator batches "
-            f"(mean L_G {total / max(c.calib_iters, 1):.4f}); generator discarded")  # fmt: skip
-
-
 @register_method("hast")
 class HAST(Method):
     uses_real_data = False
@@ -221,7 +190,10 @@ class HAST(Method):
             raise ValueError("hast: no synthetic samples (ctx.samples) to fine-tune on")
         student, teacher = ctx.student, ctx.teacher
         teacher.eval()
-        calibrate_with_generator(ctx, c)
+        calibrate_with_generator(
+            ctx.student, ctx.teacher, ctx.num_classes, ctx.input_shape, c.calib_iters, c.calib_batch_size,
+            ctx.seed, ctx.device, c.generator_lr, c.generator_latent_dim, c.generator_bns_weight, ctx.log, "hast",
+        )
 
         hooks_s = hooks_t = None
         if c.feature_alignment:

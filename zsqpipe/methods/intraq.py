@@ -3,10 +3,13 @@
 ``main_direct.py`` as described in the reference note §2.3:
 
 1. calibration of the activation ranges, then ranges frozen:
-   - ``calibration: shards`` (default): ``calib_batches`` batches of the synthetic set through the student;
-   - ``calibration: generator`` (the official code): a GDFQ generator is trained for ``generator_steps``
-     steps on L_G = CE(P(G(z, y)), y) + bns_weight * BNS (``zsqpipe.zsq.generators``, batch 16 in the code)
-     and each of its batches runs through the student with range updates on; the generator is then dropped;
+   - ``calibration: generator`` (default, the official code): a GDFQ generator is trained for
+     ``generator_steps`` steps on L_G = CE(P(G(z, y)), y) + bns_weight * BNS (batch 16 in the code) and each
+     of its batches runs through the student with range updates on; the generator is then dropped
+     (``zsqpipe.zsq.calibration.calibrate_with_generator``, shared with HAST);
+   - ``calibration: shards``: ``calib_batches`` batches of the synthetic set through the student (the
+     paper-level reading; at W3A3 on the default its samples' large activations stretch the ranges: 30.8 %
+     vs 84.2 %, docs/methods/intraq.md);
 2. fine-tuning, ``epochs`` x ``iters_per_epoch`` SGD steps on shard batches augmented with
    RandomResizedCrop(scale (aug_margin, 1)) + horizontal flip:
        L_S = alpha * T^2 * KL(softmax(P(x)/T) || softmax(S(x)/T)) + CE(S(x), y)   (KL batchmean)
@@ -24,20 +27,17 @@ import torch.nn.functional as F
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.quant import set_quant_state
-from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.calibration import calibrate, warn_short_official_calibration
+from zsqpipe.zsq.calibration import calibrate, calibrate_with_generator
 from zsqpipe.zsq.finetune import ShardStream, check_augment, finetune
-from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 
 CALIBRATIONS = ("shards", "generator")
 
 
 @dataclass(frozen=True)
 class IntraQConfig:
-    calibration: str = "shards"  # shards | generator (official: GDFQ generator, 4 epochs x 200 steps)
-    calib_batches: int = 4  # calibration "shards": 4 x 128 = one pass over the 512 default samples
-    generator_steps: int = 100  # calibration "generator": official 800 (4 epochs x 200)
+    calibration: str = "generator"  # generator (official: GDFQ generator, 4 epochs x 200 steps) | shards
+    calib_batches: int = 4  # calibration "shards": 4 x 128 = two passes over the 256 default samples
+    generator_steps: int = 200  # official 800 (4 epochs x 200); 200 = HAST's calib_iters (docs/budget.md)
     generator_batch_size: int = 16  # official 16
     generator_lr: float = 1e-3
     generator_latent_dim: int = 100
@@ -59,30 +59,6 @@ class IntraQConfig:
     aug_margin: float = 0.5
 
 
-def calibrate_with_generator(ctx: QuantContext, c: IntraQConfig) -> None:
-    """IntraQ/HAST calibration epochs: train a GDFQ generator on the teacher, student ranges follow its output."""
-    warn_short_official_calibration(ctx.student, c.generator_steps, ctx.log)
-    shape = tuple(ctx.input_shape)
-    generator = GDFQGenerator(ctx.num_classes, shape, c.generator_latent_dim).to(ctx.device)
-    generator.train()
-    opt = torch.optim.Adam(generator.parameters(), lr=c.generator_lr, betas=(0.5, 0.999))
-    rng = torch.Generator().manual_seed(ctx.seed)
-    stats = BNStatistics(ctx.teacher)
-    set_quant_state(ctx.student, enabled=True, update_ranges=True)
-    loss_g = float("nan")
-    try:
-        for _ in range(c.generator_steps):
-            x, _y, loss_g = gdfq_generator_step(
-                generator, ctx.teacher, stats, opt, c.generator_batch_size, rng, ctx.device, c.bns_weight
-            )
-            with torch.no_grad():
-                ctx.student(x.contiguous(memory_format=torch.channels_last))
-    finally:
-        stats.remove()
-        set_quant_state(ctx.student, update_ranges=False)
-    ctx.log(f"intraq: ranges calibrated on {c.generator_steps} generator batches (last L_G {loss_g:.3f})")
-
-
 @register_method("intraq")
 class IntraQ(Method):
     uses_real_data = False
@@ -99,7 +75,10 @@ class IntraQ(Method):
         student, teacher = ctx.student, ctx.teacher
         student.eval()
         if c.calibration == "generator":
-            calibrate_with_generator(ctx, c)
+            calibrate_with_generator(
+                student, teacher, ctx.num_classes, ctx.input_shape, c.generator_steps, c.generator_batch_size,
+                ctx.seed, ctx.device, c.generator_lr, c.generator_latent_dim, c.bns_weight, ctx.log, "intraq",
+            )
         else:
             calibrate(student, ShardStream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)
         batches = ShardStream(ctx, c.batch_size, ctx.seed + 1, c.augment, c.aug_margin)

@@ -38,6 +38,7 @@ NORM_EPS = 1e-5  # BatchNorm1d's default eps, as in the official embedding norma
 class QimeraConfig:
     epochs: int = 3  # warm-up epochs included
     warmup_epochs: int = 1
+    warmup_iters: int = 0  # generator steps per warm-up epoch; 0 = iters_per_epoch (official: 200 every epoch)
     iters_per_epoch: int = 20
     batch_size: int = 64
     # student (SGD, Nesterov)

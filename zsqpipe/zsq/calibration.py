@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 from zsqpipe.quant import set_quant_state
+from zsqpipe.zsq.bnstats import BNStatistics
+from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 
 OFFICIAL_EMA_MIN_STEPS = 200
 
@@ -31,3 +33,46 @@ def calibrate(student, batches, calib_batches: int, log=print) -> None:
             x, _ = next(batches)
             student(x)
     set_quant_state(student, update_ranges=False)
+
+
+def calibrate_with_generator(
+    student,
+    teacher,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    steps: int,
+    batch_size: int,
+    seed: int,
+    device,
+    lr: float = 1e-3,
+    latent_dim: int = 100,
+    bns_weight: float = 0.1,
+    log=print,
+    name: str = "calibration",
+) -> float:
+    """The IntraQ/HAST official calibration epochs (``main_direct.py`` epochs 0-3): train a GDFQ generator on
+    the teacher, L_G = CE(T(G(z, y)), y) + ``bns_weight`` * BNS (Adam ``lr``, betas (0.5, 0.999)), while the
+    quantized student, in eval mode, forwards each detached batch with activation ranges updating (no student
+    step); then freeze the ranges and discard the generator. Returns the mean L_G over the ``steps``."""
+    warn_short_official_calibration(student, steps, log)
+    generator = GDFQGenerator(num_classes, tuple(input_shape), latent_dim).to(device)
+    generator.train()
+    opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
+    rng = torch.Generator().manual_seed(seed)
+    bn_stats = BNStatistics(teacher)
+    student.eval()
+    set_quant_state(student, enabled=True, update_ranges=True)
+    total = 0.0
+    try:
+        for _ in range(steps):
+            x, _, loss = gdfq_generator_step(generator, teacher, bn_stats, opt, batch_size, rng, device, bns_weight)
+            total += loss
+            with torch.no_grad():
+                student(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        bn_stats.remove()
+        set_quant_state(student, update_ranges=False)
+    mean_loss = total / max(steps, 1)
+    log(f"{name}: calibrated activation ranges on {steps} generator batches of {batch_size} "
+        f"(mean L_G {mean_loss:.4f}); generator discarded")  # fmt: skip
+    return mean_loss

@@ -54,6 +54,8 @@ def check_common(cfg, prefix: str) -> None:
             f"{prefix}.warmup_epochs: expected 1..epochs ({cfg.epochs}) (activation ranges are calibrated during "
             f"warm-up), got {cfg.warmup_epochs}"
         )
+    if cfg.warmup_iters < 0:
+        raise ConfigError(f"{prefix}.warmup_iters: expected >= 0 (0 = iters_per_epoch), got {cfg.warmup_iters}")
     for key in ("epochs", "iters_per_epoch", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{prefix}.{key}: expected a positive integer, got {getattr(cfg, key)}")
@@ -97,14 +99,15 @@ class GeneratorQAT(Method):
         generator.train()
         self.generator = generator  # kept for inspection (tests)
         opt_g = self.make_generator_optimizer(generator)
-        sched_g = make_scheduler(opt_g, c.schedule, c.epochs * c.iters_per_epoch, milestones=c.milestones)
+        warm_iters = c.warmup_iters or c.iters_per_epoch  # generator steps per warm-up epoch
+        total_g = c.warmup_epochs * warm_iters + (c.epochs - c.warmup_epochs) * c.iters_per_epoch
+        sched_g = make_scheduler(opt_g, c.schedule, total_g, milestones=c.milestones)
         opt_s = make_optimizer(
             student.parameters(), c.optimizer, c.lr, c.momentum, c.weight_decay, c.nesterov
         )
         student_steps = (c.epochs - c.warmup_epochs) * c.iters_per_epoch
         sched_s = make_scheduler(opt_s, c.schedule, max(student_steps, 1), milestones=c.milestones)
-        warm_steps = c.warmup_epochs * c.iters_per_epoch
-        warn_short_official_calibration(student, warm_steps, ctx.log)
+        warn_short_official_calibration(student, c.warmup_epochs * warm_iters, ctx.log)
         rng = torch.Generator().manual_seed(ctx.seed)
         start = ctx.resumable(generator=generator, generator_optimizer=opt_g, generator_scheduler=sched_g,
                               optimizer=opt_s, scheduler=sched_s, rng=rng)  # fmt: skip
@@ -114,7 +117,8 @@ class GeneratorQAT(Method):
                 warm = epoch < c.warmup_epochs
                 set_quant_state(student, update_ranges=warm)
                 sums = {"train_loss": 0.0, "g_loss": 0.0}
-                for _ in range(c.iters_per_epoch):
+                n_iters = warm_iters if warm else c.iters_per_epoch
+                for _ in range(n_iters):
                     x, target, t_logits, g_loss = self.generator_step(
                         generator, teacher, bn_stats, opt_g, rng, ctx.device
                     )
@@ -135,7 +139,7 @@ class GeneratorQAT(Method):
                     sums["train_loss"] += float(loss.detach())
                     sums["g_loss"] += float(g_loss)
                 set_quant_state(student, update_ranges=False)  # frozen for evaluation and after warm-up
-                metrics = {k: v / c.iters_per_epoch for k, v in sums.items()}
+                metrics = {k: v / n_iters for k, v in sums.items()}
                 metrics.update(
                     lr=opt_s.param_groups[0]["lr"], lr_g=opt_g.param_groups[0]["lr"], warmup=float(warm)
                 )
