@@ -186,6 +186,47 @@ def test_plot_command(tmp_path):
     assert r.exit_code == 1 and "zsqpipe plot: error: plot style: unknown keys ['x']" in r.output
 
 
+def steps_table():
+    """real / real_s200 and hast / hast_s200 at W3A3, with val-selected columns."""
+    t = table(methods=("real", "real_s200", "hast", "hast_s200"), bits=(3,))
+    return t.assign(val_selected_top1_mean=t["last_top1_mean"] - 1, val_selected_top1_std=0.5)
+
+
+def test_student_steps_from_the_resolved_method_config():
+    from zsqpipe.budget import student_steps
+
+    assert student_steps("real", {"epochs": 2, "iters_per_epoch": 100}) == 200
+    assert student_steps("gdfq", {"epochs": 3, "warmup_epochs": 1, "iters_per_epoch": 20}) == 40  # no warm-up
+    assert student_steps("zaq", {"epochs": 2, "iters_per_epoch": 4}) == 2 * 4 * 5  # 5 student steps each
+    assert student_steps("ptq") == 0 and student_steps("zeroq", {"finetune": False}) == 0
+
+
+def test_steps_figure_one_line_per_base_method_through_its_variants():
+    steps = {"real": ("real", 40), "real_s200": ("real", 200), "hast": ("hast", 40), "hast_s200": ("hast", 200)}
+    fig = plots.steps_figure(steps_table(), steps, order=["hast", "hast_s200", "real", "real_s200"])
+    ax = fig.axes[0]
+    styles = lines_by_style(ax)
+    assert [c.get_label() for c in styles["-"]] == ["hast", "real"]  # one solid line per base, in order
+    np.testing.assert_allclose(styles["-"][1].lines[0].get_xdata(), [40, 200])
+    np.testing.assert_allclose(styles["-"][1].lines[0].get_ydata(), [85, 86])  # real, real_s200: 70 + 15 + i
+    np.testing.assert_allclose(styles["--"][1].lines[0].get_ydata(), [84, 85])  # val-selected
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["40", "200"]
+    with pytest.raises(ConfigError, match=r"no step count for \['real_s200'\]"):
+        plots.steps_figure(steps_table(), {k: v for k, v in steps.items() if k != "real_s200"})
+
+
+def test_plot_command_steps(tmp_path):
+    csv, out = tmp_path / "t.csv", tmp_path / "s.png"
+    steps_table().to_csv(csv, index=False)
+    methods = ('{"real": {"method": "real", "cfg": {}}, "real_s200": {"method": "real", "cfg": {"iters_per_epoch":'
+               ' 100}}, "hast": {"method": "hast"}, "hast_s200": {"method": "hast", "cfg": {"iters_per_epoch": 100}}}')
+    r = CliRunner().invoke(cli, ["plot", "--kind", "steps", str(csv), "--out", str(out), "--methods", methods])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    r = CliRunner().invoke(cli, ["plot", "--kind", "steps", str(csv), "--out", str(tmp_path / "n.png")])
+    assert r.exit_code == 1 and "expected one results table and --steps" in r.output
+
+
 def test_progress_only_on_a_terminal(monkeypatch):
     import io
     import sys

@@ -620,10 +620,11 @@ def supernet_table_cmd(metrics, out_csv, out_md, title, paper_json, tracking, ru
 @click.argument("inputs", nargs=-1, type=EXISTING, required=True)
 @click.option(
     "--kind",
-    type=click.Choice(["bits", "ablation", "nas_curves"]),
+    type=click.Choice(["bits", "ablation", "steps", "nas_curves"]),
     required=True,
     help="bits: accuracy vs bit-width (one results table); ablation: bars per method/variant (one results "
-    "table); nas_curves: best validation accuracy vs queries (`zsqpipe search` result files).",
+    "table); steps: accuracy vs student steps (one results table + --methods); nas_curves: best validation "
+    "accuracy vs queries (`zsqpipe search` result files).",
 )
 @click.option("--out", type=PATH, required=True, help="PNG to write.")
 @click.option("--title", default=None, help="Figure title.")
@@ -636,8 +637,14 @@ def supernet_table_cmd(metrics, out_csv, out_md, title, paper_json, tracking, ru
     default=None,
     help="nas_curves: ground-truth table for the reference line (default: the packaged NAS-Bench-201 one).",
 )
+@click.option(
+    "--methods",
+    "methods_json",
+    default="{}",
+    help='steps: JSON {method or variant: {"method": base, "cfg": {...}}}; the student steps come from each cfg.',
+)
 @stage_command
-def plot_cmd(inputs, kind, out, title, order, style_json, benchmark_path):
+def plot_cmd(inputs, kind, out, title, order, style_json, benchmark_path, methods_json):
     """Draw one report figure from INPUTS (a results table CSV, or search result JSON files) as a PNG."""
     from zsqpipe.plots import run_plot
 
@@ -648,8 +655,14 @@ def plot_cmd(inputs, kind, out, title, order, style_json, benchmark_path):
 
         datasets = {read_json(p).get("dataset") for p in inputs} - {None}
         optimum = {d: benchmark_optimum(d, benchmark_path)["best_valid_acc"] for d in sorted(datasets)}
+    steps = None
+    if kind == "steps":
+        from zsqpipe.budget import student_steps
+
+        methods = _json(methods_json, "--methods")
+        steps = {name: (m["method"], student_steps(m["method"], m.get("cfg"))) for name, m in methods.items()}
     order_list = [o for o in order.split(",") if o]
-    path = run_plot(kind, list(inputs), out, title, order_list, optimum, _json(style_json, "--style"))
+    path = run_plot(kind, list(inputs), out, title, order_list, optimum, _json(style_json, "--style"), steps)
     _log(f"{kind} plot -> {path}")
 
 

@@ -196,6 +196,60 @@ def ablation_figure(
     return fig
 
 
+def steps_figure(
+    table: pd.DataFrame,
+    steps: dict[str, tuple[str, int]],
+    title: str | None = None,
+    order: Sequence[str] | None = None,
+    style: dict | None = None,
+) -> Figure:
+    """Test top-1 (%) vs student optimizer steps (log axis), one line per base method through its variants
+    (``steps``: table method/variant -> (base method, steps)): last epoch solid with +-std error bars,
+    val-selected dashed in the same colour, FP accuracy dotted. One panel per dataset x arch x bit-width;
+    ``order``: variant order (a base method is drawn where its first variant appears)."""
+    _check_table(table)
+    missing = sorted(set(table["method"]) - set(steps))
+    if missing:
+        raise ConfigError(f"steps plot: no step count for {missing}; expected one per method/variant")
+    st = _style(style)
+    groups = [(key, g) for key, g in table.groupby(["dataset", "arch", "w_bits", "a_bits"], sort=True)]
+    fig, axes = _new_figure(len(groups), st)
+    colors: dict[str, str] = {}
+    for ax, ((dataset, arch, _w, _a), g) in zip(axes, groups, strict=True):
+        g = g.assign(base=[steps[m][0] for m in g["method"]], steps=[int(steps[m][1]) for m in g["method"]])
+        bases = list(dict.fromkeys(steps[m][0] for m in _ordered(g["method"], order)))
+        xs = sorted(set(g["steps"]))
+        for base in bases:
+            m = g[g["base"] == base].sort_values("steps")
+            color = colors.setdefault(base, f"C{len(colors) % 10}")
+            x = m["steps"].to_numpy(float)
+            ax.errorbar(x, m["last_top1_mean"].to_numpy(float), yerr=_std(m, "last_top1_std"), color=color,
+                        linestyle="-", marker="o", markersize=4, capsize=3, linewidth=1.6, label=base)  # fmt: skip
+            ax.errorbar(x, m["val_selected_top1_mean"].to_numpy(float), yerr=_std(m, "val_selected_top1_std"),
+                        color=color, linestyle="--", marker="^", markersize=3, capsize=2, linewidth=1.0,
+                        alpha=0.6)  # fmt: skip
+        _fp_line(ax, g)
+        positive = [x for x in xs if x > 0]
+        if positive and len(positive) == len(xs):
+            ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("student optimizer steps")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(f"{dataset} / {arch} / {g['bits'].iloc[0]}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="method", fontsize=8, loc="best")
+    fig.legend(
+        [Line2D([], [], color="k", linestyle="-", marker="o"),
+         Line2D([], [], color="k", linestyle="--", marker="^", alpha=0.6),
+         Line2D([], [], color="0.35", linestyle=":")],
+        ["solid: last epoch", "dashed: at the best validation epoch", f"dotted: {FP_LABEL}"],
+        fontsize=7.5, loc="outside lower center", ncols=3,
+    )  # fmt: skip
+    _suptitle(fig, title or "Accuracy vs fine-tuning steps (mean ± std over seeds)")
+    return fig
+
+
 def search_records(content: dict, path: str | os.PathLike = "search result") -> list[dict]:
     """The per-seed records of a ``zsqpipe search`` result file (one record: the older one-seed layout)."""
     records = content.get("records", [content])
@@ -275,7 +329,7 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int | None = None) -> Pa
     return path
 
 
-KINDS = ("bits", "ablation", "nas_curves")
+KINDS = ("bits", "ablation", "steps", "nas_curves")
 
 
 def run_plot(
@@ -286,9 +340,11 @@ def run_plot(
     order: Sequence[str] | None = None,
     optimum: dict[str, float] | None = None,
     style: dict | None = None,
+    steps: dict[str, tuple[str, int]] | None = None,
 ) -> Path:
-    """Files in, PNG out: ``bits``/``ablation`` read one results-table CSV, ``nas_curves`` search result
-    JSON files. Returns the written path."""
+    """Files in, PNG out: ``bits``/``ablation``/``steps`` read one results-table CSV (``steps`` also needs
+    ``steps``: method/variant -> (base method, student steps)), ``nas_curves`` search result JSON files.
+    Returns the written path."""
     st = _style(style)
     unknown = sorted(set(st) - set(DEFAULT_STYLE))
     if unknown:
@@ -299,6 +355,10 @@ def run_plot(
         table = pd.read_csv(inputs[0])
         fn = bits_figure if kind == "bits" else ablation_figure
         fig = fn(table, title, order, st)
+    elif kind == "steps":
+        if len(inputs) != 1 or not steps:
+            raise ConfigError("plot --kind steps: expected one results table and --steps (method -> [base, steps])")
+        fig = steps_figure(pd.read_csv(inputs[0]), {k: tuple(v) for k, v in steps.items()}, title, order, st)
     elif kind == "nas_curves":
         fig = nas_curves_figure([read_json(p) for p in inputs], title, order, optimum, st)
     else:

@@ -357,9 +357,23 @@ PLOT_STYLE = {"dpi": 120}  # zsqpipe.plots.DEFAULT_STYLE keys: dpi, width, heigh
 
 
 def table_plot_kind(table):
-    """A table over several bit-widths is drawn as accuracy vs bit-width, one at a single bit-width (an
-    ablation such as hast_ablation, or lbt) as bars per method/variant."""
+    """The table's `plot` (bits, bars, steps); `auto`: a table over several bit-widths is drawn as accuracy vs
+    bit-width, one at a single bit-width (an ablation such as hast_ablation, or lbt) as bars per method/variant."""
+    kind = config["tables"][table].get("plot", "auto")
+    if kind != "auto":
+        return kind
     return "bits" if len(config["tables"][table]["bits"]) > 1 else "bars"
+
+
+def table_method_configs(wildcards):
+    """{method or variant: {"method": base, "cfg": its methods.<base> config with the variant's overrides}}
+    of a table (the steps figure reads each run's student steps from these)."""
+    out = {}
+    for name in config["tables"][wildcards.table]["methods"]:
+        base = base_method(name)
+        overrides = VARIANTS.get(name, {}).get("methods", {})
+        out[name] = {"method": base, "cfg": {**config["methods"].get(base, {}), **overrides}}
+    return canonical_json(out)
 
 
 def table_plots():

@@ -62,6 +62,35 @@ rule plot_bars:
         " --order {params.order:q} --style {params.style:q} > {log} 2>&1"
 
 
+rule plot_steps:
+    input:
+        csv=f"{RESULTS}/tables/{{table}}.csv",
+    output:
+        report(
+            f"{PLOTS}/{{table}}_steps.png",
+            caption="../report/steps.rst",
+            category="Quantization accuracy",
+            subcategory="{table}",
+            labels={"table": "{table}", "figure": "accuracy vs fine-tuning steps"},
+        ),
+    params:
+        title=table_title,
+        order=table_order,
+        methods=table_method_configs,
+        style=canonical_json(PLOT_STYLE),
+        code=code_version("zsqpipe.plots", "zsqpipe.budget"),
+    log:
+        f"{LOGS}/plot/{{table}}_steps.log",
+    benchmark:
+        f"{BENCH}/plot/{{table}}_steps.tsv"
+    localrule: True
+    conda:
+        "../envs/zsqpipe.yaml"
+    shell:
+        "python3 -m zsqpipe plot --kind steps {input.csv} --out {output} --title {params.title:q}"
+        " --order {params.order:q} --methods {params.methods:q} --style {params.style:q} > {log} 2>&1"
+
+
 rule plot_nas_curves:
     input:
         results=nas_curve_inputs,
