@@ -155,3 +155,16 @@ def test_paper_configs_are_valid_over_the_default():
         if "tables" in paper:  # quantization paper configs: GPU budgets and published numbers to compare
             assert cfg["device"] == "cuda", path.name
             assert any(cfg["tables"][name]["paper"] for name in paper["tables"]), path.name
+
+
+def test_miniature_gives_every_generator_calibration_the_same_steps():
+    """docs/budget.md: the GDFQ-lineage calibration epochs get one generator budget in the CPU miniature —
+    HAST's and IntraQ's calibration generator and GDFQ's and Qimera's warm-up epoch."""
+    m = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))["methods"]
+    steps = {
+        "hast": m["hast"]["calib_iters"],
+        "intraq": m["intraq"]["generator_steps"] if m["intraq"]["calibration"] == "generator" else None,
+        "gdfq": m["gdfq"]["warmup_epochs"] * m["gdfq"]["warmup_iters"],
+        "qimera": m["qimera"]["warmup_epochs"] * m["qimera"]["warmup_iters"],
+    }
+    assert set(steps.values()) == {200}, steps
