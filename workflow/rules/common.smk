@@ -105,10 +105,14 @@ def method_base(wildcards):
     return base_method(wildcards.method)
 
 
+def method_config(name):
+    """The `methods.<base>` config of a method or variant, with the variant's overrides."""
+    overrides = VARIANTS.get(name, {}).get("methods", {})
+    return {**config["methods"].get(base_method(name), {}), **overrides}
+
+
 def method_params(wildcards):
-    base = base_method(wildcards.method)
-    overrides = VARIANTS.get(wildcards.method, {}).get("methods", {})
-    return canonical_json({**config["methods"].get(base, {}), **overrides})
+    return canonical_json(method_config(wildcards.method))
 
 
 def overrides_tag(overrides):
@@ -368,12 +372,8 @@ def table_plot_kind(table):
 def table_method_configs(wildcards):
     """{method or variant: {"method": base, "cfg": its methods.<base> config with the variant's overrides}}
     of a table (the steps figure reads each run's student steps from these)."""
-    out = {}
-    for name in config["tables"][wildcards.table]["methods"]:
-        base = base_method(name)
-        overrides = VARIANTS.get(name, {}).get("methods", {})
-        out[name] = {"method": base, "cfg": {**config["methods"].get(base, {}), **overrides}}
-    return canonical_json(out)
+    names = config["tables"][wildcards.table]["methods"]
+    return canonical_json({n: {"method": base_method(n), "cfg": method_config(n)} for n in names})
 
 
 def table_plots():
