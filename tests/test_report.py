@@ -224,7 +224,7 @@ def test_plot_command_steps(tmp_path):
     assert r.exit_code == 0, r.output
     assert out.read_bytes()[:8] == PNG_MAGIC
     r = CliRunner().invoke(cli, ["plot", "--kind", "steps", str(csv), "--out", str(tmp_path / "n.png")])
-    assert r.exit_code == 1 and "expected one results table and --steps" in r.output
+    assert r.exit_code == 1 and "expected one results table and --methods" in r.output
 
 
 def test_progress_only_on_a_terminal(monkeypatch):

@@ -655,14 +655,9 @@ def plot_cmd(inputs, kind, out, title, order, style_json, benchmark_path, method
 
         datasets = {read_json(p).get("dataset") for p in inputs} - {None}
         optimum = {d: benchmark_optimum(d, benchmark_path)["best_valid_acc"] for d in sorted(datasets)}
-    steps = None
-    if kind == "steps":
-        from zsqpipe.budget import student_steps
-
-        methods = _json(methods_json, "--methods")
-        steps = {name: (m["method"], student_steps(m["method"], m.get("cfg"))) for name, m in methods.items()}
     order_list = [o for o in order.split(",") if o]
-    path = run_plot(kind, list(inputs), out, title, order_list, optimum, _json(style_json, "--style"), steps)
+    methods = _json(methods_json, "--methods")
+    path = run_plot(kind, list(inputs), out, title, order_list, optimum, _json(style_json, "--style"), methods)
     _log(f"{kind} plot -> {path}")
 
 

@@ -339,11 +339,11 @@ def run_plot(
     order: Sequence[str] | None = None,
     optimum: dict[str, float] | None = None,
     style: dict | None = None,
-    steps: dict[str, tuple[str, int]] | None = None,
+    methods: dict[str, dict] | None = None,
 ) -> Path:
     """Files in, PNG out: ``bits``/``ablation``/``steps`` read one results-table CSV (``steps`` also needs
-    ``steps``: method/variant -> (base method, student steps)), ``nas_curves`` search result JSON files.
-    Returns the written path."""
+    ``methods``: method/variant -> {"method": base method, "cfg": its ``methods.<base>`` config}, from which
+    the student steps are computed), ``nas_curves`` search result JSON files. Returns the written path."""
     st = _style(style)
     unknown = sorted(set(st) - set(DEFAULT_STYLE))
     if unknown:
@@ -355,9 +355,14 @@ def run_plot(
         fn = bits_figure if kind == "bits" else ablation_figure
         fig = fn(table, title, order, st)
     elif kind == "steps":
-        if len(inputs) != 1 or not steps:
-            raise ConfigError("plot --kind steps: expected one results table and --steps (method -> [base, steps])")
-        fig = steps_figure(pd.read_csv(inputs[0]), {k: tuple(v) for k, v in steps.items()}, title, order, st)
+        if len(inputs) != 1 or not methods:
+            raise ConfigError(
+                'plot --kind steps: expected one results table and --methods ({name: {"method": base, "cfg": {...}}})'
+            )
+        from zsqpipe.budget import student_steps
+
+        steps = {name: (m["method"], student_steps(m["method"], m.get("cfg"))) for name, m in methods.items()}
+        fig = steps_figure(pd.read_csv(inputs[0]), steps, title, order, st)
     elif kind == "nas_curves":
         fig = nas_curves_figure([read_json(p) for p in inputs], title, order, optimum, st)
     else:
