@@ -4,13 +4,17 @@
 PYTHON ?= python3
 CORES ?= 2
 
-.PHONY: setup run run-full test test-slow test-slurm lint bench clean
+.PHONY: setup run run-full deploy test test-slow test-slurm lint bench clean
 
 setup:
 	@PYTHON=$(PYTHON) bash scripts/setup.sh
 
 run: setup
 	$(PYTHON) -m snakemake --cores $(CORES) results/tables/hast.csv --configfile config/main.yaml
+
+# integer deployment of the main job's cells (docs/deploy.md): ONNX export, onnxruntime accuracy, latency
+deploy: setup
+	$(PYTHON) -m snakemake --cores $(CORES) results/tables/deploy.csv --configfile config/main.yaml
 
 run-full: setup
 	$(PYTHON) -m snakemake --cores $(CORES) results/tables/hast.csv

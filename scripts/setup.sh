@@ -25,7 +25,7 @@ stamp=.setup-stamp
 # where `python3 -m zsqpipe` resolves outside this folder (Snakemake jobs run in their workdir): an editable
 # install of another checkout (a moved or copied repository) must be replaced by this one
 installed_pkg=$(cd / && "$PY" -c "import os, zsqpipe; print(os.path.dirname(os.path.realpath(zsqpipe.__file__)))" 2>/dev/null || true)
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$PY" -c "import zsqpipe, snakemake, mlflow" 2>/dev/null \
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$PY" -c "import zsqpipe, snakemake, mlflow, onnxruntime" 2>/dev/null \
    || [ "$installed_pkg" != "$(pwd -P)/zsqpipe" ] || ! command -v zsqpipe >/dev/null; then
   echo "setup: pip install -e .[dev] (torch/torchvision come from the local wheel cache where present)"
   if ! "$PY" -m pip install -q -e ".[dev]"; then

@@ -342,6 +342,110 @@ def evaluate_cmd(
             tracker.log_artifact(log_file, "logs")
 
 
+@cli.command("export")
+@click.option("--model", "model_path", type=EXISTING, required=True, help="Quantized model.pt from `quantize`.")
+@click.option("--out", type=PATH, required=True, help="model.onnx to write (QDQ, integer weights).")
+@click.option("--out-fp32", type=PATH, required=True, help="model_fp32.onnx: the same weights in float.")
+@click.option("--report", type=PATH, required=True, help="export.json: how each layer runs, kernels, sizes.")
+@click.option(
+    "--mode",
+    type=click.Choice(["exact", "qlinear"]),
+    default="exact",
+    show_default=True,
+    help="exact: ConvInteger + float requantization (the fake-quant arithmetic); qlinear: QDQ with an int32 "
+    "bias that onnxruntime fuses into QLinearConv (docs/deploy.md).",
+)
+@tracking_options
+@stage_command
+def export_cmd(model_path, out, out_fp32, report, mode, tracking, rule, wildcards, log_file):
+    """Export a quantized model to ONNX (QDQ, opset 21) for onnxruntime's integer kernels."""
+    from zsqpipe.stages.deploy import run_export
+
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"mode": mode})
+    with tracker.run(name, tags):
+        run_export(model_path, out, out_fp32, report, mode, tracker, _log)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("deploy-eval")
+@click.option("--model", "model_path", type=EXISTING, required=True, help="Quantized model.pt from `quantize`.")
+@click.option("--onnx", "onnx_path", type=EXISTING, required=True, help="model.onnx from `zsqpipe export`.")
+@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@click.option("--cell", "cell_json", required=True, help="Identity of the result as JSON (as `evaluate`).")
+@click.option("--out", type=PATH, required=True, help="deploy.json to write.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch and onnxruntime threads.")
+@tracking_options
+@stage_command
+def deploy_eval_cmd(model_path, onnx_path, manifest, cell_json, out, threads, tracking, rule, wildcards, log_file):
+    """Test the integer ONNX model and the fake-quantized model on the whole test set; count disagreements."""
+    from zsqpipe.stages.deploy import run_deploy_eval
+
+    cell = _json(cell_json, "--cell")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, cell)
+    with tracker.run(name, tags):
+        run_deploy_eval(model_path, onnx_path, manifest, out, cell, threads, tracker, _log)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+@cli.command("deploy-latency")
+@click.option("--model", "model_path", type=EXISTING, required=True, help="Quantized model.pt from `quantize`.")
+@click.option("--onnx", "onnx_path", type=EXISTING, required=True, help="model.onnx from `zsqpipe export`.")
+@click.option("--onnx-fp32", "fp32_path", type=EXISTING, required=True, help="model_fp32.onnx from `export`.")
+@click.option("--key", "key_json", required=True, help='What is timed, as JSON: {"dataset", "arch", "w_bits", "a_bits"}.')
+@click.option("--out", type=PATH, required=True, help="latency.json to write.")
+@click.option("--batch-sizes", default="1,256", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--thread-counts", default="1,2", show_default=True, help="Comma-separated thread counts.")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs (median).")
+@tracking_options
+@stage_command
+def deploy_latency_cmd(model_path, onnx_path, fp32_path, key_json, out, batch_sizes, thread_counts, runs,
+                       tracking, rule, wildcards, log_file):  # fmt: skip
+    """Median latency of the integer ONNX, FP32 ONNX and PyTorch fake-quantized model."""
+    from zsqpipe.stages.deploy import run_deploy_latency
+
+    key = _json(key_json, "--key")
+    batches, threads = _int_list(batch_sizes, "--batch-sizes"), _int_list(thread_counts, "--thread-counts")
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {**key, "runs": runs})
+    with tracker.run(name, tags):
+        run_deploy_latency(model_path, onnx_path, fp32_path, out, key, batches, threads, runs, tracker, _log)
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
+
+
+def _int_list(value: str, what: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what}: expected comma-separated positive integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise ConfigError(f"{what}: expected comma-separated positive integers, got {value!r}")
+    return out
+
+
+@cli.command("deploy-table")
+@click.option("--deploy", "deploy_paths", multiple=True, type=EXISTING, required=True, help="deploy.json (repeat).")
+@click.option("--export", "export_paths", multiple=True, type=EXISTING, required=True,
+              help="export.json of the same cells, same order (repeat).")  # fmt: skip
+@click.option("--latency", "latency_paths", multiple=True, type=EXISTING, help="latency.json (repeat).")
+@click.option("--out-csv", type=PATH, required=True)
+@click.option("--out-md", type=PATH, required=True)
+@click.option("--title", default="Integer deployment (onnxruntime, CPU)", show_default=True)
+@tracking_options
+@stage_command
+def deploy_table_cmd(deploy_paths, export_paths, latency_paths, out_csv, out_md, title, tracking, rule, wildcards,
+                     log_file):  # fmt: skip
+    """Build deploy.csv/.md: fake-quant vs integer top-1, disagreement, kernels, size and latency ratios."""
+    import functools as ft
+
+    from zsqpipe.stages.deploy import run_deploy_table
+
+    build = ft.partial(run_deploy_table, list(deploy_paths), list(export_paths), list(latency_paths), out_csv,
+                       out_md, title)  # fmt: skip
+    _table_run("deploy", deploy_paths, build, (out_csv, out_md), tracking, rule, wildcards, log_file)
+
+
 @cli.command("aggregate")
 @click.argument("metrics", nargs=-1, type=EXISTING, required=True)
 @click.option("--out-csv", type=PATH, required=True)

@@ -390,3 +390,59 @@ def table_order(wildcards):
 
 def nas_curve_inputs(wildcards):
     return [NAS_RESULT.format(space=NAS["space"], dataset=wildcards.dataset, strategy=s) for s in NAS["strategies"]]
+
+
+# ---- integer deployment (deploy.smk) ----
+DEPLOY = config["deploy"]
+
+
+def deploy_table_config():
+    """The results table whose cells deploy.csv covers (config deploy.table), checked when it is requested."""
+    name = DEPLOY["table"]
+    if name not in config["tables"]:
+        raise ConfigError(f"config key 'deploy.table': {name!r} is not a table {sorted(config['tables'])}")
+    t = config["tables"][name]
+    if DEPLOY["latency"]["method"] not in t["methods"]:
+        raise ConfigError(
+            f"config key 'deploy.latency.method': {DEPLOY['latency']['method']!r} is not a method of table "
+            f"{name!r} {t['methods']}"
+        )
+    return t
+
+
+def deploy_cell_files(filename):
+    """``filename`` (deploy.json / export.json) of every cell of the deploy table, in the same order."""
+    t = deploy_table_config()
+    return [
+        f"{RESULTS}/quant/{dataset}/{arch}/{method}/w{w}a{a}/seed{seed}/{filename}"
+        for dataset in config["datasets"]
+        for arch in t["archs"]
+        for method in t["methods"]
+        for w, a in map(parse_bits, t["bits"])
+        for seed in t["seeds"]
+    ]
+
+
+def deploy_latency_files():
+    t = deploy_table_config()
+    return [
+        f"{RESULTS}/deploy/{dataset}/{arch}/w{w}a{a}/latency.json"
+        for dataset in config["datasets"]
+        for arch in t["archs"]
+        for w, a in map(parse_bits, t["bits"])
+    ]
+
+
+def deploy_latency_inputs(wildcards):
+    """The timed cell of a (dataset, arch, bits): config deploy.latency's method and seed."""
+    lat = DEPLOY["latency"]
+    bits = f"w{wildcards.wbits}a{wildcards.abits}"
+    cell = os.path.join(RESULTS, "quant", wildcards.dataset, wildcards.arch, lat["method"], bits, f"seed{lat['seed']}")
+    return {"model": f"{cell}/model.pt", "onnx": f"{cell}/model.onnx", "fp32": f"{cell}/model_fp32.onnx"}
+
+
+def deploy_latency_key(wildcards):
+    lat = DEPLOY["latency"]
+    key = {"dataset": wildcards.dataset, "arch": wildcards.arch, "w_bits": int(wildcards.wbits),
+           "a_bits": int(wildcards.abits), "method": lat["method"], "seed": lat["seed"]}  # fmt: skip
+    return canonical_json(key)

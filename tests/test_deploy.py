@@ -1,0 +1,280 @@
+"""Integer deployment: QDQ ONNX export of fake-quantized models, run in onnxruntime (docs/deploy.md)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+pytest.importorskip("onnxruntime")
+
+from zsqpipe.cli import cli  # noqa: E402
+from zsqpipe.deploy import ExportError, export_float_onnx, export_onnx  # noqa: E402
+from zsqpipe.deploy.runtime import kernel_counts, session  # noqa: E402
+from zsqpipe.io import save_checkpoint  # noqa: E402
+from zsqpipe.models import create_model  # noqa: E402
+from zsqpipe.quant import QuantConfig, quantize_model, set_quant_state  # noqa: E402
+from zsqpipe.quant.modules import QuantAct  # noqa: E402
+
+
+class Stack(nn.Module):
+    """conv-BN-ReLU, conv-BN-ReLU, conv-BN + identity -> ReLU, pool, linear: every export path once."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
+        self.conv3, self.bn3, self.relu3 = nn.Conv2d(c, c, 3, stride=1, padding=1), nn.BatchNorm2d(c), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(x)))
+        y = self.relu3(self.bn3(self.conv3(y)) + x)
+        return self.fc(self.pool(y).flatten(1))
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics, some gamma < 0 (folding must flip those channels' integers)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) * 2.7 - 1.2)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
+
+
+def calibrated(model: nn.Module, bits: int, shape=(1, 28, 28), **quant) -> nn.Module:
+    torch.manual_seed(0)
+    randomise_bn(model)
+    quantize_model(model, QuantConfig(weight_bits=bits, act_bits=bits, **quant))
+    model.eval()
+    set_quant_state(model, update_ranges=True)
+    with torch.no_grad():
+        model(torch.randn(32, *shape, generator=torch.Generator().manual_seed(1)))
+    set_quant_state(model, update_ranges=False)
+    return model
+
+
+def act_levels(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each activation quantizer's output, in integer levels (output / its step)."""
+    from zsqpipe.deploy.onnx_export import _act_grid
+
+    out, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantAct):
+            step = _act_grid(name, m.quantizer)[1]
+            hooks.append(m.register_forward_hook(lambda _m, _i, o, n=name, s=step: out.__setitem__(n, torch.round(o / s))))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def run_onnx(path, x: torch.Tensor, extra: list[str] = (), level: str = "extended"):
+    import onnx
+
+    if extra:  # expose intermediate integer tensors as graph outputs
+        m = onnx.load(str(path))
+        for name in extra:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, None))
+        path = path.with_name("debug.onnx")
+        onnx.save(m, str(path))
+    sess = session(path, 1, level=level)
+    return sess.run(None, {"input": x.numpy()})
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_exact_export_matches_fake_quant_on_the_integer_grid(tmp_path, bits):
+    """Every activation quantizer's integer levels and the logits of the ONNX model equal the fake-quant ones."""
+    model = calibrated(Stack(), bits)
+    path = tmp_path / "m.onnx"
+    rep = export_onnx(model, (1, 28, 28), path)
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    levels = act_levels(model, x)
+    names = [f"{n.replace('.', '_')}_qclip" for n in levels]
+    outs = run_onnx(path, x, names)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for (name, lv), got in zip(levels.items(), outs[1:], strict=True):
+        diff = np.abs(lv.numpy().astype(np.int64) - got.astype(np.int64))
+        # conv1 reads the float input and runs in float: onnxruntime and torch sum in different orders, and at
+        # 8 bits (255 levels) a handful of values sit within that rounding error of a level boundary (measured:
+        # 1 of 401,408 at conv1, one level, carried to 4 values downstream); the integer layers add nothing
+        assert diff.max() <= (0 if bits < 8 else 1), name
+        assert diff.astype(bool).mean() < 1e-4, name
+    np.testing.assert_allclose(outs[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    kernels = {lay.name: lay.kernel for lay in rep.layers}
+    assert kernels == {"conv1": "float", "conv2": "ConvInteger", "conv3": "ConvInteger", "fc": "float"}
+    assert rep.act_quantizers == 3
+
+
+def test_bn_folding_flips_integers_where_gamma_is_negative(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = calibrated(Stack(), 4)
+    export_onnx(model, (1, 28, 28), tmp_path / "m.onnx")
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    levels = model.conv2.weight_quantizer.levels(model.conv2.weight.detach()).numpy()
+    sign = np.sign(model.bn2.weight.detach().numpy())
+    assert (sign < 0).any() and (sign > 0).any()
+    np.testing.assert_array_equal(inits["conv2_weight_q"], levels * sign[:, None, None, None])
+
+
+def test_qlinear_mode_fuses_into_qlinearconv_and_stays_close(tmp_path):
+    model = calibrated(Stack(), 6)  # 8-bit asymmetric levels exceed int8: those layers stay ConvInteger
+    path = tmp_path / "q.onnx"
+    rep = export_onnx(model, (1, 28, 28), path, mode="qlinear")
+    assert {lay.name: lay.kernel for lay in rep.layers}["conv2"] == "QLinearConv"
+    counts = kernel_counts(path)
+    assert counts["QLinearConv"] == 1 and counts["ConvInteger"] == 1 and counts["integer_kernels"] == 2
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = run_onnx(path, x, level="all")[0]
+    # int32 bias on the step s_x * s_w / k: at 6 bits a flipped level moves a logit by far less than 1 %
+    assert np.abs(out - ref).max() < 0.01 * np.abs(ref).max()
+
+
+def test_float_export_is_the_latent_float_model(tmp_path):
+    model = calibrated(Stack(), 4)
+    rep = export_float_onnx(model, (1, 28, 28), tmp_path / "f.onnx")
+    assert {lay.kernel for lay in rep.layers} == {"float"} and rep.act_quantizers == 0
+    x = torch.randn(16, 1, 28, 28)
+    set_quant_state(model, enabled=False)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(run_onnx(tmp_path / "f.onnx", x)[0], ref, rtol=1e-4, atol=1e-5)
+    assert kernel_counts(tmp_path / "f.onnx")["integer_kernels"] == 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "quant"),
+    [
+        ("resnet20", {}),
+        ("resnet20", {"weight_quantizer": "lsq", "act_quantizer": "lsq"}),
+        ("mobilenet_v2_small", {}),
+        ("resnet18", {"weight_quantizer": "lsq_tensor", "act_quantizer": "ema_minmax", "last_layer_bits": 32}),
+    ],
+)
+def test_model_zoo_exports_and_predicts_as_fake_quant(tmp_path, arch, quant):
+    model = calibrated(create_model(arch, num_classes=10, in_channels=1, image_size=28), 4, **quant)
+    path = tmp_path / "m.onnx"
+    rep = export_onnx(model, (1, 28, 28), path)
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = run_onnx(path, x, level="all")[0]
+    assert (out.argmax(1) == ref.argmax(1)).all()
+    # rows equal up to float rounding, but for at most one image of 32: the float first conv (onnxruntime's and
+    # torch's summation orders) may put a value on the other side of a level boundary, and the flip spreads
+    close = np.isclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max()).all(1)
+    assert close.sum() >= len(close) - 1
+    counts = kernel_counts(path)
+    quantized_input = [lay for lay in rep.layers if lay.kernel != "float"]
+    assert counts["integer_kernels"] == len(quantized_input) > 0
+    assert counts["float_kernels"] == len(rep.float_layers)
+    if arch == "mobilenet_v2_small":  # expansion convs read the block's float residual sum
+        assert any(lay.reason == "input not quantized" for lay in rep.float_layers[1:-1])
+    if "last_layer_bits" in quant:
+        assert rep.layers[-1].reason == "weight bits 32"
+
+
+def test_unexportable_models_fail_with_one_line_naming_the_layer(tmp_path):
+    class Gelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(1, 4, 3), nn.GELU(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+    model = Gelu()
+    quantize_model(model, QuantConfig(weight_bits=4, act_bits=4))
+    with pytest.raises(ExportError, match="^act: GELU cannot be exported"):
+        export_onnx(model.eval(), (1, 8, 8), tmp_path / "g.onnx")
+    assert not (tmp_path / "g.onnx").exists()
+
+    class LoneBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(1), nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.conv(self.bn(x)).flatten(1)
+
+    model = LoneBN()
+    quantize_model(model, QuantConfig(weight_bits=4, act_bits=4))
+    with pytest.raises(ExportError, match="^bn: BatchNorm that does not follow a conv"):
+        export_onnx(model.eval(), (1, 8, 8), tmp_path / "b.onnx")
+
+    model = calibrated(Stack(), 4)
+    model.relu1[1].quantizer._has_range = False  # never calibrated
+    with pytest.raises(ExportError, match=r"^relu1\.1: activation quantizer has no calibrated range"):
+        export_onnx(model, (1, 28, 28), tmp_path / "c.onnx")
+
+
+def _quantized_checkpoint(path, bits: int = 4) -> dict:
+    model = calibrated(create_model("resnet20", num_classes=10, in_channels=1, image_size=28), bits)
+    ckpt = {"arch": "resnet20", "num_classes": 10, "in_channels": 1, "image_size": 28,
+            "state_dict": model.state_dict(), "quant": QuantConfig(weight_bits=bits, act_bits=bits).to_dict()}  # fmt: skip
+    save_checkpoint(path, ckpt)
+    return ckpt
+
+
+def test_export_and_deploy_eval_commands(tmp_path, no_debian_data):
+    from tests.conftest import prepare_fixture_data
+
+    manifest = prepare_fixture_data(tmp_path)
+    _quantized_checkpoint(tmp_path / "model.pt")
+    r = CliRunner().invoke(cli, ["export", "--model", str(tmp_path / "model.pt"), "--out", str(tmp_path / "m.onnx"),
+                                 "--out-fp32", str(tmp_path / "f.onnx"), "--report", str(tmp_path / "export.json")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "export.json").read_text())
+    assert rep["kernels"]["integer_kernels"] == 20 and rep["kernels"]["float_kernels"] == 2  # ResNet-20: 21 convs + fc
+    assert rep["onnx_bytes"] < rep["onnx_fp32_bytes"] / 2
+    cell = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "real", "w_bits": 4, "a_bits": 4, "seed": 0}
+    r = CliRunner().invoke(cli, ["deploy-eval", "--model", str(tmp_path / "model.pt"), "--onnx", str(tmp_path / "m.onnx"),
+                                 "--data", str(manifest), "--cell", json.dumps(cell), "--out", str(tmp_path / "d.json")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["n"] == 120 and d["disagree_pct"] == 0.0 and d["int_top1"] == d["fake_top1"]
+
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    r = CliRunner().invoke(cli, ["export", "--model", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "x.onnx"),
+                                 "--out-fp32", str(tmp_path / "y.onnx"), "--report", str(tmp_path / "x.json")])  # fmt: skip
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "bad.pt" in r.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_deploy_table_from_cells(tmp_path):
+    from zsqpipe.stages.deploy import run_deploy_table
+
+    deploys, exports = [], []
+    for seed, (fake, integer) in enumerate([(80.0, 80.0), (82.0, 81.5)]):
+        d = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "hast", "w_bits": 3, "a_bits": 3,
+             "seed": seed, "n": 10000, "fake_top1": fake, "int_top1": integer, "disagree_pct": 1.0 * seed,
+             "onnx_bytes": 300 * 1024}  # fmt: skip
+        e = {"mode": "exact", "kernels": {"integer_kernels": 18, "float_kernels": 2}, "onnx_fp32_bytes": 1000 * 1024}
+        deploys.append(tmp_path / f"d{seed}.json")
+        exports.append(tmp_path / f"e{seed}.json")
+        deploys[-1].write_text(json.dumps(d))
+        exports[-1].write_text(json.dumps(e))
+    lat = {"dataset": "fashion_mnist", "arch": "resnet20", "w_bits": 3, "a_bits": 3,
+           "latency": [{"batch": 256, "threads": 1, "int_onnx_ms": 30.0, "fp32_onnx_ms": 20.0, "torch_fake_ms": 40.0}]}  # fmt: skip
+    (tmp_path / "lat.json").write_text(json.dumps(lat))
+    table = run_deploy_table(deploys, exports, [tmp_path / "lat.json"], tmp_path / "t.csv", tmp_path / "t.md")
+    row = table.iloc[0]
+    assert row["int_top1_mean"] == pytest.approx(80.75) and row["abs_int_minus_fake_max"] == pytest.approx(0.5)
+    assert row["disagree_pct_mean"] == pytest.approx(0.5) and row["int_vs_fp32_b256_t1"] == pytest.approx(1.5)
+    md = (tmp_path / "t.md").read_text()
+    assert "| fashion_mnist | resnet20 | hast | W3A3 | 2 (0 1) | 81.00 ± 1.41 | 80.75 ± 1.06 | 0.50 |" in md
+    assert "18 / 20" in md and "300 / 1000" in md and "| 1.50 |" in md
