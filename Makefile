@@ -14,7 +14,7 @@ run: setup
 
 # integer deployment of the main job's cells (docs/deploy.md): ONNX export, onnxruntime accuracy, latency
 deploy: setup
-	$(PYTHON) -m snakemake --cores $(CORES) results/tables/deploy.csv --configfile config/main.yaml
+	$(PYTHON) -m snakemake --cores $(CORES) results/tables/deploy.csv results/plots/deploy.png --configfile config/main.yaml
 
 run-full: setup
 	$(PYTHON) -m snakemake --cores $(CORES) results/tables/hast.csv

@@ -278,3 +278,12 @@ def test_deploy_table_from_cells(tmp_path):
     md = (tmp_path / "t.md").read_text()
     assert "| fashion_mnist | resnet20 | hast | W3A3 | 2 (0 1) | 81.00 ± 1.41 | 80.75 ± 1.06 | 0.50 |" in md
     assert "18 / 20" in md and "300 / 1000" in md and "| 1.50 |" in md
+    from zsqpipe.plots import run_plot
+
+    png = run_plot("deploy", [tmp_path / "t.csv"], tmp_path / "d.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from zsqpipe.errors import IntegrityError
+
+    table.drop(columns=["int_top1_mean"]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(IntegrityError, match="deploy table lacks columns"):
+        run_plot("deploy", [tmp_path / "bad.csv"], tmp_path / "x.png")

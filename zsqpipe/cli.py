@@ -724,11 +724,11 @@ def supernet_table_cmd(metrics, out_csv, out_md, title, paper_json, tracking, ru
 @click.argument("inputs", nargs=-1, type=EXISTING, required=True)
 @click.option(
     "--kind",
-    type=click.Choice(["bits", "ablation", "steps", "nas_curves"]),
+    type=click.Choice(["bits", "ablation", "steps", "nas_curves", "deploy"]),
     required=True,
     help="bits: accuracy vs bit-width (one results table); ablation: bars per method/variant (one results "
     "table); steps: accuracy vs student steps (one results table + --methods); nas_curves: best validation "
-    "accuracy vs queries (`zsqpipe search` result files).",
+    "accuracy vs queries (`zsqpipe search` result files); deploy: fake-quant vs integer top-1 (deploy.csv).",
 )
 @click.option("--out", type=PATH, required=True, help="PNG to write.")
 @click.option("--title", default=None, help="Figure title.")

@@ -5,6 +5,7 @@
   which is selected on the test set, is drawn dashed and labelled as such, never instead of it.
 - :func:`ablation_figure`: grouped bars (last epoch; best epoch hatched) per method/variant of a
   single-bit-width table such as ``hast_ablation``.
+- :func:`deploy_figure`: fake-quant vs integer-ONNX top-1 per method (``results/tables/deploy.csv``).
 - :func:`nas_curves_figure`: best validation accuracy found vs number of queries (mean over seeds, +-1 std
   band) per strategy, from ``zsqpipe search`` result files.
 
@@ -320,6 +321,53 @@ def nas_curves_figure(
     return fig
 
 
+DEPLOY_COLUMNS = ("dataset", "arch", "method", "bits", "fake_top1_mean", "int_top1_mean", "disagree_pct_mean")
+
+
+def deploy_figure(
+    table: pd.DataFrame,
+    title: str | None = None,
+    order: Sequence[str] | None = None,
+    style: dict | None = None,
+) -> Figure:
+    """Per method: the fake-quantized PyTorch model's last-epoch test top-1 (solid) next to the same model run
+    by onnxruntime on integer kernels (hatched), mean +-std over seeds, with the share of test images whose
+    prediction differs above each pair. One panel per dataset x arch x bit-width (``results/tables/deploy.csv``)."""
+    missing = [c for c in DEPLOY_COLUMNS if c not in table.columns]
+    if missing:
+        raise IntegrityError(f"deploy table lacks columns {missing}; expected the deploy-table output")
+    st = _style(style)
+    groups = [(key, g) for key, g in table.groupby(["dataset", "arch", "bits"], sort=True)]
+    fig, axes = _new_figure(len(groups), st)
+    width = 0.38
+    for ax, ((dataset, arch, bits), g) in zip(axes, groups, strict=True):
+        methods = _ordered(g["method"], order)
+        rows = g.set_index("method").loc[methods]
+        x = np.arange(len(methods), dtype=float)
+        colors = [f"C{i % 10}" for i in range(len(methods))]
+        fake, integer = rows["fake_top1_mean"].to_numpy(float), rows["int_top1_mean"].to_numpy(float)
+        ax.bar(x - width / 2, fake, width, yerr=_std(rows, "fake_top1_std"), capsize=3, color=colors,
+               edgecolor="k", linewidth=0.6)  # fmt: skip
+        ax.bar(x + width / 2, integer, width, yerr=_std(rows, "int_top1_std"), capsize=3, color=colors,
+               alpha=0.45, hatch="//", edgecolor="k", linewidth=0.6)  # fmt: skip
+        for xi, top, d in zip(x, np.maximum(fake, integer), rows["disagree_pct_mean"], strict=True):
+            ax.annotate(f"{d:.2f} % differ", (xi, top), xytext=(0, 4), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7)  # fmt: skip
+        lo = np.nanmin(np.concatenate([fake, integer]))
+        ax.set_ylim(max(0.0, 5 * np.floor((lo - 5) / 5)), min(100.0, np.nanmax(np.concatenate([fake, integer])) + 5))
+        ax.set_xticks(x, methods, rotation=20 if len(methods) > 4 else 0)
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(f"{dataset} / {arch} / {bits}", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.legend(
+        [Patch(facecolor="0.6", edgecolor="k"), Patch(facecolor="0.6", alpha=0.45, hatch="//", edgecolor="k")],
+        ["solid: fake-quant PyTorch (last epoch)", "hatched: integer ONNX on onnxruntime"],
+        fontsize=7.5, loc="outside lower center", ncols=2,
+    )  # fmt: skip
+    _suptitle(fig, title or "Integer deployment: fake-quant vs integer top-1 (mean ± std over seeds)")
+    return fig
+
+
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int | None = None) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically (temporary file + rename)."""
     path = Path(path)
@@ -328,7 +376,7 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int | None = None) -> Pa
     return path
 
 
-KINDS = ("bits", "ablation", "steps", "nas_curves")
+KINDS = ("bits", "ablation", "steps", "nas_curves", "deploy")
 
 
 def run_plot(
@@ -348,11 +396,11 @@ def run_plot(
     unknown = sorted(set(st) - set(DEFAULT_STYLE))
     if unknown:
         raise ConfigError(f"plot style: unknown keys {unknown}; expected {sorted(DEFAULT_STYLE)}")
-    if kind in ("bits", "ablation"):
+    if kind in ("bits", "ablation", "deploy"):
         if len(inputs) != 1:
             raise ConfigError(f"plot --kind {kind}: expected one results table, got {len(inputs)} files")
         table = pd.read_csv(inputs[0])
-        fn = bits_figure if kind == "bits" else ablation_figure
+        fn = {"bits": bits_figure, "ablation": ablation_figure, "deploy": deploy_figure}[kind]
         fig = fn(table, title, order, st)
     elif kind == "steps":
         if len(inputs) != 1 or not methods:

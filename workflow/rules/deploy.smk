@@ -109,3 +109,29 @@ rule deploy_table:
         " $(printf -- '--deploy %s ' {input.deploy}) $(printf -- '--export %s ' {input.export})"
         " $(printf -- '--latency %s ' {input.latency}) --out-csv {output.csv} --out-md {output.md}"
         " --title {params.title:q} --tracking {input.tracking} --rule deploy_table --log-file {log} > {log} 2>&1"
+
+
+rule plot_deploy:
+    input:
+        csv=f"{RESULTS}/tables/deploy.csv",
+    output:
+        report(
+            f"{PLOTS}/deploy.png",
+            caption="../report/deploy.rst",
+            category="Integer deployment",
+            labels={"figure": "fake-quant vs integer top-1"},
+        ),
+    params:
+        order=lambda wc: ",".join(deploy_table_config()["methods"]),
+        style=canonical_json(PLOT_STYLE),
+        code=code_version("zsqpipe.plots"),
+    log:
+        f"{LOGS}/plot/deploy.log",
+    benchmark:
+        f"{BENCH}/plot/deploy.tsv"
+    localrule: True
+    conda:
+        "../envs/zsqpipe.yaml"
+    shell:
+        "python3 -m zsqpipe plot --kind deploy {input.csv} --out {output} --order {params.order:q}"
+        " --style {params.style:q} > {log} 2>&1"
