@@ -287,3 +287,27 @@ def test_deploy_table_from_cells(tmp_path):
     table.drop(columns=["int_top1_mean"]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(IntegrityError, match="deploy table lacks columns"):
         run_plot("deploy", [tmp_path / "bad.csv"], tmp_path / "x.png")
+
+
+def test_deploy_workflow_on_the_smoke_config(tmp_path):
+    """results/tables/deploy.csv through Snakemake: export, deploy-eval and latency jobs, table, figure, MLflow."""
+    import mlflow
+    import pandas as pd
+    from workflow_helpers import snakemake, write_config
+
+    cfg = write_config(tmp_path / "smoke.yaml", deploy={"latency": {"batch_sizes": [1, 4], "threads": [1], "runs": 2}})
+    snakemake(tmp_path, cfg, "--cores", "2", "results/tables/deploy.csv", "results/plots/deploy.png")
+    table = pd.read_csv(tmp_path / "results/tables/deploy.csv")
+    assert sorted(table["method"]) == ["ptq", "real"] and (table["bits"] == "W4A4").all()
+    assert (table["abs_int_minus_fake_max"] == 0).all() and (table["disagree_pct_mean"] == 0).all()
+    assert (table["integer_kernels"] == 20).all() and table["int_vs_fp32_b4_t1"].notna().all()
+    assert (tmp_path / "results/plots/deploy.png").is_file()
+    info = json.loads((tmp_path / "results/mlflow/tracking.json").read_text())
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    runs = mlflow.search_runs(experiment_ids=[info["experiment_id"]])
+    rules = runs["tags.zsq.rule"].value_counts().to_dict()
+    assert {k: rules.get(k) for k in ("export", "deploy_eval", "deploy_latency", "deploy_table")} == {
+        "export": 2, "deploy_eval": 2, "deploy_latency": 1, "deploy_table": 1}  # fmt: skip
+    assert (runs["status"] == "FINISHED").all()
+    r = snakemake(tmp_path, cfg, "-n", "results/tables/deploy.csv")
+    assert "Nothing to be done" in r.stdout + r.stderr
