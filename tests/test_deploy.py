@@ -112,7 +112,7 @@ def test_exact_export_matches_fake_quant_on_the_integer_grid(tmp_path, bits):
         assert diff.astype(bool).mean() < 1e-4, name
     np.testing.assert_allclose(outs[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     kernels = {lay.name: lay.kernel for lay in rep.layers}
-    assert kernels == {"conv1": "float", "conv2": "ConvInteger", "conv3": "ConvInteger", "fc": "float"}
+    assert kernels == {"conv1": "float", "conv2": "ConvInteger", "conv3": "ConvInteger", "fc": "ConvInteger"}
     assert rep.act_quantizers == 3
 
 
@@ -182,8 +182,11 @@ def test_model_zoo_exports_and_predicts_as_fake_quant(tmp_path, arch, quant):
     quantized_input = [lay for lay in rep.layers if lay.kernel != "float"]
     assert counts["integer_kernels"] == len(quantized_input) > 0
     assert counts["float_kernels"] == len(rep.float_layers)
+    assert rep.layers[0].kernel == "float"  # the first conv reads the (unquantized) image
     if arch == "mobilenet_v2_small":  # expansion convs read the block's float residual sum
-        assert any(lay.reason == "input not quantized" for lay in rep.float_layers[1:-1])
+        assert any(lay.reason == "input not quantized" for lay in rep.float_layers[1:])
+    if "last_layer_bits" not in quant:  # the classifier on the pooled integer map
+        assert rep.layers[-1].kernel == "ConvInteger"
     if "last_layer_bits" in quant:
         assert rep.layers[-1].reason == "weight bits 32"
 
@@ -239,7 +242,7 @@ def test_export_and_deploy_eval_commands(tmp_path, no_debian_data):
                                  "--out-fp32", str(tmp_path / "f.onnx"), "--report", str(tmp_path / "export.json")])  # fmt: skip
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "export.json").read_text())
-    assert rep["kernels"]["integer_kernels"] == 20 and rep["kernels"]["float_kernels"] == 2  # ResNet-20: 21 convs + fc
+    assert rep["kernels"]["integer_kernels"] == 21 and rep["kernels"]["float_kernels"] == 1  # ResNet-20: 21 convs + fc
     assert rep["onnx_bytes"] < rep["onnx_fp32_bytes"] / 2
     cell = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "real", "w_bits": 4, "a_bits": 4, "seed": 0}
     r = CliRunner().invoke(cli, ["deploy-eval", "--model", str(tmp_path / "model.pt"), "--onnx", str(tmp_path / "m.onnx"),
@@ -293,14 +296,14 @@ def test_deploy_workflow_on_the_smoke_config(tmp_path):
     """results/tables/deploy.csv through Snakemake: export, deploy-eval and latency jobs, table, figure, MLflow."""
     import mlflow
     import pandas as pd
-    from workflow_helpers import snakemake, write_config
+    from workflow_helpers import planned, snakemake, write_config
 
     cfg = write_config(tmp_path / "smoke.yaml", deploy={"latency": {"batch_sizes": [1, 4], "threads": [1], "runs": 2}})
     snakemake(tmp_path, cfg, "--cores", "2", "results/tables/deploy.csv", "results/plots/deploy.png")
     table = pd.read_csv(tmp_path / "results/tables/deploy.csv")
     assert sorted(table["method"]) == ["ptq", "real"] and (table["bits"] == "W4A4").all()
     assert (table["abs_int_minus_fake_max"] == 0).all() and (table["disagree_pct_mean"] == 0).all()
-    assert (table["integer_kernels"] == 20).all() and table["int_vs_fp32_b4_t1"].notna().all()
+    assert (table["integer_kernels"] == 21).all() and (table["float_kernels"] == 1).all() and table["int_vs_fp32_b4_t1"].notna().all()
     assert (tmp_path / "results/plots/deploy.png").is_file()
     info = json.loads((tmp_path / "results/mlflow/tracking.json").read_text())
     mlflow.set_tracking_uri(info["tracking_uri"])
@@ -311,3 +314,16 @@ def test_deploy_workflow_on_the_smoke_config(tmp_path):
     assert (runs["status"] == "FINISHED").all()
     r = snakemake(tmp_path, cfg, "-n", "results/tables/deploy.csv")
     assert "Nothing to be done" in r.stdout + r.stderr
+    # a new model.pt reruns that cell's export and deploy-eval (+ the latency it times, + the table), nothing else
+    import os
+
+    model = tmp_path / "results/quant/fashion_mnist/resnet20/ptq/w4a4/seed0/model.pt"
+    os.utime(model, (model.stat().st_mtime + 10, model.stat().st_mtime + 10))
+    rules = sorted((rule, wc) for rule, wc in planned(tmp_path, cfg, "results/tables/deploy.csv"))
+    assert [r for r, _ in rules] == ["deploy_eval", "deploy_table", "export"]
+    assert all("method=ptq" in wc for r, wc in rules if r != "deploy_table")
+    # a latency setting reruns the latency job and the table only
+    cfg2 = write_config(tmp_path / "smoke2.yaml", deploy={"latency": {"batch_sizes": [1, 4], "threads": [1], "runs": 3}})
+    os.utime(model, (model.stat().st_mtime - 10, model.stat().st_mtime - 10))
+    rules = sorted(rule for rule, _ in planned(tmp_path, cfg2, "results/tables/deploy.csv"))
+    assert "export" not in rules and "deploy_eval" not in rules and "deploy_latency" in rules

@@ -15,9 +15,11 @@ The fake-quantized forward is rebuilt op by op from a ``torch.fx`` trace (docs/d
 - a conv whose input is quantized but whose output is not (ResNet's second conv and shortcut, added before the
   ReLU) runs as ``ConvInteger`` (exact int32 accumulation) times s_x * s_w plus the float bias; a linear layer
   with a quantized input as ``MatMulInteger``.
+- the classifier after global average pooling of a quantized activation: linear(mean(x)) = mean(linear(x)),
+  a 1x1 ``ConvInteger`` on the integer map, the mean of its exact int32 sums, then scale and bias;
 - what the fake-quantized model computes in float stays float: a layer whose *input* is not quantized (the
-  network input, pooled features, MobileNetV2's residual sums) runs a float Conv/Gemm on the dequantized
-  integer weights; a layer with weight bits 32 is a float layer. ``ExportReport.layers`` says which is which.
+  network input, MobileNetV2's residual sums) runs a float Conv/Gemm on the dequantized integer weights; a
+  layer with weight bits 32 is a float layer. ``ExportReport.layers`` says which is which.
 
 Anything else (an unknown module or quantizer, weights off the int8 range) is refused with one line naming the layer.
 """
@@ -92,6 +94,7 @@ class _Q:
 class _Value:
     name: str  # the float tensor (the dequantized one for a quantized activation)
     q: _Q | None = None
+    pooled: _Q | None = None  # a global average of this quantized activation (a classifier's input)
 
 
 class _Tracer(fx.Tracer):
@@ -296,7 +299,17 @@ class _Exporter:
             kernel = None
         fits_int8 = grid is not None and np.abs(ints).max() <= 127
         fused = self.mode == "qlinear" and act_node is not None and fits_int8
-        if grid is not None and x.q is not None and (kind == "linear" or not fused):
+        if grid is not None and kind == "linear" and x.q is None and x.pooled is not None:
+            # linear(mean(x)) = mean(linear(x)): a 1x1 ConvInteger on the quantized map, the mean of its exact
+            # int32 sums, then the float scale and bias (the classifier after global average pooling)
+            kernel, reason = "ConvInteger", ""
+            acc = self._integer_acc(x.pooled, ints[:, :, None, None], name, "conv", {"kernel_shape": [1, 1]})
+            mean = g.node("ReduceMean", [g.node("Cast", [acc], f"{name}.acc_f", to=1),
+                                         g.const(np.array([2, 3], np.int64), f"{name}.axes")],
+                          f"{name}.pooled", keepdims=0)  # fmt: skip
+            y = g.node("Mul", [mean, g.const(_f32(x.pooled.scale * w_step)[None, :], f"{name}.acc_step")], f"{name}.scaled")
+            y = g.node("Add", [y, g.const(_f32(bias)[None, :], f"{name}.bias")], f"{name}.out")
+        elif grid is not None and x.q is not None and (kind == "linear" or not fused):
             kernel, reason = ("ConvInteger", "") if kind == "conv" else ("MatMulInteger", "")
             acc = self._integer_acc(x.q, ints, name, kind, conv_attrs)
             y = self._rescale(acc, x.q.scale * w_step, bias, name, conv=kind == "conv")
@@ -412,7 +425,7 @@ class _Exporter:
         elif isinstance(m, nn.AdaptiveAvgPool2d):
             if tuple(np.atleast_1d(m.output_size)) not in ((1,), (1, 1)):
                 raise ExportError(f"{name}: AdaptiveAvgPool2d to {m.output_size} (only 1x1 is exportable)")
-            self.values[node] = _Value(g.node("GlobalAveragePool", [x.name], f"{name}.out"))
+            self.values[node] = _Value(g.node("GlobalAveragePool", [x.name], f"{name}.out"), pooled=x.q)
         elif isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
             k, s, p = (np.broadcast_to(np.asarray(v), (2,)).tolist() for v in (m.kernel_size, m.stride, m.padding))
             attrs = dict(kernel_shape=k, strides=s, pads=p + p)
@@ -439,12 +452,14 @@ class _Exporter:
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             if start != 1 or end != -1:
                 raise ExportError(f"{node.name}: flatten({start}, {end}) is not exportable (only flatten(1))")
-            self.values[node] = _Value(g.node("Flatten", [self.values[node.args[0]].name], node.name, axis=1))
+            x = self.values[node.args[0]]
+            self.values[node] = _Value(g.node("Flatten", [x.name], node.name, axis=1), pooled=x.pooled)
         elif t is nn.functional.adaptive_avg_pool2d:
             size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
             if tuple(np.atleast_1d(size)) not in ((1,), (1, 1)):
                 raise ExportError(f"{node.name}: adaptive_avg_pool2d to {size} (only 1x1 is exportable)")
-            self.values[node] = _Value(g.node("GlobalAveragePool", [self.values[node.args[0]].name], node.name))
+            x = self.values[node.args[0]]
+            self.values[node] = _Value(g.node("GlobalAveragePool", [x.name], node.name), pooled=x.q)
         elif t is nn.functional.dropout:
             self.values[node] = self.values[node.args[0]]
         else:
