@@ -27,7 +27,7 @@ Anything else (an unknown module or quantizer, weights off the int8 range) is re
 from __future__ import annotations
 
 import operator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +77,6 @@ class ExportReport:
     def float_layers(self) -> list[LayerExport]:
         return [lay for lay in self.layers if lay.kernel == "float"]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class _Q:
@@ -124,6 +121,17 @@ class _Graph:
         name = self.name(hint)
         self.inits.append(self.numpy_helper.from_array(np.asarray(array), name))
         return name
+
+    def prune(self, output: str) -> None:
+        """Drop nodes and initializers ``output`` does not depend on (e.g. the float pooled features left unused
+        when the classifier runs on the integer map), so that the runtime does not compute them."""
+        needed, kept = {output}, []
+        for n in reversed(self.nodes):
+            if needed.intersection(n.output):
+                kept.append(n)
+                needed.update(n.input)
+        self.nodes = kept[::-1]
+        self.inits = [t for t in self.inits if t.name in needed]
 
     def node(self, op: str, inputs: list[str], hint: str, **attrs) -> str:
         out = self.name(hint)
@@ -203,7 +211,7 @@ def _fold_bn(bn: nn.BatchNorm2d | None, channels: int) -> tuple[np.ndarray, np.n
 
 class _Exporter:
     def __init__(self, model: nn.Module, quantized: bool, mode: str = "exact"):
-        self.model, self.quantized, self.mode = model, quantized, mode
+        self.quantized, self.mode = quantized, mode
         self.modules = dict(model.named_modules())
         self.g = _Graph()
         self.values: dict[fx.Node, _Value] = {}
@@ -296,7 +304,6 @@ class _Exporter:
                 raise ExportError(f"{name}: integer weights [{ints.min()}, {ints.max()}] do not fit int8 x {MAX_WEIGHT_PARTS}")
             w_step = step * np.abs(factor)
             w_step = np.where(w_step > 0, w_step, np.finfo(np.float32).tiny)
-            kernel = None
         fits_int8 = grid is not None and np.abs(ints).max() <= 127
         fused = self.mode == "qlinear" and act_node is not None and fits_int8
         if grid is not None and kind == "linear" and x.q is None and x.pooled is not None:
@@ -487,6 +494,7 @@ def _export(
         out = ex.run(graph)
     g = ex.g
     g.nodes.append(helper.make_node("Identity", [out], [OUTPUT_NAME], name="output"))
+    g.prune(OUTPUT_NAME)
     num_classes = None
     for m in model.modules():
         if isinstance(m, nn.Linear):
