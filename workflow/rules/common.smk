@@ -188,20 +188,22 @@ def table_paper(wildcards):
     return canonical_json(config["tables"][wildcards.table]["paper"])
 
 
+def table_cell_files(t, filename):
+    """``filename`` in the folder of every cell of results table ``t`` (datasets x archs x methods x bits x
+    seeds), in that order."""
+    return [
+        f"{RESULTS}/quant/{dataset}/{arch}/{method}/w{w}a{a}/seed{seed}/{filename}"
+        for dataset in config["datasets"]
+        for arch in t["archs"]
+        for method in t["methods"]
+        for w, a in map(parse_bits, t["bits"])
+        for seed in t["seeds"]
+    ]
+
+
 def table_metrics(wildcards):
-    """metrics.json of every cell of a results table (datasets x archs x methods x bits x seeds)."""
-    t = config["tables"][wildcards.table]
-    out = []
-    for dataset in config["datasets"]:
-        for arch in t["archs"]:
-            for method in t["methods"]:
-                for pair in t["bits"]:
-                    w, a = parse_bits(pair)
-                    for seed in t["seeds"]:
-                        out.append(
-                            f"{RESULTS}/quant/{dataset}/{arch}/{method}/w{w}a{a}/seed{seed}/metrics.json"
-                        )
-    return out
+    """metrics.json of every cell of a results table."""
+    return table_cell_files(config["tables"][wildcards.table], "metrics.json")
 
 
 # ---- Tabular NAS (workflow/rules/nas.smk): search results and the nas table ----
@@ -412,15 +414,7 @@ def deploy_table_config():
 
 def deploy_cell_files(filename):
     """``filename`` (deploy.json / export.json) of every cell of the deploy table, in the same order."""
-    t = deploy_table_config()
-    return [
-        f"{RESULTS}/quant/{dataset}/{arch}/{method}/w{w}a{a}/seed{seed}/{filename}"
-        for dataset in config["datasets"]
-        for arch in t["archs"]
-        for method in t["methods"]
-        for w, a in map(parse_bits, t["bits"])
-        for seed in t["seeds"]
-    ]
+    return table_cell_files(deploy_table_config(), filename)
 
 
 def deploy_latency_files():
