@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from zsqpipe.engine import setup_runtime
-from zsqpipe.errors import IntegrityError
+from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import markdown_table, mean_pm_std, read_json, write_json, write_table
 from zsqpipe.stages.common import eval_loader
 from zsqpipe.stages.data import load_prepared
@@ -52,8 +52,6 @@ def run_export(
     setup_runtime(1, 0)
     model, ckpt = model_from_checkpoint(model_path, torch.device("cpu"))
     if ckpt.get("quant") is None:
-        from zsqpipe.errors import ConfigError
-
         raise ConfigError(f"{model_path}: an FP model; export takes a quantized model.pt of `zsqpipe quantize`")
     shape = _input_shape(ckpt)
     report = export_onnx(model, shape, out_onnx, mode=mode)
