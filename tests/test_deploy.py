@@ -13,7 +13,7 @@ from torch import nn
 pytest.importorskip("onnxruntime")
 
 from zsqpipe.cli import cli  # noqa: E402
-from zsqpipe.deploy import ExportError, export_float_onnx, export_onnx  # noqa: E402
+from zsqpipe.deploy import ExportError, PixelInput, export_float_onnx, export_onnx  # noqa: E402
 from zsqpipe.deploy.runtime import kernel_counts, session  # noqa: E402
 from zsqpipe.io import save_checkpoint  # noqa: E402
 from zsqpipe.models import create_model  # noqa: E402
@@ -24,9 +24,10 @@ from zsqpipe.quant.modules import QuantAct  # noqa: E402
 class Stack(nn.Module):
     """conv-BN-ReLU, conv-BN-ReLU, conv-BN + identity -> ReLU, pool, linear: every export path once."""
 
-    def __init__(self, c: int = 8):
+    def __init__(self, c: int = 8, in_channels: int = 1):
         super().__init__()
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu1 = nn.ReLU()
         self.conv2, self.bn2, self.relu2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
         self.conv3, self.bn3, self.relu3 = nn.Conv2d(c, c, 3, stride=1, padding=1), nn.BatchNorm2d(c), nn.ReLU()
         self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, 10)
@@ -78,6 +79,17 @@ def act_levels(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+FMNIST = PixelInput((0.2860,), (0.3530,))
+
+
+def pixel_batch(n: int, pixels: PixelInput = FMNIST, size: int = 28, seed: int = 2) -> torch.Tensor:
+    """Normalized 8-bit images, as the data loaders feed them: (p / 255 - mean) / std."""
+    c = len(pixels.mean)
+    p = torch.randint(0, 256, (n, c, size, size), generator=torch.Generator().manual_seed(seed))
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (pixels.mean, pixels.std))
+    return (p.float() / 255.0 - mean) / std
+
+
 def run_onnx(path, x: torch.Tensor, extra: list[str] = (), level: str = "extended"):
     import onnx
 
@@ -93,11 +105,12 @@ def run_onnx(path, x: torch.Tensor, extra: list[str] = (), level: str = "extende
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_exact_export_matches_fake_quant_on_the_integer_grid(tmp_path, bits):
-    """Every activation quantizer's integer levels and the logits of the ONNX model equal the fake-quant ones."""
+    """Every activation quantizer's integer levels and the logits of the ONNX model equal the fake-quant ones;
+    the first conv runs as ConvInteger on the input's 8-bit pixels."""
     model = calibrated(Stack(), bits)
     path = tmp_path / "m.onnx"
-    rep = export_onnx(model, (1, 28, 28), path)
-    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    rep = export_onnx(model, (1, 28, 28), path, pixels=FMNIST)
+    x = pixel_batch(64)
     levels = act_levels(model, x)
     names = [f"{n.replace('.', '_')}_qclip" for n in levels]
     outs = run_onnx(path, x, names)
@@ -105,15 +118,44 @@ def test_exact_export_matches_fake_quant_on_the_integer_grid(tmp_path, bits):
         ref = model(x).numpy()
     for (name, lv), got in zip(levels.items(), outs[1:], strict=True):
         diff = np.abs(lv.numpy().astype(np.int64) - got.astype(np.int64))
-        # conv1 reads the float input and runs in float: onnxruntime and torch sum in different orders, and at
-        # 8 bits (255 levels) a handful of values sit within that rounding error of a level boundary (measured:
-        # 1 of 401,408 at conv1, one level, carried to 4 values downstream); the integer layers add nothing
+        # the integer sums are exact; the float requantization (int32 * s_x s_w + bias in float32) and torch's
+        # float conv round differently, and at 8 bits (255 levels) a value can sit within that rounding of a level
+        # boundary (measured: 1 of 401,408 values of relu2, one level, carried to relu3)
         assert diff.max() <= (0 if bits < 8 else 1), name
         assert diff.astype(bool).mean() < 1e-4, name
     np.testing.assert_allclose(outs[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     kernels = {lay.name: lay.kernel for lay in rep.layers}
-    assert kernels == {"conv1": "float", "conv2": "ConvInteger", "conv3": "ConvInteger", "fc": "ConvInteger"}
+    assert kernels == {"conv1": "ConvInteger", "conv2": "ConvInteger", "conv3": "ConvInteger", "fc": "ConvInteger"}
     assert rep.act_quantizers == 3
+    assert kernel_counts(path)["float_kernels"] == 0  # the padding-offset conv is folded away at load time
+
+
+def test_without_pixel_input_the_first_conv_stays_float(tmp_path):
+    model = calibrated(Stack(), 4)
+    rep = export_onnx(model, (1, 28, 28), tmp_path / "m.onnx")
+    assert rep.layers[0].kernel == "float" and rep.layers[0].reason == "input not quantized"
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(2))  # any float input then
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x)[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert kernel_counts(tmp_path / "m.onnx")["float_kernels"] == 1
+
+
+def test_rgb_pixel_input_runs_one_conv_integer_per_channel_step(tmp_path):
+    """CIFAR's per-channel std gives three pixel steps: three ConvIntegers summed in float, exact otherwise."""
+    rgb = PixelInput((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    model = calibrated(Stack(in_channels=3), 4, shape=(3, 16, 16))
+    rep = export_onnx(model, (3, 16, 16), tmp_path / "m.onnx", pixels=rgb)
+    x = pixel_batch(32, rgb, size=16)
+    levels = act_levels(model, x)
+    outs = run_onnx(tmp_path / "m.onnx", x, [f"{n.replace('.', '_')}_qclip" for n in levels])
+    for lv, got in zip(levels.values(), outs[1:], strict=True):
+        assert np.array_equal(lv.numpy().astype(np.int64), got.astype(np.int64))
+    assert rep.layers[0].kernel == "ConvInteger"
+    counts = kernel_counts(tmp_path / "m.onnx")
+    assert counts["ConvInteger"] == 3 + 3 and counts["float_kernels"] == 0  # conv1 x 3 channel steps, conv2, conv3, fc
+    with pytest.raises(ExportError, match="^conv1: PixelInput has 1 channels, the layer reads 3"):
+        export_onnx(model, (3, 16, 16), tmp_path / "x.onnx", pixels=FMNIST)
 
 
 def test_bn_folding_flips_integers_where_gamma_is_negative(tmp_path):
@@ -168,22 +210,22 @@ def test_float_export_is_the_latent_float_model(tmp_path):
 def test_model_zoo_exports_and_predicts_as_fake_quant(tmp_path, arch, quant):
     model = calibrated(create_model(arch, num_classes=10, in_channels=1, image_size=28), 4, **quant)
     path = tmp_path / "m.onnx"
-    rep = export_onnx(model, (1, 28, 28), path)
-    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    rep = export_onnx(model, (1, 28, 28), path, pixels=FMNIST)
+    x = pixel_batch(32, seed=3)
     with torch.no_grad():
         ref = model(x).numpy()
     out = run_onnx(path, x, level="all")[0]
-    # most rows equal up to float rounding: the float first conv (onnxruntime's and torch's summation orders,
-    # which depend on torch's kernel and thread count) can put a value on the other side of a level boundary, and
-    # in a random-weight deep net one flipped level spreads to many (measured: 1-4 of 32 ResNet-18 rows); the
-    # integer layers add no flips of their own (exact on the stack above, and on the main job's trained cells)
+    # most rows equal up to float rounding: the float requantization and torch's float conv round differently
+    # (summation orders depend on torch's kernel and thread count), which can put a value on the other side of a
+    # level boundary, and in a random-weight deep net one flipped level spreads to many (measured: 0-4 of 32
+    # rows); the integer sums are exact (the stack above, and the main job's trained cells)
     close = np.isclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max()).all(1)
     assert close.mean() >= 0.75 and (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
     counts = kernel_counts(path)
     quantized_input = [lay for lay in rep.layers if lay.kernel != "float"]
     assert counts["integer_kernels"] == len(quantized_input) > 0
     assert counts["float_kernels"] == len(rep.float_layers)
-    assert rep.layers[0].kernel == "float"  # the first conv reads the (unquantized) image
+    assert rep.layers[0].kernel == "ConvInteger"  # the first conv reads the image's 8-bit pixels
     if arch == "mobilenet_v2_small":  # expansion convs read the block's float residual sum
         assert any(lay.reason == "input not quantized" for lay in rep.float_layers[1:])
     if "last_layer_bits" not in quant:  # the classifier on the pooled integer map
@@ -240,10 +282,11 @@ def test_export_and_deploy_eval_commands(tmp_path, no_debian_data):
     manifest = prepare_fixture_data(tmp_path)
     _quantized_checkpoint(tmp_path / "model.pt")
     r = CliRunner().invoke(cli, ["export", "--model", str(tmp_path / "model.pt"), "--out", str(tmp_path / "m.onnx"),
-                                 "--out-fp32", str(tmp_path / "f.onnx"), "--report", str(tmp_path / "export.json")])  # fmt: skip
+                                 "--out-fp32", str(tmp_path / "f.onnx"), "--report", str(tmp_path / "export.json"),
+                                 "--dataset", "fashion_mnist"])  # fmt: skip
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "export.json").read_text())
-    assert rep["kernels"]["integer_kernels"] == 21 and rep["kernels"]["float_kernels"] == 1  # ResNet-20: 21 convs + fc
+    assert rep["kernels"]["integer_kernels"] == 22 and rep["kernels"]["float_kernels"] == 0  # ResNet-20: 21 convs + fc
     assert rep["onnx_bytes"] < rep["onnx_fp32_bytes"] / 2
     cell = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "real", "w_bits": 4, "a_bits": 4, "seed": 0}
     r = CliRunner().invoke(cli, ["deploy-eval", "--model", str(tmp_path / "model.pt"), "--onnx", str(tmp_path / "m.onnx"),
@@ -304,7 +347,7 @@ def test_deploy_workflow_on_the_smoke_config(tmp_path):
     table = pd.read_csv(tmp_path / "results/tables/deploy.csv")
     assert sorted(table["method"]) == ["ptq", "real"] and (table["bits"] == "W4A4").all()
     assert (table["abs_int_minus_fake_max"] == 0).all() and (table["disagree_pct_mean"] == 0).all()
-    assert (table["integer_kernels"] == 21).all() and (table["float_kernels"] == 1).all() and table["int_vs_fp32_b4_t1"].notna().all()
+    assert (table["integer_kernels"] == 22).all() and (table["float_kernels"] == 0).all() and table["int_vs_fp32_b4_t1"].notna().all()
     assert (tmp_path / "results/plots/deploy.png").is_file()
     info = json.loads((tmp_path / "results/mlflow/tracking.json").read_text())
     mlflow.set_tracking_uri(info["tracking_uri"])

@@ -355,15 +355,21 @@ def evaluate_cmd(
     help="exact: ConvInteger + float requantization (the fake-quant arithmetic); qlinear: QDQ with an int32 "
     "bias that onnxruntime fuses into QLinearConv (docs/deploy.md).",
 )
+@click.option(
+    "--dataset",
+    default=None,
+    help="The data set the model reads: its inputs are normalized 8-bit pixels, so the first conv runs as "
+    "ConvInteger on the pixels; omitted, the first conv stays float.",
+)
 @tracking_options
 @stage_command
-def export_cmd(model_path, out, out_fp32, report, mode, tracking, rule, wildcards, log_file):
+def export_cmd(model_path, out, out_fp32, report, mode, dataset, tracking, rule, wildcards, log_file):
     """Export a quantized model to ONNX (QDQ, opset 21) for onnxruntime's integer kernels."""
     from zsqpipe.stages.deploy import run_export
 
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"mode": mode})
+    tracker, name, tags = _tracker(tracking, rule, wildcards, {"mode": mode, "dataset": dataset})
     with tracker.run(name, tags):
-        run_export(model_path, out, out_fp32, report, mode, tracker, _log)
+        run_export(model_path, out, out_fp32, report, mode, dataset, tracker, _log)
         if log_file:
             tracker.log_artifact(log_file, "logs")
 

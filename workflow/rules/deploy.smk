@@ -25,7 +25,7 @@ rule export:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe export --model {input.model} --out {output.onnx} --out-fp32 {output.fp32}"
-        " --report {output.report} --mode {params.mode} --tracking {input.tracking} --rule export"
+        " --report {output.report} --mode {params.mode} --dataset {wildcards.dataset} --tracking {input.tracking} --rule export"
         " --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"
 
 

@@ -4,6 +4,6 @@
 runs it. onnx/onnxruntime are imported only here, never by the training stages.
 """
 
-from zsqpipe.deploy.onnx_export import ExportError, ExportReport, export_float_onnx, export_onnx
+from zsqpipe.deploy.onnx_export import ExportError, ExportReport, PixelInput, export_float_onnx, export_onnx
 
-__all__ = ["ExportError", "ExportReport", "export_float_onnx", "export_onnx"]
+__all__ = ["ExportError", "ExportReport", "PixelInput", "export_float_onnx", "export_onnx"]

@@ -17,9 +17,15 @@ The fake-quantized forward is rebuilt op by op from a ``torch.fx`` trace (docs/d
   with a quantized input as ``MatMulInteger``.
 - the classifier after global average pooling of a quantized activation: linear(mean(x)) = mean(linear(x)),
   a 1x1 ``ConvInteger`` on the integer map, the mean of its exact int32 sums, then scale and bias;
-- what the fake-quantized model computes in float stays float: a layer whose *input* is not quantized (the
-  network input, MobileNetV2's residual sums) runs a float Conv/Gemm on the dequantized integer weights; a
-  layer with weight bits 32 is a float layer. ``ExportReport.layers`` says which is which.
+- the first conv reads the network input x = (p / 255 - mean) / std of 8-bit pixels p (``PixelInput``): the
+  graph recovers p exactly (QuantizeLinear of x - b on the step a = 1 / (255 std)) and runs ``ConvInteger`` on
+  it; with zero padding in x, conv(x) = a * conv(p) + conv(b * M) (M = 1 inside the image, 0 in the padding),
+  the second term a constant map that onnxruntime folds at load time (channels of unequal std: one ConvInteger
+  per group of equal a);
+- what the fake-quantized model computes in float stays float: a layer whose *input* is not quantized
+  (MobileNetV2's residual sums; the network input when no ``PixelInput`` is given) runs a float Conv/Gemm on
+  the dequantized integer weights; a layer with weight bits 32 is a float layer. ``ExportReport.layers`` says
+  which is which.
 
 Anything else (an unknown module or quantizer, weights off the int8 range) is refused with one line naming the layer.
 """
@@ -87,11 +93,30 @@ class _Q:
     dtype: str  # "uint8" | "int8"
 
 
+@dataclass(frozen=True)
+class PixelInput:
+    """The network input is x = (p / levels - mean) / std per channel, p integer pixels in [0, levels] (how every
+    data set of zsqpipe feeds 8-bit images): x = a * p + b with a = 1 / (levels std), b = -mean / std."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    levels: int = 255
+
+    @property
+    def step(self) -> np.ndarray:
+        return 1.0 / (self.levels * np.asarray(self.std, np.float64))
+
+    @property
+    def offset(self) -> np.ndarray:
+        return -np.asarray(self.mean, np.float64) / np.asarray(self.std, np.float64)
+
+
 @dataclass
 class _Value:
     name: str  # the float tensor (the dequantized one for a quantized activation)
     q: _Q | None = None
     pooled: _Q | None = None  # a global average of this quantized activation (a classifier's input)
+    pixels: PixelInput | None = None  # the network input, made of integer pixels
 
 
 class _Tracer(fx.Tracer):
@@ -210,8 +235,12 @@ def _fold_bn(bn: nn.BatchNorm2d | None, channels: int) -> tuple[np.ndarray, np.n
 
 
 class _Exporter:
-    def __init__(self, model: nn.Module, quantized: bool, mode: str = "exact"):
-        self.quantized, self.mode = quantized, mode
+    def __init__(
+        self, model: nn.Module, quantized: bool, mode: str = "exact", pixels: PixelInput | None = None,
+        input_shape: tuple[int, ...] = (),
+    ):  # fmt: skip
+        self.quantized, self.mode, self.pixels, self.input_shape = quantized, mode, pixels, input_shape
+        self.pixel_names: dict[tuple[int, ...], str] = {}  # channel group -> its uint8 pixel tensor
         self.modules = dict(model.named_modules())
         self.g = _Graph()
         self.values: dict[fx.Node, _Value] = {}
@@ -306,7 +335,10 @@ class _Exporter:
             w_step = np.where(w_step > 0, w_step, np.finfo(np.float32).tiny)
         fits_int8 = grid is not None and np.abs(ints).max() <= 127
         fused = self.mode == "qlinear" and act_node is not None and fits_int8
-        if grid is not None and kind == "linear" and x.q is None and x.pooled is not None:
+        if grid is not None and kind == "conv" and x.q is None and x.pixels is not None and layer.groups == 1:
+            kernel, reason = "ConvInteger", ""
+            y = self._pixel_conv(x, ints, w_step, bias, name, conv_attrs)
+        elif grid is not None and kind == "linear" and x.q is None and x.pooled is not None:
             # linear(mean(x)) = mean(linear(x)): a 1x1 ConvInteger on the quantized map, the mean of its exact
             # int32 sums, then the float scale and bias (the classifier after global average pooling)
             kernel, reason = "ConvInteger", ""
@@ -377,6 +409,52 @@ class _Exporter:
             acc = g.node("Add", [acc, other], f"{name}.acc_sum")
         return acc
 
+    def _pixel_conv(self, x: _Value, ints: np.ndarray, w_step: np.ndarray, bias: np.ndarray, name: str,
+                    conv_attrs: dict) -> str:  # fmt: skip
+        """conv(x) of the network input x = a * p + b on integer pixels p (:class:`PixelInput`): per group of
+        channels with the same step a, ConvInteger(p, q) * a; plus conv(b * M) (b where the image is, 0 in the
+        zero padding) on the same integer weights, a constant map folded by onnxruntime; times s_w, plus bias."""
+        g, pix = self.g, x.pixels
+        a, b = pix.step, pix.offset
+        channels = len(a)
+        if ints.shape[1] != channels or len(self.input_shape) != 3 or self.input_shape[0] != channels:
+            raise ExportError(f"{name}: PixelInput has {channels} channels, the layer reads {ints.shape[1]}")
+        if "p" not in self.pixel_names:  # p = round((x - b) / a), saturated to [0, levels] (uint8)
+            shifted = g.node("Sub", [x.name, g.const(_f32(b).reshape(1, -1, 1, 1), "input.offset")], "input.shifted")
+            if pix.levels > 255:
+                raise ExportError(f"{name}: PixelInput levels {pix.levels} do not fit uint8")
+            self.pixel_names["p"] = g.node(
+                "QuantizeLinear", [shifted, g.const(_f32(a), "input.step"), g.const(np.zeros(channels, np.uint8), "input.zp")],
+                "input.pixels", axis=1,
+            )  # fmt: skip
+        total = None
+        for step in np.unique(a):
+            group = tuple(int(c) for c in np.flatnonzero(a == step))
+            if group not in self.pixel_names:
+                self.pixel_names[group] = (
+                    self.pixel_names["p"] if len(group) == channels else
+                    g.node("Gather", [self.pixel_names["p"], g.const(np.array(group, np.int64), "input.channels")],
+                           "input.pixels_group", axis=1)
+                )  # fmt: skip
+            acc = self._integer_acc(_Q(self.pixel_names[group], float(step), "uint8"), ints[:, list(group)], name,
+                                    "conv", conv_attrs)  # fmt: skip
+            part = g.node("Mul", [g.node("Cast", [acc], f"{name}.acc_f", to=1), g.const(_f32(step), f"{name}.pixel_step")],
+                          f"{name}.pixel_part")  # fmt: skip
+            total = part if total is None else g.node("Add", [total, part], f"{name}.pixel_sum")
+        # conv(b * M): the offset image, zero-padded like x, through the integer weights (all inputs constant)
+        offset_img = g.node("Expand", [g.const(_f32(b).reshape(1, -1, 1, 1), f"{name}.offset"),
+                                       g.const(np.array([1, *self.input_shape], np.int64), f"{name}.offset_shape")],
+                            f"{name}.offset_image")  # fmt: skip
+        w_float = g.node("Cast", [g.const(ints.astype(np.int16), f"{name}.weight_q16")], f"{name}.weight_levels", to=1)
+        offset_map = g.node("Conv", [offset_img, w_float], f"{name}.offset_map", **conv_attrs)
+        total = g.node("Add", [total, offset_map], f"{name}.levels_out")
+        return self._rescale_float(total, w_step, bias, name)
+
+    def _rescale_float(self, f: str, step: np.ndarray, bias: np.ndarray, name: str) -> str:
+        g = self.g
+        f = g.node("Mul", [f, g.const(_f32(step).reshape(1, -1, 1, 1), f"{name}.acc_step")], f"{name}.scaled")
+        return g.node("Add", [f, g.const(_f32(bias).reshape(1, -1, 1, 1), f"{name}.bias")], f"{name}.out")
+
     def _rescale(self, acc: str, step: np.ndarray, bias: np.ndarray, name: str, conv: bool) -> str:
         """int32 accumulator -> float: acc * (s_x * s_w) + bias, per output channel."""
         g = self.g
@@ -393,7 +471,7 @@ class _Exporter:
             if node in self.skip:
                 continue
             if node.op == "placeholder":
-                self.values[node] = _Value(INPUT_NAME)
+                self.values[node] = _Value(INPUT_NAME, pixels=self.pixels if self.quantized else None)
                 g.names.add(INPUT_NAME)
             elif node.op == "output":
                 out = self.values[node.args[0]].name
@@ -477,8 +555,9 @@ MODES = ("exact", "qlinear")
 
 
 def _export(
-    model: nn.Module, input_shape: tuple[int, ...], path: str | Path, quantized: bool, mode: str = "exact"
-) -> ExportReport:
+    model: nn.Module, input_shape: tuple[int, ...], path: str | Path, quantized: bool, mode: str = "exact",
+    pixels: PixelInput | None = None,
+) -> ExportReport:  # fmt: skip
     import onnx
     from onnx import TensorProto, helper
 
@@ -489,7 +568,7 @@ def _export(
         raise ExportError(f"cannot trace {type(model).__name__} with torch.fx: {str(e).splitlines()[0]}") from e
     if mode not in MODES:
         raise ExportError(f"export mode: expected one of {list(MODES)}, got {mode!r}")
-    ex = _Exporter(model, quantized, mode)
+    ex = _Exporter(model, quantized, mode, pixels, input_shape)
     with torch.no_grad():
         out = ex.run(graph)
     g = ex.g
@@ -512,15 +591,17 @@ def _export(
 
 
 def export_onnx(
-    model: nn.Module, input_shape: tuple[int, ...], path: str | Path, mode: str = "exact"
-) -> ExportReport:
+    model: nn.Module, input_shape: tuple[int, ...], path: str | Path, mode: str = "exact",
+    pixels: PixelInput | None = None,
+) -> ExportReport:  # fmt: skip
     """Write the fake-quantized ``model`` (eval mode; inputs of shape (N, *input_shape)) as a QDQ ONNX graph.
 
     ``mode``: ``exact`` runs every conv with a quantized input as ConvInteger (int32 accumulation, then the
     float scale and bias: the fake-quant arithmetic, bit for bit in practice); ``qlinear`` writes the QDQ
     pattern that onnxruntime fuses into QLinearConv where an activation quantizer follows, its bias an int32 on
-    the step s_x * s_w / k (module docstring, :func:`_spread`)."""
-    return _export(model, tuple(input_shape), path, quantized=True, mode=mode)
+    the step s_x * s_w / k (module docstring, :func:`_spread`). ``pixels``: the input is normalized 8-bit pixels
+    (:class:`PixelInput`), so the first conv runs as ConvInteger on them; None keeps it a float conv."""
+    return _export(model, tuple(input_shape), path, quantized=True, mode=mode, pixels=pixels)
 
 
 def export_float_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> ExportReport:

@@ -39,13 +39,16 @@ def run_export(
     out_fp32: Path,
     out_report: Path,
     mode: str = "exact",
+    dataset: str | None = None,
     tracker: Tracker | None = None,
     log=print,
 ) -> dict:
     """Export one quantized cell; ``mode``: ``exact`` (convs with a quantized input and output as ConvInteger +
     float requantization: the fake-quant arithmetic) or ``qlinear`` (QDQ with an int32 bias, fused by
-    onnxruntime into QLinearConv: what quantization toolchains deploy; docs/deploy.md)."""
-    from zsqpipe.deploy import export_float_onnx, export_onnx
+    onnxruntime into QLinearConv: what quantization toolchains deploy; docs/deploy.md). ``dataset``: the model
+    reads that data set's normalized 8-bit pixels, so its first conv runs as ConvInteger on them (None: float)."""
+    from zsqpipe.data.datasets import dataset_info
+    from zsqpipe.deploy import PixelInput, export_float_onnx, export_onnx
     from zsqpipe.deploy.runtime import kernel_counts
 
     tracker = tracker or Tracker()
@@ -54,11 +57,19 @@ def run_export(
     if ckpt.get("quant") is None:
         raise ConfigError(f"{model_path}: an FP model; export takes a quantized model.pt of `zsqpipe quantize`")
     shape = _input_shape(ckpt)
-    report = export_onnx(model, shape, out_onnx, mode=mode)
+    pixels = None
+    if dataset is not None:
+        info = dataset_info(dataset)
+        if (info.in_channels, info.image_size) != shape[:2]:
+            raise ConfigError(f"{model_path}: a {shape[1]}px {shape[0]}-channel model, but dataset {dataset!r} "
+                              f"has {info.image_size}px {info.in_channels}-channel images")  # fmt: skip
+        pixels = PixelInput(info.mean, info.std)
+    report = export_onnx(model, shape, out_onnx, mode=mode, pixels=pixels)
     export_float_onnx(model, shape, out_fp32)
     kernels = kernel_counts(out_onnx)
     out = {
         "mode": mode,
+        "dataset": dataset,
         "opset": report.opset,
         "layers": [vars(layer) for layer in report.layers],
         "act_quantizers": report.act_quantizers,
