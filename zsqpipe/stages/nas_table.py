@@ -26,8 +26,9 @@ NOTE = (
     "test = NAS-Bench-201 200-epoch test accuracy (%) of the cell each search returned (selected by validation "
     "accuracy only), mean ± sample std over seeds; valid = its validation accuracy (the search signal); "
     "queries = benchmark queries per search (initial nodes/population included). paper = published mean ± std "
-    "(ASE-NAS/DSM-NAS README, 20 trials, searched with 12-epoch validation accuracy: see "
-    "docs/methods/nas_search.md). optimum = best test accuracy of any cell; best-valid cell = test accuracy "
+    "(ASE-NAS/DSM-NAS README, 20 trials; their search signal is probably the 12-epoch validation accuracy, "
+    "which only the name of the official benchmark file, NAS-Bench-201-iepoch12.json, suggests; ours is the 200-epoch "
+    "one: see docs/methods/nas_search.md). optimum = best test accuracy of any cell; best-valid cell = test accuracy "
     "of the cell with the best validation accuracy."
 )
 
