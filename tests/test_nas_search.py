@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from workflow_helpers import planned_jobs, snakemake, write_config
+from workflow_helpers import planned, planned_jobs, snakemake, write_config
 
 from zsqpipe.cli import cli
 from zsqpipe.config import validate_config
@@ -213,10 +213,9 @@ def test_ase_plus_seeds_initial_nodes(tmp_path):
         ({"params": {"rea": {"pop": 3}}}, "nas.params.rea.pop"),
         ({"params": {"ase": {"lr": 0}}}, "nas.params.ase.lr"),
         ({"params": {"ase_plus": {"init_archs": ["|none~0|"]}}}, "nas.params.ase_plus.init_archs.0"),
-        (
-            {"params": {"ase_plus": {"init_from": {"dataset": "cifar10", "strategy": "ase_plus"}}}},
-            "init_from",
-        ),
+        ({"params": {"ase_plus": {"init_from": {"dataset": "cifar10"}}}}, "init_from"),
+        ({"params": {"ase_plus": {"init_from_by_dataset": {"svhn": {"dataset": "cifar10", "strategy": "ase"}}}}},
+         "init_from_by_dataset"),  # fmt: skip
     ],
 )
 def test_config_errors_are_one_line(nas, match):
@@ -348,6 +347,8 @@ def test_workflow_builds_nas_table(tmp_path):
     assert list(t["paper"].fillna("")) == ["", "94.23 ± 0.22"]
     content = json.loads((tmp_path / "results/nas/nb201/cifar10/ase.json").read_text())
     assert content["seeds"] == [0, 1] and [r["seed"] for r in content["records"]] == [0, 1]
+    # ASE's draws depend on torch's thread count: fixed by the rule and recorded with the versions
+    assert content["runtime"]["threads"] == 1 and content["runtime"]["torch"] and content["runtime"]["cpu_capability"]
     rec = content["records"][1]
     assert rec["params"]["lr"] == pytest.approx(0.009446763714621489) and len(rec["history"]) == 20
     assert (tmp_path / "results/logs/search/nb201/cifar10/ase.log").is_file()
@@ -361,3 +362,23 @@ def test_workflow_builds_nas_table(tmp_path):
     cfg3 = write_config(tmp_path / "seeds.yaml", tracking=False, nas__seeds=[0, 1, 2])
     jobs = planned_jobs(tmp_path, cfg3, "results/tables/nas.csv")
     assert sorted(j[0] for j in jobs) == ["nas_table", "search", "search"]
+
+
+def test_ase_plus_official_chain_and_self_seeding(tmp_path):
+    """init_from_by_dataset: the official chain CIFAR-10 ase -> CIFAR-100 ase_plus -> ImageNet16-120 ase_plus;
+    a chain that returns to its own dataset is a one-line error."""
+    chain = {"imagenet16": {"dataset": "cifar100", "strategy": "ase_plus"}}
+    cfg = write_config(tmp_path / "chain.yaml", tracking=False, nas__datasets=["cifar10", "cifar100", "imagenet16"],
+                       nas__strategies=["ase", "ase_plus"], nas__params={"ase_plus": {"init_from_by_dataset": chain}})  # fmt: skip
+    jobs = planned(tmp_path, cfg, "results/tables/nas.csv")
+    shells = {w: job["shell"] for (rule, w), job in jobs.items() if rule == "search" and "strategy=ase_plus" in w}
+    by_dataset = {d: next(sh for w, sh in shells.items() if f"dataset={d}" in w) for d in ("cifar10", "cifar100", "imagenet16")}
+    assert "--init-from results/nas/nb201/cifar10/ase.json" in by_dataset["cifar10"]  # init_from (default)
+    assert "--init-from results/nas/nb201/cifar10/ase.json" in by_dataset["cifar100"]
+    assert "--init-from results/nas/nb201/cifar100/ase_plus.json" in by_dataset["imagenet16"]
+    loop = {"cifar100": {"dataset": "imagenet16", "strategy": "ase_plus"},
+            "imagenet16": {"dataset": "cifar100", "strategy": "ase_plus"}}  # fmt: skip
+    cfg2 = write_config(tmp_path / "loop.yaml", tracking=False, nas__datasets=["cifar100", "imagenet16"],
+                        nas__strategies=["ase_plus"], nas__params={"ase_plus": {"init_from_by_dataset": loop}})  # fmt: skip
+    r = snakemake(tmp_path, cfg2, "-n", "results/tables/nas.csv", check=False)
+    assert r.returncode != 0 and "nas.params.ase_plus.init_from': ase_plus on" in r.stdout + r.stderr

@@ -219,6 +219,7 @@ def nas_strategy_params(strategy):
     if strategy == "ase_plus":
         params = {**NAS["params"]["ase"], **params}
         params.pop("init_from", None)
+        params.pop("init_from_by_dataset", None)
     return params
 
 
@@ -226,12 +227,33 @@ def nas_params(wildcards):
     return canonical_json(nas_strategy_params(wildcards.strategy))
 
 
+def ase_plus_source(dataset):
+    """The search that seeds ase_plus on ``dataset``: nas.params.ase_plus.init_from_by_dataset[dataset], else
+    init_from (default: the CIFAR-10 ASE graph seeds every dataset); None = no seeding. A chain of ase_plus
+    searches (the official CIFAR-10 ase -> CIFAR-100 ase_plus -> ImageNet16-120 ase_plus) must end at another
+    strategy."""
+    params = NAS["params"]["ase_plus"]
+
+    def source(d):
+        return (params.get("init_from_by_dataset") or {}).get(d) or params.get("init_from")
+
+    src, seen = source(dataset), [dataset]
+    step = src
+    while step and step["strategy"] == "ase_plus":
+        if step["dataset"] in seen:
+            raise ConfigError(f"config key 'nas.params.ase_plus.init_from': ase_plus on {dataset!r} seeds itself "
+                              f"(through {' -> '.join(seen + [step['dataset']])})")
+        seen.append(step["dataset"])
+        step = source(step["dataset"])
+    return src
+
+
 def nas_init_input(wildcards):
     """ase_plus with nas.params.ase_plus.init_from: the seeding search's result file (same space; the stage
     takes the record of each seed from it)."""
-    if wildcards.strategy != "ase_plus" or not NAS["params"]["ase_plus"].get("init_from"):
+    src = ase_plus_source(wildcards.dataset) if wildcards.strategy == "ase_plus" else None
+    if not src:
         return []
-    src = NAS["params"]["ase_plus"]["init_from"]
     return [NAS_RESULT.format(space=wildcards.space, dataset=src["dataset"], strategy=src["strategy"])]
 
 

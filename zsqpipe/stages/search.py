@@ -63,6 +63,9 @@ def _seeds(seeds: int | Iterable[int]) -> list[int]:
     return out
 
 
+TORCH_STRATEGIES = ("reinforce", "ase", "ase_plus")  # strategies whose draws go through torch ops
+
+
 def run_search(
     dataset: str,
     strategy: str,
@@ -96,10 +99,16 @@ def run_search(
             )
         prev = read_json(init_from)
         init = {s: init_archs_from(init_from, s, prev) for s in seeds}  # a missing seed fails first
-    if threads and strategy in ("reinforce", "ase", "ase_plus"):
+    runtime = None
+    if strategy in TORCH_STRATEGIES:
         import torch
 
-        torch.set_num_threads(int(threads))  # tiny tensors: extra threads only add overhead
+        # the controller's draws depend on torch's intra-op thread count (ASE on CIFAR-10, 20 seeds: 94.33 with 1
+        # thread, 94.30 with 2; the CPU instruction set does not matter: docs/methods/nas_search.md), so it is
+        # fixed (1 unless given: tiny tensors, extra threads only add overhead) and recorded with the search
+        torch.set_num_threads(int(threads or 1))
+        runtime = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
 
     bench = load_benchmark(benchmark_path)
     bench_sha = sha256_file(bench.source)
@@ -150,6 +159,7 @@ def run_search(
         "params": params,
         "init_from": str(init_from) if init_from else None,
         "benchmark_sha256": bench_sha,
+        "runtime": runtime,
         "wall_time_s": total,
         "records": records,
     }
