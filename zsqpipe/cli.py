@@ -7,6 +7,7 @@ commands with the rule's config slice as JSON (``--params``), so config changes 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
@@ -102,30 +103,33 @@ def _resume_root(resume_root: Path | None, no_resume: bool, output: Path) -> Pat
     return resume_root if resume_root is not None else output.parent / ".resume"
 
 
-def _tracker(tracking, rule, wildcards, params: dict):
+@contextlib.contextmanager
+def tracked_run(tracking, rule, wildcards, params: dict, log_file=None):
+    """The job layer of every tracked command: one MLflow run named after the rule and wildcards (tags: rule,
+    wildcards, a hash of ``params``), yielding its tracker; the job's log file is attached when the body
+    succeeded (a failed body closes the run FAILED: ``Tracker.run``)."""
     from zsqpipe.io import sha256_json
     from zsqpipe.tracking import Tracker
 
     tracker = Tracker.from_file(tracking)
     tags = {"zsq.rule": rule, "zsq.wildcards": wildcards, "zsq.config_hash": sha256_json(params)[:16]}
-    name = f"{rule}[{wildcards}]" if wildcards else rule
-    return tracker, name, tags
+    with tracker.run(f"{rule}[{wildcards}]" if wildcards else rule, tags):
+        yield tracker
+        if log_file:
+            tracker.log_artifact(log_file, "logs")
 
 
 def _table_run(kind: str, inputs, build, outputs, tracking, rule, wildcards, log_file) -> None:
     """The body of every table command: one MLflow run that builds the table (``build()`` returns it) from the
     ``inputs`` files (``kind``: what they are), logs their count and the rows, and attaches the written
     ``outputs`` (under ``tables/``) and the job's log."""
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {kind: [str(p) for p in inputs]})
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, {kind: [str(p) for p in inputs]}, log_file) as tracker:
         table = build()
         tracker.log_params({f"n_{kind}": len(inputs), "rows": len(table)})
         for path in outputs:
             if path is not None:
                 tracker.log_artifact(path, "tables")
         _log(f"{len(table)} rows -> {outputs[0]}")
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -176,15 +180,12 @@ def data_cmd(dataset, params_json, out, tracking, rule, wildcards, log_file):
 
     params = _json(params_json, "--params")
     cfg = from_dict(DataConfig, params, "data")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, params)
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, params, log_file) as tracker:
         m = prepare_data(dataset, cfg, out)
         tracker.log_params({"dataset": dataset, "data": params})
         tracker.log_metrics({k: m[k] for k in ("n_train", "n_val", "n_test")})
         tracker.log_artifact(out)
         _log(f"{dataset}: {m['n_train']} train / {m['n_val']} val / {m['n_test']} test -> {out}")
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("fp-model")
@@ -207,12 +208,9 @@ def fp_model_cmd(
 
     params = _json(params_json, "--params")
     cfg = from_dict(FPConfig, params, "fp_model")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, params)
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, params, log_file) as tracker:
         run_fp_model(manifest, arch, cfg, out_model, out_metrics, device, threads, tracker, _log,
                      resume_root=_resume_root(resume_root, no_resume, out_model))  # fmt: skip
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("synthesize")
@@ -230,12 +228,9 @@ def synthesize_cmd(fp_ckpt, synthesizer, seed, params_json, out, device, threads
     from zsqpipe.stages.synthesize import run_synthesize
 
     params = _json(params_json, "--params")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"synthesizer": synthesizer, "cfg": params,
-                                                               "seed": seed})  # fmt: skip
-    with tracker.run(name, tags):
+    cell = {"synthesizer": synthesizer, "cfg": params, "seed": seed}
+    with tracked_run(tracking, rule, wildcards, cell, log_file) as tracker:
         run_synthesize(fp_ckpt, synthesizer, params, seed, out, device, threads, tracker, _log)
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("quantize")
@@ -290,10 +285,8 @@ def quantize_cmd(
     q.update(weight_bits=wbits, act_bits=abits)
     qcfg = QuantConfig.from_dict(q)
     mcfg = _json(method_params, "--method-params")
-    tracker, name, tags = _tracker(
-        tracking, rule, wildcards, {"quant": q, "method": method, "cfg": mcfg, "seed": seed}
-    )
-    with tracker.run(name, tags):
+    cell = {"quant": q, "method": method, "cfg": mcfg, "seed": seed}
+    with tracked_run(tracking, rule, wildcards, cell, log_file) as tracker:
         run_quantize(
             fp_ckpt,
             manifest,
@@ -310,8 +303,6 @@ def quantize_cmd(
             samples=samples,
             resume_root=_resume_root(resume_root, no_resume, out_model),
         )
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("evaluate")
@@ -335,11 +326,8 @@ def evaluate_cmd(
     from zsqpipe.stages.evaluate import run_evaluate
 
     cell = _json(cell_json, "--cell")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, cell)
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, cell, log_file) as tracker:
         run_evaluate(model_path, history, manifest, out, cell, device, threads, tracker, _log)
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("export")
@@ -367,11 +355,8 @@ def export_cmd(model_path, out, out_fp32, report, mode, dataset, tracking, rule,
     """Export a quantized model to ONNX (QDQ, opset 21) for onnxruntime's integer kernels."""
     from zsqpipe.stages.deploy import run_export
 
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"mode": mode, "dataset": dataset})
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, {"mode": mode, "dataset": dataset}, log_file) as tracker:
         run_export(model_path, out, out_fp32, report, mode, dataset, tracker, _log)
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("deploy-eval")
@@ -388,11 +373,8 @@ def deploy_eval_cmd(model_path, onnx_path, manifest, cell_json, out, threads, tr
     from zsqpipe.stages.deploy import run_deploy_eval
 
     cell = _json(cell_json, "--cell")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, cell)
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, cell, log_file) as tracker:
         run_deploy_eval(model_path, onnx_path, manifest, out, cell, threads, tracker, _log)
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("deploy-latency")
@@ -413,11 +395,8 @@ def deploy_latency_cmd(model_path, onnx_path, fp32_path, key_json, out, batch_si
 
     key = _json(key_json, "--key")
     batches, threads = _int_list(batch_sizes, "--batch-sizes"), _int_list(thread_counts, "--thread-counts")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {**key, "runs": runs})
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, {**key, "runs": runs}, log_file) as tracker:
         run_deploy_latency(model_path, onnx_path, fp32_path, out, key, batches, threads, runs, tracker, _log)
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 def _int_list(value: str, what: str) -> tuple[int, ...]:
@@ -527,14 +506,11 @@ def search_cmd(space, dataset, strategy, seed, seeds, budget, params_json, init_
 
     params = _json(params_json, "--params")
     seed_list = _seed_list(seed, seeds)
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"space": space, "dataset": dataset,
-                                   "strategy": strategy, "seeds": seed_list, "budget": budget,
-                                   "cfg": params})  # fmt: skip
-    with tracker.run(name, tags):
+    cell = {"space": space, "dataset": dataset, "strategy": strategy, "seeds": seed_list, "budget": budget,
+            "cfg": params}  # fmt: skip
+    with tracked_run(tracking, rule, wildcards, cell, log_file) as tracker:
         run_search(dataset, strategy, seed_list, budget, params, out, space, init_from, benchmark_path,
                    threads, tracker, _log)  # fmt: skip
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("nas-table")
@@ -605,13 +581,9 @@ def groundtruth_cmd(dataset, chunk, manifest, params_json, benchmark_path, out, 
 
     params = _json(params_json, "--params")
     cfg = GroundTruthConfig.from_dict(params)
-    tracker, name, tags = _tracker(
-        tracking, rule, wildcards, {"dataset": dataset, "chunk": chunk, "cfg": params}
-    )
-    with tracker.run(name, tags):
+    cell = {"dataset": dataset, "chunk": chunk, "cfg": params}
+    with tracked_run(tracking, rule, wildcards, cell, log_file) as tracker:
         run_groundtruth(dataset, chunk, cfg, out, manifest, device, threads, tracker, _log, benchmark_path)
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("supernet-train")
@@ -641,12 +613,9 @@ def supernet_train_cmd(groundtruth, manifest, method, seed, params_json, out_mod
         if key in params:
             raise ConfigError(f"--params: {key!r} is given by --{key}")
     cfg = SupernetConfig.from_dict({**params, "method": method, "seed": seed}, "supernet.train")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, cfg.to_dict())
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, cfg.to_dict(), log_file) as tracker:
         run_supernet_train(manifest, list(groundtruth), cfg, out_model, out_history, out_metrics, device, threads,
                            tracker, _log, _resume_root(resume_root, no_resume, out_model))  # fmt: skip
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("supernet-search")
@@ -674,12 +643,9 @@ def supernet_search_cmd(supernet, manifest, strategy, params_json, strategy_json
 
     cfg = SupernetSearchConfig.from_dict(_json(params_json, "--params"))
     gt = GroundTruthConfig.from_dict(_json(gt_json, "--groundtruth-params")) if gt_json else None
-    tracker, name, tags = _tracker(tracking, rule, wildcards, {"search": cfg.to_dict(), "strategy": strategy})
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, {"search": cfg.to_dict(), "strategy": strategy}, log_file) as tracker:
         run_supernet_search(supernet, manifest, strategy, cfg, out, _json(strategy_json, "--strategy-params"), gt,
                             device, threads, tracker, _log)  # fmt: skip
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("supernet-search-table")
@@ -804,12 +770,9 @@ def oqat_train_cmd(manifest, bits, seed, params_json, inherit_from, out_model, o
         if key in params:
             raise ConfigError(f"--params: '{key}' is set by --{key}, not in the params")
     cfg = OQATTrainConfig.from_dict({**params, "bits": bits, "seed": seed}, "oqat.train")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, cfg.to_dict())
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, cfg.to_dict(), log_file) as tracker:
         run_oqat_train(manifest, cfg, out_model, out_history, out_metrics, inherit_from, device, threads, tracker,
                        _log, _resume_root(resume_root, no_resume, out_model))  # fmt: skip
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("oqat-search")
@@ -832,11 +795,8 @@ def oqat_search_cmd(supernet, manifest, seed, params_json, out, device, threads,
     if "seed" in params:
         raise ConfigError("--params: 'seed' is set by --seed, not in the params")
     cfg = OQATSearchConfig.from_dict({**params, "seed": seed}, "oqat.search")
-    tracker, name, tags = _tracker(tracking, rule, wildcards, cfg.to_dict())
-    with tracker.run(name, tags):
+    with tracked_run(tracking, rule, wildcards, cfg.to_dict(), log_file) as tracker:
         run_oqat_search(supernet, manifest, cfg, out, device, threads, tracker, _log)
-        if log_file:
-            tracker.log_artifact(log_file, "logs")
 
 
 @cli.command("oqat-table")
