@@ -148,6 +148,32 @@ def bits_figure(
     return fig
 
 
+def _paired_bars(ax, methods: list[str], solid, solid_err, hatched, hatched_err, labels: tuple[str, str],
+                 width: float = 0.38):  # fmt: skip
+    """Two bars per method, one colour per method: ``solid`` (left) and ``hatched`` (right), +-std error bars
+    (None: none), labelled ``labels``; x ticks, y label and grid. Returns the bars' x centres (left, right)."""
+    x = np.arange(len(methods), dtype=float)
+    colors = [f"C{i % 10}" for i in range(len(methods))]
+    ax.bar(x - width / 2, solid, width, yerr=solid_err, capsize=3, color=colors, edgecolor="k", linewidth=0.6,
+           label=labels[0])  # fmt: skip
+    ax.bar(x + width / 2, hatched, width, yerr=hatched_err, capsize=3, color=colors, alpha=0.45, hatch="//",
+           edgecolor="k", linewidth=0.6, label=labels[1])  # fmt: skip
+    ax.set_xticks(x, methods, rotation=20 if len(methods) > 4 else 0)
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(True, axis="y", alpha=0.3)
+    return x - width / 2, x + width / 2
+
+
+def _paired_legend(fig: Figure, solid: str, hatched: str, fp_line: bool = False) -> None:
+    """The figure legend of :func:`_paired_bars` (+ the dotted FP line)."""
+    handles = [Patch(facecolor="0.6", edgecolor="k"), Patch(facecolor="0.6", alpha=0.45, hatch="//", edgecolor="k")]
+    labels = [f"solid: {solid}", f"hatched: {hatched}"]
+    if fp_line:
+        handles.append(Line2D([], [], color="0.35", linestyle=":"))
+        labels.append(f"dotted: {FP_LABEL}")
+    fig.legend(handles, labels, fontsize=7.5, loc="outside lower center", ncols=len(handles))
+
+
 def ablation_figure(
     table: pd.DataFrame,
     title: str | None = None,
@@ -161,21 +187,14 @@ def ablation_figure(
     st = _style(style)
     groups = [(key, g) for key, g in table.groupby(["dataset", "arch", "w_bits", "a_bits"], sort=True)]
     fig, axes = _new_figure(len(groups), st)
-    width = 0.38
     for ax, ((dataset, arch, _w, _a), g) in zip(axes, groups, strict=True):
         methods = _ordered(g["method"], order)
         rows = g.set_index("method").loc[methods]
-        x = np.arange(len(methods), dtype=float)
         last, best = rows["last_top1_mean"].to_numpy(float), rows["best_top1_mean"].to_numpy(float)
         last_err = _std(rows, "last_top1_std")
         best_err = _std(rows, "best_top1_std")
-        colors = [f"C{i % 10}" for i in range(len(methods))]
-        ax.bar(x - width / 2, last, width, yerr=last_err, capsize=3, color=colors, edgecolor="k",
-               linewidth=0.6, label=LAST_LABEL)  # fmt: skip
-        ax.bar(x + width / 2, best, width, yerr=best_err, capsize=3, color=colors, alpha=0.45, hatch="//",
-               edgecolor="k", linewidth=0.6, label=BEST_LABEL)  # fmt: skip
-        tops = [(x - width / 2, last, last_err), (x + width / 2, best, best_err)]
-        for xs, vals, err in tops:
+        x_last, x_best = _paired_bars(ax, methods, last, last_err, best, best_err, (LAST_LABEL, BEST_LABEL))
+        for xs, vals, err in [(x_last, last, last_err), (x_best, best, best_err)]:
             for xi, v, e in zip(xs, vals, err if err is not None else np.zeros(len(vals)), strict=True):
                 ax.annotate(f"{v:.1f}", (xi, v + e), xytext=(0, 2), textcoords="offset points",
                             ha="center", va="bottom", fontsize=7)  # fmt: skip
@@ -183,16 +202,8 @@ def ablation_figure(
         lo = np.nanmin(np.concatenate([last - (last_err if last_err is not None else 0), best]))
         hi = max(np.nanmax(np.concatenate([last, best])), float(g["fp_top1"].max()) if "fp_top1" in g else 0)
         ax.set_ylim(max(0.0, 5 * np.floor((lo - 5) / 5)), min(100.0, hi + 4))
-        ax.set_xticks(x, methods, rotation=20 if len(methods) > 4 else 0)
-        ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{dataset} / {arch} / {g['bits'].iloc[0]}", fontsize=10)
-        ax.grid(True, axis="y", alpha=0.3)
-    fig.legend(
-        [Patch(facecolor="0.6", edgecolor="k"), Patch(facecolor="0.6", alpha=0.45, hatch="//", edgecolor="k"),
-         Line2D([], [], color="0.35", linestyle=":")],
-        [f"solid: {LAST_LABEL}", f"hatched: {BEST_LABEL}", f"dotted: {FP_LABEL}"],
-        fontsize=7.5, loc="outside lower center", ncols=3,
-    )  # fmt: skip
+    _paired_legend(fig, LAST_LABEL, BEST_LABEL, fp_line=True)
     _suptitle(fig, title or "Ablation (mean ± std over seeds)")
     return fig
 
@@ -324,6 +335,9 @@ def nas_curves_figure(
 DEPLOY_COLUMNS = ("dataset", "arch", "method", "bits", "fake_top1_mean", "int_top1_mean", "disagree_pct_mean")
 
 
+DEPLOY_LABELS = ("fake-quant PyTorch (last epoch)", "integer ONNX on onnxruntime")
+
+
 def deploy_figure(
     table: pd.DataFrame,
     title: str | None = None,
@@ -339,31 +353,20 @@ def deploy_figure(
     st = _style(style)
     groups = [(key, g) for key, g in table.groupby(["dataset", "arch", "bits"], sort=True)]
     fig, axes = _new_figure(len(groups), st)
-    width = 0.38
     for ax, ((dataset, arch, bits), g) in zip(axes, groups, strict=True):
         methods = _ordered(g["method"], order)
         rows = g.set_index("method").loc[methods]
-        x = np.arange(len(methods), dtype=float)
-        colors = [f"C{i % 10}" for i in range(len(methods))]
         fake, integer = rows["fake_top1_mean"].to_numpy(float), rows["int_top1_mean"].to_numpy(float)
-        ax.bar(x - width / 2, fake, width, yerr=_std(rows, "fake_top1_std"), capsize=3, color=colors,
-               edgecolor="k", linewidth=0.6)  # fmt: skip
-        ax.bar(x + width / 2, integer, width, yerr=_std(rows, "int_top1_std"), capsize=3, color=colors,
-               alpha=0.45, hatch="//", edgecolor="k", linewidth=0.6)  # fmt: skip
-        for xi, top, d in zip(x, np.maximum(fake, integer), rows["disagree_pct_mean"], strict=True):
-            ax.annotate(f"{d:.2f} % differ", (xi, top), xytext=(0, 4), textcoords="offset points", ha="center",
+        fake_err, int_err = _std(rows, "fake_top1_std"), _std(rows, "int_top1_std")
+        x_fake, _ = _paired_bars(ax, methods, fake, fake_err, integer, int_err, DEPLOY_LABELS)
+        tops = np.maximum(fake + (fake_err if fake_err is not None else 0), integer + (int_err if int_err is not None else 0))
+        for xi, top, d in zip(x_fake + 0.19, tops, rows["disagree_pct_mean"], strict=True):
+            ax.annotate(f"{d:.2f} % differ", (xi, top), xytext=(0, 3), textcoords="offset points", ha="center",
                         va="bottom", fontsize=7)  # fmt: skip
         lo = np.nanmin(np.concatenate([fake, integer]))
-        ax.set_ylim(max(0.0, 5 * np.floor((lo - 5) / 5)), min(100.0, np.nanmax(np.concatenate([fake, integer])) + 5))
-        ax.set_xticks(x, methods, rotation=20 if len(methods) > 4 else 0)
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylim(max(0.0, 5 * np.floor((lo - 5) / 5)), min(100.0, np.nanmax(tops) + 5))
         ax.set_title(f"{dataset} / {arch} / {bits}", fontsize=10)
-        ax.grid(True, axis="y", alpha=0.3)
-    fig.legend(
-        [Patch(facecolor="0.6", edgecolor="k"), Patch(facecolor="0.6", alpha=0.45, hatch="//", edgecolor="k")],
-        ["solid: fake-quant PyTorch (last epoch)", "hatched: integer ONNX on onnxruntime"],
-        fontsize=7.5, loc="outside lower center", ncols=2,
-    )  # fmt: skip
+    _paired_legend(fig, *DEPLOY_LABELS)
     _suptitle(fig, title or "Integer deployment: fake-quant vs integer top-1 (mean ± std over seeds)")
     return fig
 
