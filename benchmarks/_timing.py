@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from zsqpipe.timing import step_times  # noqa: F401  (re-exported for the step benchmarks)
+
 
 def parse_bench_args(doc: str, batch: int, iters: int, warmup: int, threads: int, extra=None):
     """The options every step benchmark takes (--batch --iters --warmup --threads --bits --device, plus
@@ -28,21 +30,6 @@ def parse_bench_args(doc: str, batch: int, iters: int, warmup: int, threads: int
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     return args, resolve_device(args.device)
-
-
-def step_times(step: Callable[[int], None], iters: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``iters`` calls ``step(i)`` after ``warmup`` untimed ones (CUDA synchronised)."""
-    times = []
-    for i in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times
 
 
 def per_step_by_difference(run: Callable[[int], None], k1: int, k2: int, warmup: bool = False) -> float:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from zsqpipe.timing import median_ms
 
 # onnxruntime kernels that compute a conv/linear on integers, and the float ones
 INTEGER_KERNELS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm")
@@ -56,18 +56,6 @@ def predict_onnx(sess, batches: Iterable[torch.Tensor]) -> np.ndarray:
     """Arg-max class of every image, in order."""
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x.numpy()})[0].argmax(1) for x in batches])
-
-
-def median_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``runs`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
 
 
 def onnx_latency_ms(path: str | Path, x: torch.Tensor, threads: int, runs: int = 20) -> float:
