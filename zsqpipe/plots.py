@@ -358,9 +358,9 @@ def deploy_figure(
         rows = g.set_index("method").loc[methods]
         fake, integer = rows["fake_top1_mean"].to_numpy(float), rows["int_top1_mean"].to_numpy(float)
         fake_err, int_err = _std(rows, "fake_top1_std"), _std(rows, "int_top1_std")
-        x_fake, _ = _paired_bars(ax, methods, fake, fake_err, integer, int_err, DEPLOY_LABELS)
+        x_fake, x_int = _paired_bars(ax, methods, fake, fake_err, integer, int_err, DEPLOY_LABELS)
         tops = np.maximum(fake + (fake_err if fake_err is not None else 0), integer + (int_err if int_err is not None else 0))
-        for xi, top, d in zip(x_fake + 0.19, tops, rows["disagree_pct_mean"], strict=True):
+        for xi, top, d in zip((x_fake + x_int) / 2, tops, rows["disagree_pct_mean"], strict=True):
             ax.annotate(f"{d:.2f} % differ", (xi, top), xytext=(0, 3), textcoords="offset points", ha="center",
                         va="bottom", fontsize=7)  # fmt: skip
         lo = np.nanmin(np.concatenate([fake, integer]))

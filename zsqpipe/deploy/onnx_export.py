@@ -346,8 +346,7 @@ class _Exporter:
             mean = g.node("ReduceMean", [g.node("Cast", [acc], f"{name}.acc_f", to=1),
                                          g.const(np.array([2, 3], np.int64), f"{name}.axes")],
                           f"{name}.pooled", keepdims=0)  # fmt: skip
-            y = g.node("Mul", [mean, g.const(_f32(x.pooled.scale * w_step)[None, :], f"{name}.acc_step")], f"{name}.scaled")
-            y = g.node("Add", [y, g.const(_f32(bias)[None, :], f"{name}.bias")], f"{name}.out")
+            y = self._scale_bias(mean, x.pooled.scale * w_step, bias, name, conv=False)
         elif grid is not None and x.q is not None and (kind == "linear" or not fused):
             kernel, reason = ("ConvInteger", "") if kind == "conv" else ("MatMulInteger", "")
             acc = self._integer_acc(x.q, ints, name, kind, conv_attrs)
@@ -448,20 +447,19 @@ class _Exporter:
         w_float = g.node("Cast", [g.const(ints.astype(np.int16), f"{name}.weight_q16")], f"{name}.weight_levels", to=1)
         offset_map = g.node("Conv", [offset_img, w_float], f"{name}.offset_map", **conv_attrs)
         total = g.node("Add", [total, offset_map], f"{name}.levels_out")
-        return self._rescale_float(total, w_step, bias, name)
+        return self._scale_bias(total, w_step, bias, name, conv=True)
 
-    def _rescale_float(self, f: str, step: np.ndarray, bias: np.ndarray, name: str) -> str:
+    def _scale_bias(self, f: str, step: np.ndarray, bias: np.ndarray, name: str, conv: bool) -> str:
+        """float f -> f * step + bias, per output channel (axis 1 of an NCHW map, or of an N x C matrix)."""
         g = self.g
-        f = g.node("Mul", [f, g.const(_f32(step).reshape(1, -1, 1, 1), f"{name}.acc_step")], f"{name}.scaled")
-        return g.node("Add", [f, g.const(_f32(bias).reshape(1, -1, 1, 1), f"{name}.bias")], f"{name}.out")
+        shape = (1, -1, 1, 1) if conv else (1, -1)
+        f = g.node("Mul", [f, g.const(_f32(step).reshape(shape), f"{name}.acc_step")], f"{name}.scaled")
+        return g.node("Add", [f, g.const(_f32(bias).reshape(shape), f"{name}.bias")], f"{name}.out")
 
     def _rescale(self, acc: str, step: np.ndarray, bias: np.ndarray, name: str, conv: bool) -> str:
         """int32 accumulator -> float: acc * (s_x * s_w) + bias, per output channel."""
-        g = self.g
-        shape = (1, -1, 1, 1) if conv else (1, -1)
-        f = g.node("Cast", [acc], f"{name}.acc_f", to=1)  # FLOAT
-        f = g.node("Mul", [f, g.const(_f32(step).reshape(shape), f"{name}.acc_step")], f"{name}.scaled")
-        return g.node("Add", [f, g.const(_f32(bias).reshape(shape), f"{name}.bias")], f"{name}.out")
+        f = self.g.node("Cast", [acc], f"{name}.acc_f", to=1)  # FLOAT
+        return self._scale_bias(f, step, bias, name, conv)
 
     # -- graph ---------------------------------------------------------------------------------------------
     def run(self, graph: fx.Graph) -> str:
