@@ -215,6 +215,17 @@ def test_steps_figure_one_line_per_base_method_through_its_variants():
         plots.steps_figure(steps_table(), {k: v for k, v in steps.items() if k != "real_s200"})
 
 
+def test_steps_figure_draws_a_calibration_only_method_as_a_level_line():
+    t = steps_table()
+    ptq = t[t["method"] == "real"].assign(method="ptq", last_top1_mean=71.5)
+    steps = {"real": ("real", 40), "real_s200": ("real", 200), "hast": ("hast", 40), "hast_s200": ("hast", 200),
+             "ptq": ("ptq", 0)}  # fmt: skip
+    ax = plots.steps_figure(pd.concat([t, ptq]), steps).axes[0]
+    level = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-." and ln.get_label() == "ptq (0 steps)"]
+    assert len(level) == 1 and list(level[0].get_ydata()) == [71.5, 71.5]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["40", "200"]
+
+
 def test_plot_command_steps(tmp_path):
     csv, out = tmp_path / "t.csv", tmp_path / "s.png"
     steps_table().to_csv(csv, index=False)

@@ -217,7 +217,8 @@ def steps_figure(
 ) -> Figure:
     """Test top-1 (%) vs student optimizer steps (log axis), one line per base method through its variants
     (``steps``: table method/variant -> (base method, steps)): last epoch solid with +-std error bars,
-    val-selected dashed in the same colour, FP accuracy dotted. One panel per dataset x arch x bit-width;
+    val-selected dashed in the same colour, FP accuracy dotted; a method with 0 steps only (``ptq``) is a
+    dash-dot level line at its last-epoch mean. One panel per dataset x arch x bit-width;
     ``order``: variant order (a base method is drawn where its first variant appears)."""
     _check_table(table)
     missing = sorted(set(table["method"]) - set(steps))
@@ -230,10 +231,15 @@ def steps_figure(
     for ax, ((dataset, arch, _w, _a), g) in zip(axes, groups, strict=True):
         g = g.assign(base=[steps[m][0] for m in g["method"]], steps=[int(steps[m][1]) for m in g["method"]])
         bases = list(dict.fromkeys(steps[m][0] for m in _ordered(g["method"], order)))
-        xs = sorted(set(g["steps"]))
+        xs = sorted(set(g["steps"]) - {0}) or [0]
         for base in bases:
             m = g[g["base"] == base].sort_values("steps")
             color = colors.setdefault(base, f"C{len(colors) % 10}")
+            if (m["steps"] == 0).all() and xs != [0]:  # calibration only (ptq): a level line, not a point at 0
+                ax.axhline(float(m["last_top1_mean"].mean()), color=color, linestyle="-.", linewidth=1.2,
+                           label=f"{base} (0 steps)")  # fmt: skip
+                continue
+            m = m[m["steps"] > 0] if xs != [0] else m
             x = m["steps"].to_numpy(float)
             ax.errorbar(x, m["last_top1_mean"].to_numpy(float), yerr=_std(m, "last_top1_std"), color=color,
                         linestyle="-", marker="o", markersize=4, capsize=3, linewidth=1.6, label=base)  # fmt: skip
@@ -241,7 +247,7 @@ def steps_figure(
                         color=color, linestyle="--", marker="^", markersize=3, capsize=2, linewidth=1.0,
                         alpha=0.6)  # fmt: skip
         _fp_line(ax, g)
-        if min(xs) > 0:  # a calibration-only run (0 steps) keeps the axis linear
+        if min(xs) > 0:  # 0-step methods are level lines; only a table of them alone keeps the axis linear
             ax.set_xscale("log")
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
