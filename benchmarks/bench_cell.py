@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zsqpipe.job import Job
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -58,10 +60,10 @@ def prepare(wd: Path) -> dict[str, Path]:
         prepare_data("fashion_mnist", DataConfig(data_dir=data_dir), paths["data"])
     if not paths["fp"].is_file():
         cfg = FPConfig(epochs=1, max_steps_per_epoch=50)
-        run_fp_model(paths["data"], "resnet20", cfg, paths["fp"], wd / "fp_metrics.json", "cpu", 2,
-                     log=lambda *a: None)  # fmt: skip
+        run_fp_model(paths["data"], "resnet20", cfg, paths["fp"], wd / "fp_metrics.json",
+                     Job.quiet(device="cpu", threads=2))  # fmt: skip
     if not (paths["samples"] / "manifest.json").is_file():
-        run_synthesize(paths["fp"], "hast", {"num_samples": 256, "iters": 100}, 0, paths["samples"], "cpu", 2)
+        run_synthesize(paths["fp"], "hast", {"num_samples": 256, "iters": 100}, 0, paths["samples"], Job.quiet(device="cpu", threads=2))
     return paths
 
 
@@ -78,14 +80,14 @@ def stage_seconds(method: str, paths: dict[str, Path], threads: int, out: Path) 
     if method == "fp":
         t0 = time.perf_counter()
         run_fp_model(paths["data"], "resnet20", FPConfig(max_steps_per_epoch=FP_STEPS), out / "fp.pt",
-                     out / "fp_metrics.json", "cpu", threads, log=lambda *a: None, resume_root=out / "resume")  # fmt: skip
+                     out / "fp_metrics.json", Job.quiet(device="cpu", threads=threads, resume_root=out / "resume"))  # fmt: skip
         return time.perf_counter() - t0
 
     qcfg = QuantConfig(weight_bits=BITS, act_bits=BITS)
     samples = paths["samples"] if get_method(method).synthesizer else None
     t0 = time.perf_counter()
     run_quantize(paths["fp"], paths["data"], method, {}, qcfg, 0, out / "model.pt", out / "history.json",
-                 device="cpu", threads=threads, log=lambda *a: None, samples=samples, resume_root=out / "resume")  # fmt: skip
+                 samples=samples, job=Job.quiet(device="cpu", threads=threads, resume_root=out / "resume"))  # fmt: skip
     return time.perf_counter() - t0
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from zsqpipe.job import Job
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -76,8 +78,8 @@ def prepare_fp_and_shards(tmp: Path, fp: dict, method: str, n: int = 100, shard_
     from zsqpipe.stages.fp_model import run_fp_model
 
     manifest = prepare_fixture_data(tmp)
-    run_fp_model(manifest, "resnet20", FPConfig(**{**fp, "epochs": 1}), tmp / "fp.pt", tmp / "fp.json", "cpu", 1,
-                 log=lambda _m: None)  # fmt: skip
+    run_fp_model(manifest, "resnet20", FPConfig(**{**fp, "epochs": 1}), tmp / "fp.pt", tmp / "fp.json",
+                 Job.quiet(device="cpu", threads=1))  # fmt: skip
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
     write_shards(tmp / "samples", images, labels, torch.zeros(n), method, 0, shard_size=shard_size,

@@ -35,6 +35,7 @@ from zsqpipe.cli import cli
 from zsqpipe.config import FPConfig, validate_config
 from zsqpipe.errors import ConfigError, IntegrityError, OutputError
 from zsqpipe.io import atomic_path, sha256_file
+from zsqpipe.job import Job
 from zsqpipe.quant import QuantConfig
 from zsqpipe.resume import Checkpoints
 from zsqpipe.stages.fp_model import run_fp_model
@@ -62,7 +63,7 @@ def prepared(tmp_path_factory):
         prepare_fp_and_shards(tmp, FP, "zeroq")
         cell = tmp / "cells" / "ptq"
         run_quantize(tmp / "fp.pt", tmp / "manifest.json", "ptq", PTQ, QuantConfig(weight_bits=4, act_bits=4), 0,
-                     cell / "model.pt", cell / "history.json", "cpu", 1, log=lambda _m: None)  # fmt: skip
+                     cell / "model.pt", cell / "history.json", job=Job.quiet(device="cpu", threads=1))  # fmt: skip
         yield tmp
 
 
@@ -120,10 +121,10 @@ def test_quantize_refuses_damaged_shard_before_training(prepared, tmp_path, dama
     before, cells = snapshot(samples), snapshot(prepared / "cells")
     out = tmp_path / "q"
     logs = []
-    import zsqpipe.cli as cli_mod
+    import zsqpipe.commands as commands
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli_mod, "_log", logs.append)
+        mp.setattr(commands, "echo", logs.append)
         r = run_cli(*quantize_args(prepared, out, "zeroq", ZEROQ, "--samples", samples))
     one_error_line(r, "quantize", "shard-00002.parquet", "SHA-256 differs", "rerun the synthesize stage")
     assert not any(m.startswith("epoch") for m in logs), logs  # refused before any training
@@ -152,7 +153,7 @@ def test_shard_damaged_mid_run_fails_and_keeps_the_finished_epoch(prepared, tmp_
     def run():
         return run_quantize(prepared / "fp.pt", prepared / "manifest.json", "zeroq", ZEROQ,
                             QuantConfig(weight_bits=4, act_bits=4), 0, out / "model.pt", out / "history.json",
-                            "cpu", 1, log=lambda _m: None, samples=samples, resume_root=root)  # fmt: skip
+                            samples=samples, job=Job.quiet(device="cpu", threads=1, resume_root=root))  # fmt: skip
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Checkpoints, "save", save_then_damage)
@@ -279,7 +280,7 @@ def test_truncated_resume_checkpoint_starts_from_scratch(prepared, tmp_path):
 
     def run(log):
         return run_fp_model(prepared / "manifest.json", "resnet20", FPConfig(**FP), out / "fp.pt",
-                            out / "fp.json", "cpu", 1, log=log, resume_root=root)  # fmt: skip
+                            out / "fp.json", Job("cpu", 1, log=log, resume_root=root))  # fmt: skip
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Checkpoints, "save", save_then_kill)
@@ -512,11 +513,12 @@ GATE_WRAPPER = """
 import sys, time
 from pathlib import Path
 import zsqpipe.cli as cli
+import zsqpipe.commands as commands
 from zsqpipe.tracking import init_tracking
 
 gate, tracking = Path(sys.argv.pop(1)), sys.argv.pop(1)
 init_tracking(tracking, True, "zsqpipe")  # what `zsqpipe tracking-init` does, without a second interpreter
-log = cli._log
+log = commands.echo
 def paused_log(msg):
     log(msg)
     if msg.startswith("epoch 0"):
@@ -525,7 +527,7 @@ def paused_log(msg):
         print("PAUSED", run.info.status, *sorted(run.data.metrics), flush=True)
         while not gate.exists():
             time.sleep(0.05)
-cli._log = paused_log
+commands.echo = paused_log
 cli.main()
 """
 

@@ -13,6 +13,7 @@ from workflow_helpers import planned, planned_jobs, snakemake, write_config
 from zsqpipe.cli import cli
 from zsqpipe.config import validate_config
 from zsqpipe.errors import ConfigError, IntegrityError
+from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import DATASETS, DEFAULT_PATH, benchmark_optimum, load_benchmark
 from zsqpipe.nas.benchmark import test_accuracy as ground_truth_test
 from zsqpipe.nas.spaces.nb201 import arch_to_index, arch_to_str, index_to_arch, str_to_arch
@@ -293,7 +294,7 @@ class RecordingTracker(Tracker):
 def test_search_logs_to_tracker(tmp_path):
     """One run per job: params once, per-seed metrics at step = the seed's position, the JSON as artifact."""
     tracker = RecordingTracker()
-    out = run_search("imagenet16", "random", [4, 7], 10, {}, tmp_path / "r.json", tracker=tracker)
+    out = run_search("imagenet16", "random", [4, 7], 10, {}, tmp_path / "r.json", job=Job(tracker=tracker))
     params = [c[1] for c in tracker.calls if c[0] == "params"]
     assert len(params) == 1 and params[0]["strategy"] == "random" and params[0]["budget"] == 10
     assert params[0]["seeds"] == [4, 7]

@@ -9,6 +9,7 @@ import torch
 from workflow_helpers import planned_jobs, snakemake, write_config
 
 from zsqpipe.io import load_checkpoint, read_json
+from zsqpipe.job import Job
 from zsqpipe.nas.oqat import (
     LARGEST,
     OQATSearchConfig,
@@ -221,7 +222,7 @@ def trained(tmp_path_factory):
             d = tmp / f"w{bits}"
             cfg = OQATTrainConfig(**{**TINY.to_dict(), "bits": bits})
             out[bits] = run_oqat_train(manifest, cfg, d / "supernet.pt", d / "history.json", d / "metrics.json",
-                                       parent, "cpu", 1, log=lambda m: None)  # fmt: skip
+                                       parent, Job.quiet(device="cpu", threads=1))  # fmt: skip
         yield {"tmp": tmp, "manifest": manifest, "metrics": out}
 
 
@@ -242,7 +243,7 @@ def test_search_never_reads_test_accuracy(trained, monkeypatch):
 
     tmp, manifest = trained["tmp"], trained["manifest"]
     sn = tmp / "w3" / "supernet.pt"
-    a = run_oqat_search(sn, manifest, SEARCH, tmp / "search_a.json", "cpu", 1, log=lambda m: None)
+    a = run_oqat_search(sn, manifest, SEARCH, tmp / "search_a.json", Job.quiet(device="cpu", threads=1))
 
     def scrambled(path, verify=True):  # other test labels and images
         data = load_prepared(path, verify)
@@ -252,7 +253,7 @@ def test_search_never_reads_test_accuracy(trained, monkeypatch):
         return data
 
     monkeypatch.setattr(stage, "load_prepared", scrambled)
-    b = run_oqat_search(sn, manifest, SEARCH, tmp / "search_b.json", "cpu", 1, log=lambda m: None)
+    b = run_oqat_search(sn, manifest, SEARCH, tmp / "search_b.json", Job.quiet(device="cpu", threads=1))
     assert [r["arch"] for r in a["found"]] == [r["arch"] for r in b["found"]]
     assert [r["val_acc"] for r in a["found"]] == [r["val_acc"] for r in b["found"]]
     assert [r["arch"] for r in a["pareto"]] == [r["arch"] for r in b["pareto"]]
@@ -362,7 +363,7 @@ def test_oqat_train_resumed_after_a_kill_equals_an_uninterrupted_run(trained, tm
 
     def run(out, root, log=lambda _m: None):
         return run_oqat_train(manifest, cfg, out / "supernet.pt", out / "history.json", out / "metrics.json",
-                              parent, "cpu", 1, log=log, resume_root=root)  # fmt: skip
+                              parent, Job("cpu", 1, log=log, resume_root=root))  # fmt: skip
 
     ref, res = assert_supernet_resume_exact(run, tmp_path)
     assert res["val_top1_largest"] == ref["val_top1_largest"]

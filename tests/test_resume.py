@@ -13,6 +13,7 @@ from zsqpipe.data.datasets import ImageData, dataset_info
 from zsqpipe.data.loaders import BatchLoader, EndlessBatches
 from zsqpipe.data.shards import ShardSet
 from zsqpipe.engine import infinite
+from zsqpipe.job import Job
 from zsqpipe.quant import QuantConfig
 from zsqpipe.resume import Checkpoints, ResumeState, job_dir
 from zsqpipe.stages.fp_model import run_fp_model
@@ -103,7 +104,7 @@ def test_quantize_resumed_after_a_kill_equals_an_uninterrupted_run(prepared, tmp
         samples = prepared / "samples" if method in ("hast", "zeroq", "intraq") else None
         return run_quantize(prepared / "fp.pt", prepared / "manifest.json", method, METHODS[method],
                             QuantConfig(weight_bits=4, act_bits=4), 0, out / "model.pt", out / "history.json",
-                            "cpu", 1, log=log, samples=samples, resume_root=resume_root)  # fmt: skip
+                            samples=samples, job=Job("cpu", 1, log=log, resume_root=resume_root))  # fmt: skip
 
     ref = run(tmp_path / "ref", None)  # no resume: writes no checkpoint either
     root = tmp_path / ".resume"
@@ -126,8 +127,8 @@ def test_fp_model_resumed_after_a_kill_equals_an_uninterrupted_run(prepared, tmp
     cfg, logs = FPConfig(**FP), []
 
     def run(out, resume_root, log=lambda _m: None):
-        return run_fp_model(prepared / "manifest.json", "resnet20", cfg, out / "fp.pt", out / "fp.json", "cpu", 1,
-                            log=log, resume_root=resume_root)  # fmt: skip
+        return run_fp_model(prepared / "manifest.json", "resnet20", cfg, out / "fp.pt", out / "fp.json",
+                            Job("cpu", 1, log=log, resume_root=resume_root))  # fmt: skip
 
     ref = run(tmp_path / "ref", None)
     run_interrupted(lambda: run(tmp_path / "out", tmp_path / ".resume"), after_epoch=1)
@@ -147,8 +148,8 @@ def test_changed_config_never_resumes_a_stale_state(prepared, tmp_path):
 
     def run(c, log=lambda _m: None):
         return run_quantize(prepared / "fp.pt", prepared / "manifest.json", "real", c, QuantConfig(4, 4), 0,
-                            tmp_path / "model.pt", tmp_path / "history.json", "cpu", 1, log=log,
-                            resume_root=root)  # fmt: skip
+                            tmp_path / "model.pt", tmp_path / "history.json",
+                            job=Job("cpu", 1, log=log, resume_root=root))  # fmt: skip
 
     run_interrupted(lambda: run(cfg), after_epoch=0)
     res = run({**cfg, "lr": 0.001}, logs.append)

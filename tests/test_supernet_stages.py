@@ -14,6 +14,7 @@ from zsqpipe.cli import cli
 from zsqpipe.config import validate_config
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import load_checkpoint, read_json
+from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import TABLE_OF_DATASET, kendall_sample, kendall_subset, table_ground_truth
 from zsqpipe.nas.calr import SupernetConfig
 from zsqpipe.nas.spaces.nb201 import index_to_arch, is_connected
@@ -47,7 +48,7 @@ def tiny(tmp_path_factory):
         manifest = prepare_fixture_data(tmp)
         cfg = GroundTruthConfig.from_dict(GT)
         chunks = [tmp / f"chunk{k}.json" for k in range(2)]
-        out = [run_groundtruth("fashion_mnist", k, cfg, chunks[k], manifest, "cpu", 1, log=lambda m: None)
+        out = [run_groundtruth("fashion_mnist", k, cfg, chunks[k], manifest, job=Job.quiet(device="cpu", threads=1))
                for k in range(2)]  # fmt: skip
         yield {"tmp": tmp, "manifest": manifest, "cfg": cfg, "chunks": chunks, "out": out}
 
@@ -89,8 +90,8 @@ def test_groundtruth_trains_the_sample_in_chunks(tiny):
     joined = load_groundtruth(tiny["chunks"][::-1])  # any order: sample order comes back
     assert [r["index"] for r in joined["records"]] == cells and joined["source"] == "trained"
     # deterministic on CPU: chunk 1 again gives the same accuracies
-    again = run_groundtruth("fashion_mnist", 1, tiny["cfg"], tiny["tmp"] / "again.json", tiny["manifest"], "cpu", 1,
-                            log=lambda m: None)  # fmt: skip
+    again = run_groundtruth("fashion_mnist", 1, tiny["cfg"], tiny["tmp"] / "again.json", tiny["manifest"],
+                            job=Job.quiet(device="cpu", threads=1))  # fmt: skip
     assert [(r["valid_acc"], r["test_acc"]) for r in again["records"]] == [
         (r["valid_acc"], r["test_acc"]) for r in second["records"]
     ]
@@ -105,7 +106,7 @@ def test_groundtruth_trains_the_sample_in_chunks(tiny):
     with pytest.raises(IntegrityError, match="differs from"):
         load_groundtruth([tiny["chunks"][0], tiny["tmp"] / "o.json"])
     with pytest.raises(ConfigError, match="--chunk: 2 is out of range") as e:
-        run_groundtruth("fashion_mnist", 2, tiny["cfg"], tiny["tmp"] / "x.json", tiny["manifest"], "cpu")
+        run_groundtruth("fashion_mnist", 2, tiny["cfg"], tiny["tmp"] / "x.json", tiny["manifest"], job=Job(device="cpu"))
     with pytest.raises(ConfigError, match="--data is required"):
         run_groundtruth("fashion_mnist", 0, tiny["cfg"], tiny["tmp"] / "x.json")
     assert not (tiny["tmp"] / "x.json").exists()
@@ -141,7 +142,7 @@ def train(tiny, method, seed=0, gt=None, tag="a", **kw):
     cfg = SupernetConfig.from_dict({**SN, **kw, "method": method, "seed": seed})
     d = tiny["tmp"] / f"{method}-{seed}-{tag}"
     m = run_supernet_train(tiny["manifest"], gt or tiny["chunks"], cfg, d / "supernet.pt", d / "history.json",
-                           d / "metrics.json", "cpu", 1, log=lambda m: None)  # fmt: skip
+                           d / "metrics.json", Job.quiet(device="cpu", threads=1))  # fmt: skip
     return m, d
 
 
@@ -179,7 +180,7 @@ def test_supernet_train_against_every_nb201_truth(tiny, monkeypatch):
     dataset stands in for CIFAR-10 here."""
     monkeypatch.setitem(TABLE_OF_DATASET, "fashion_mnist", "cifar10")
     gt = tiny["tmp"] / "table-gt.json"
-    run_groundtruth("fashion_mnist", 0, GroundTruthConfig(num_archs=4), gt, log=lambda m: None)
+    run_groundtruth("fashion_mnist", 0, GroundTruthConfig(num_archs=4), gt, job=Job.quiet())
     m, d = train(tiny, "spos", gt=[gt], tag="table")
     assert (
         list(m["truths"]) == ["cifar10", "cifar100", "imagenet16"] and m["groundtruth"]["truth"] == "cifar10"
@@ -241,7 +242,7 @@ def test_cli_help_and_one_line_errors(tiny):
           "--out-model", "m.pt", "--out-history", "h.json", "--out-metrics", "x.json"], "supernet.train.method"),
         (["supernet-train", *map(str, tiny["chunks"]), "--data", str(tiny["manifest"]), "--method", "spos",
           "--params", '{"seed": 1}', "--out-model", "m.pt", "--out-history", "h.json", "--out-metrics", "x.json"],
-         "'seed' is given by --seed"),
+         "'seed' is set by --seed"),
     ]  # fmt: skip
     for args, needle in bad:
         r = runner.invoke(cli, args)
@@ -327,7 +328,7 @@ def test_supernet_train_resumed_after_a_kill_equals_an_uninterrupted_run(tiny, t
 
     def run(out, root, log=lambda _m: None):
         return run_supernet_train(tiny["manifest"], tiny["chunks"], cfg, out / "supernet.pt", out / "history.json",
-                                  out / "metrics.json", "cpu", 1, log=log, resume_root=root)  # fmt: skip
+                                  out / "metrics.json", Job("cpu", 1, log=log, resume_root=root))  # fmt: skip
 
     ref, res = assert_supernet_resume_exact(run, tmp_path)
     assert [s["supernet_valid_acc"] for s in res["subnets"]] == [
@@ -360,7 +361,7 @@ def test_supernet_search_uses_the_supernet_and_never_the_test_split(tiny, tmp_pa
         stage, "evaluate_subnets", lambda m, a, *r, **k: queried.extend(a) or real(m, a, *r, **k)
     )
     a = run_supernet_search(d / "supernet.pt", tiny["manifest"], "random", cfg, tmp_path / "a.json",
-                            groundtruth=tiny["cfg"], device="cpu", threads=1, log=lambda m: None)  # fmt: skip
+                            groundtruth=tiny["cfg"], job=Job.quiet(device="cpu", threads=1))  # fmt: skip
     assert [r["queries"] for r in a["records"]] == [6, 6] and a["n_scored"] <= 12
     assert all(r["truth"]["source"] == "standalone" and r["truth"]["test_acc"] >= 0 for r in a["records"])
     assert len(queried) == a["n_scored"] + len(
@@ -376,7 +377,7 @@ def test_supernet_search_uses_the_supernet_and_never_the_test_split(tiny, tmp_pa
 
     monkeypatch.setattr(stage, "load_prepared", scrambled)
     b = run_supernet_search(d / "supernet.pt", tiny["manifest"], "random", cfg, tmp_path / "b.json",
-                            groundtruth=tiny["cfg"], device="cpu", threads=1, log=lambda m: None)  # fmt: skip
+                            groundtruth=tiny["cfg"], job=Job.quiet(device="cpu", threads=1))  # fmt: skip
     key = lambda c: [(r["arch"], r["supernet_val_acc"]) for r in c["records"]]  # noqa: E731
     assert key(a) == key(b)
     assert [r["supernet_test_acc"] for r in a["records"]] != [r["supernet_test_acc"] for r in b["records"]]
@@ -387,7 +388,7 @@ def test_supernet_search_uses_the_supernet_and_never_the_test_split(tiny, tmp_pa
     assert t["n_searches"].tolist()[0] == 2 and (tmp_path / "t.md").read_text().startswith("# NAS with")
     with pytest.raises(ConfigError, match="supernet.search.strategies"):
         run_supernet_search(d / "supernet.pt", tiny["manifest"], "ase_plus", cfg, tmp_path / "c.json",
-                            groundtruth=tiny["cfg"], device="cpu", log=lambda m: None)  # fmt: skip
+                            groundtruth=tiny["cfg"], job=Job.quiet(device="cpu"))  # fmt: skip
     with pytest.raises(ConfigError, match=r"supernet\.search\.seeds"):
         SupernetSearchConfig(seeds=(0, 0))
 

@@ -14,8 +14,11 @@ from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 PACKAGE = "zsqpipe"
-# Modules that cannot change a result (tracking, CLI glue, progress bars): left out so editing them reruns nothing.
-NON_RESULT_MODULES = frozenset({"zsqpipe.tracking", "zsqpipe.cli", "zsqpipe.codehash", "zsqpipe.progress"})
+# Modules that cannot change a result (tracking, CLI glue, the Job container, progress bars): left out so editing
+# them reruns nothing. (zsqpipe.commands.* are never imported by a stage; the CLI imports the stages, not back.)
+NON_RESULT_MODULES = frozenset(
+    {"zsqpipe.tracking", "zsqpipe.cli", "zsqpipe.job", "zsqpipe.codehash", "zsqpipe.progress"}
+)
 
 
 def module_path(module: str) -> Path | None:

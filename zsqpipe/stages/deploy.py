@@ -21,10 +21,10 @@ import torch
 from zsqpipe.engine import setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import markdown_table, mean_pm_std, read_json, write_json, write_table
+from zsqpipe.job import Job
 from zsqpipe.stages.common import eval_loader
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.model_io import model_from_checkpoint
-from zsqpipe.tracking import Tracker
 
 EXPORT_MODES = ("exact", "qlinear")
 
@@ -40,8 +40,7 @@ def run_export(
     out_report: Path,
     mode: str = "exact",
     dataset: str | None = None,
-    tracker: Tracker | None = None,
-    log=print,
+    job: Job | None = None,
 ) -> dict:
     """Export one quantized cell; ``mode``: ``exact`` (convs with a quantized input and output as ConvInteger +
     float requantization: the fake-quant arithmetic) or ``qlinear`` (QDQ with an int32 bias, fused by
@@ -51,11 +50,14 @@ def run_export(
     from zsqpipe.deploy import PixelInput, export_float_onnx, export_onnx
     from zsqpipe.deploy.runtime import kernel_counts
 
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     setup_runtime(1, 0)
     model, ckpt = model_from_checkpoint(model_path, torch.device("cpu"))
     if ckpt.get("quant") is None:
-        raise ConfigError(f"{model_path}: an FP model; export takes a quantized model.pt of `zsqpipe quantize`")
+        raise ConfigError(
+            f"{model_path}: an FP model; export takes a quantized model.pt of `zsqpipe quantize`"
+        )
     shape = _input_shape(ckpt)
     pixels = None
     if dataset is not None:
@@ -101,15 +103,15 @@ def run_deploy_eval(
     dataset_manifest: Path,
     out: Path,
     cell: dict,
-    threads: int = 1,
-    tracker: Tracker | None = None,
-    log=print,
+    job: Job | None = None,
 ) -> dict:
     """Top-1 of the integer ONNX model and of the fake-quantized PyTorch model on the whole test set, and the
     share of test images on which their predictions differ."""
     from zsqpipe.deploy.runtime import predict_onnx, session
 
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
+    threads = job.threads or 1  # onnxruntime and torch alike (1 unless the job says otherwise)
     setup_runtime(threads, 0)
     model, _ = model_from_checkpoint(model_path, torch.device("cpu"))
     model = model.to(memory_format=torch.channels_last)  # as quantize/evaluate test it
@@ -147,14 +149,14 @@ def run_deploy_latency(
     batch_sizes: tuple[int, ...] = (1, 256),
     thread_counts: tuple[int, ...] = (1, 2),
     runs: int = 20,
-    tracker: Tracker | None = None,
-    log=print,
+    job: Job | None = None,
 ) -> dict:
     """Median latency (ms, ``runs`` runs after 3 warm-up runs) of the integer ONNX, FP32 ONNX and PyTorch
     fake-quantized model on random inputs of the model's shape."""
     from zsqpipe.deploy.runtime import onnx_latency_ms, torch_latency_ms
 
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     setup_runtime(max(thread_counts), 0)
     model, ckpt = model_from_checkpoint(model_path, torch.device("cpu"))
     model = model.to(memory_format=torch.channels_last)
@@ -207,7 +209,9 @@ def run_deploy_table(
     rows = []
     for dp, ep in zip(deploy_paths, export_paths, strict=True):
         d, e = read_json(dp), read_json(ep)
-        missing = [k for k in ("dataset", "arch", "method", "w_bits", "a_bits", "seed", "int_top1") if k not in d]
+        missing = [
+            k for k in ("dataset", "arch", "method", "w_bits", "a_bits", "seed", "int_top1") if k not in d
+        ]
         if missing:
             raise IntegrityError(f"{dp}: deploy file lacks {missing}")
         k = e["kernels"]
@@ -230,8 +234,14 @@ def run_deploy_table(
             row[f"{col}_std"] = float(g[col].std(ddof=1)) if len(g) > 1 else np.nan
         row["abs_int_minus_fake_max"] = float((g["int_top1"] - g["fake_top1"]).abs().max())
         row["disagree_pct_mean"] = float(g["disagree_pct"].mean())
-        row["integer_kernels"], row["float_kernels"] = int(g["integer_kernels"].max()), int(g["float_kernels"].max())
-        row["onnx_kib"], row["onnx_fp32_kib"] = g["onnx_bytes"].mean() / 1024, g["onnx_fp32_bytes"].mean() / 1024
+        row["integer_kernels"], row["float_kernels"] = (
+            int(g["integer_kernels"].max()),
+            int(g["float_kernels"].max()),
+        )
+        row["onnx_kib"], row["onnx_fp32_kib"] = (
+            g["onnx_bytes"].mean() / 1024,
+            g["onnx_fp32_bytes"].mean() / 1024,
+        )
         for r in lat.get((row["dataset"], row["arch"], row["w_bits"], row["a_bits"]), []):
             tag = f"b{r['batch']}_t{r['threads']}"
             row[f"int_vs_fp32_{tag}"] = r["int_onnx_ms"] / r["fp32_onnx_ms"]

@@ -24,11 +24,11 @@ import torch
 from zsqpipe.engine import evaluate, resolve_device, setup_runtime
 from zsqpipe.errors import IntegrityError
 from zsqpipe.io import read_json, sha256_file, write_json
+from zsqpipe.job import Job
 from zsqpipe.quant import count_bitops, model_size_bits
 from zsqpipe.stages.common import split_test
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.model_io import model_from_checkpoint
-from zsqpipe.tracking import Tracker
 
 EVAL_BATCH = 1000
 
@@ -54,14 +54,12 @@ def run_evaluate(
     dataset_manifest: Path,
     out_metrics: Path,
     cell: dict,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
+    job: Job | None = None,
 ) -> dict:
-    tracker = tracker or Tracker()
-    setup_runtime(threads, 0)
-    dev = resolve_device(device)
+    job = job or Job()
+    tracker, log = job.tracker, job.log
+    setup_runtime(job.threads, 0)
+    dev = resolve_device(job.device)
     model, ckpt = model_from_checkpoint(model_path, dev)
     # same memory format as the quantize stage's evaluation: contiguous vs channels_last weights take
     # different conv kernels, and a float-rounding difference can flip a low-bit quantization level

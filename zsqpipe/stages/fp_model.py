@@ -4,7 +4,7 @@ A loaded checkpoint may be a zsqpipe checkpoint, a plain ``state_dict`` (e.g. py
 ``resnet20_cifar10-*.pth``) or a dict with a ``state_dict``/``model`` entry. Either way the model's test
 accuracy is measured and recorded.
 
-With ``resume_root`` set, training is checkpointed after every epoch outside the outputs (``zsqpipe.resume``)
+With ``job.resume_root`` set, training is checkpointed after every epoch outside the outputs (``zsqpipe.resume``)
 and a rerun after a kill continues from the last checkpoint, with the same result as an uninterrupted run.
 """
 
@@ -25,6 +25,7 @@ from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler, reso
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.io import atomic_path, json_text, save_checkpoint, sha256_file, torch_load_checked
+from zsqpipe.job import Job
 from zsqpipe.models import create_model
 from zsqpipe.progress import progress
 from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
@@ -132,15 +133,12 @@ def run_fp_model(
     cfg: FPConfig,
     out_model: Path,
     out_metrics: Path,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
-    resume_root: Path | None = None,
+    job: Job | None = None,
 ) -> dict:
-    tracker = tracker or Tracker()
-    dev = resolve_device(device)
-    setup_runtime(threads, cfg.seed, cfg.deterministic)
+    job = job or Job()
+    tracker, log = job.tracker, job.log
+    dev = resolve_device(job.device)
+    setup_runtime(job.threads, cfg.seed, cfg.deterministic)
     resume_key = {
         "stage": "fp_model",
         "arch": arch,
@@ -149,7 +147,7 @@ def run_fp_model(
         "code": code_version("zsqpipe.stages.fp_model"),
         **runtime_key(dev),
     }
-    checkpoints = Checkpoints(ResumeState.for_job(resume_root, out_model, resume_key, log), log=log)
+    checkpoints = Checkpoints(ResumeState.for_job(job.resume_root, out_model, resume_key, log), log=log)
     data = load_prepared(dataset_manifest)
     info = data.info
     model = create_model(

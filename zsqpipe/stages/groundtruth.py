@@ -32,6 +32,7 @@ from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
 from zsqpipe.io import sha256_file, write_json
+from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import (
     DEFAULT_PATH,
     SAMPLE_KEYS,
@@ -44,7 +45,6 @@ from zsqpipe.nas.spaces.nb201 import arch_to_str, index_to_arch
 from zsqpipe.nas.supernet201 import NB201Supernet
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images
-from zsqpipe.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -216,14 +216,12 @@ def run_groundtruth(
     cfg: GroundTruthConfig,
     out: Path,
     manifest: Path | None = None,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
     benchmark_path: Path | None = None,
+    job: Job | None = None,
 ) -> dict:
     """Write the ground truth of chunk ``chunk`` of the sample to ``out`` and return it."""
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     timer = Timer()
     cells = sample_cells(cfg, benchmark_path)
     n_chunks = num_chunks(dataset, cfg, benchmark_path)
@@ -260,8 +258,8 @@ def run_groundtruth(
             raise ConfigError(f"groundtruth: {dataset} has no NAS-Bench-201 ground truth; --data is required")
         start = chunk * cfg.chunk_size
         chunk_cells = cells[start : start + cfg.chunk_size]
-        dev = resolve_device(device)
-        setup_runtime(threads, cfg.seeds[0])
+        dev = resolve_device(job.device)
+        setup_runtime(job.threads, cfg.seeds[0])
         data = load_prepared(manifest)
         info = data.info
         val = make_loader(first_images(data.val, cfg.val_images), info, cfg.eval_batch_size, train=False,
@@ -271,7 +269,7 @@ def run_groundtruth(
         records = []
         for pos, index in enumerate(chunk_cells):
             arch = index_to_arch(index)
-            runs = train_cell_runs(arch, cfg, data, val, test, dev, threads)
+            runs = train_cell_runs(arch, cfg, data, val, test, dev, job.threads)
             rec = {
                 "index": index,
                 "arch": arch_to_str(arch),

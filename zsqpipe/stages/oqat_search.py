@@ -16,6 +16,7 @@ from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
 from zsqpipe.io import sha256_file, write_json
+from zsqpipe.job import Job
 from zsqpipe.nas.oqat import (
     OQATSearchConfig,
     constrained_search,
@@ -27,7 +28,6 @@ from zsqpipe.nas.oqat import (
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images
 from zsqpipe.stages.oqat_io import load_oqat_supernet
-from zsqpipe.tracking import Tracker
 
 
 def search_budgets(
@@ -69,15 +69,13 @@ def run_oqat_search(
     manifest: Path,
     cfg: OQATSearchConfig,
     out: Path,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
+    job: Job | None = None,
 ) -> dict:
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     timer = Timer()
-    dev = resolve_device(device)
-    setup_runtime(threads, cfg.seed)
+    dev = resolve_device(job.device)
+    setup_runtime(job.threads, cfg.seed)
     model, ck = load_oqat_supernet(supernet, dev)
     data = load_prepared(manifest)
     info = data.info

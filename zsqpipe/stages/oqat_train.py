@@ -6,7 +6,7 @@ trained with SPOS uniform single-path sampling (:func:`zsqpipe.nas.oqat.train_oq
 ``cfg.inherit_rule``), then the same training at the lower bits (the fine-tuning recipe of config
 ``oqat.finetune``). Sanity metric: validation top-1 of the largest cell after BN recalibration, right after
 inheritance (calibration only) and after training. Checkpoint, history and metrics are written atomically,
-the metrics file last. With ``resume_root`` the training is checkpointed after every epoch outside the outputs
+the metrics file last. With ``job.resume_root`` the training is checkpointed after every epoch outside the outputs
 (``zsqpipe.resume``); a rerun after a kill continues from the last epoch with the result of an uninterrupted run.
 """
 
@@ -20,6 +20,7 @@ from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
 from zsqpipe.io import sha256_file, write_json
+from zsqpipe.job import Job
 from zsqpipe.nas.oqat import (
     OQATTrainConfig,
     build_oqat_supernet,
@@ -34,7 +35,6 @@ from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images
 from zsqpipe.stages.oqat_io import load_oqat_supernet, save_oqat_supernet
-from zsqpipe.tracking import Tracker
 
 SAME_AS_PARENT = ("space", "C", "N", "ofa", "block_input_quant", "weight_quantizer", "bn_affine")
 
@@ -46,16 +46,13 @@ def run_oqat_train(
     out_history: Path,
     out_metrics: Path,
     inherit_from: Path | None = None,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
-    resume_root: Path | None = None,
+    job: Job | None = None,
 ) -> dict:
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     timer = Timer()
-    dev = resolve_device(device)
-    setup_runtime(threads, cfg.seed)
+    dev = resolve_device(job.device)
+    setup_runtime(job.threads, cfg.seed)
     resume_key = {
         "stage": "oqat_train",
         "oqat": cfg.to_dict(),
@@ -64,7 +61,7 @@ def run_oqat_train(
         "code": code_version("zsqpipe.stages.oqat_train"),
         **runtime_key(dev),
     }
-    checkpoints = Checkpoints(ResumeState.for_job(resume_root, out_model, resume_key, log), log=log)
+    checkpoints = Checkpoints(ResumeState.for_job(job.resume_root, out_model, resume_key, log), log=log)
     data = load_prepared(manifest)
     info = data.info
     tracker.log_params({"dataset": info.name, "oqat": cfg.to_dict(), "device": str(dev),

@@ -4,7 +4,7 @@ Writes the final quantized model (``model.pt``) and the per-epoch history (``his
 test top-1 after every epoch, so ``evaluate`` can report last-epoch, best-epoch (test-selected, as the papers
 do) and validation-selected accuracy).
 
-With ``resume_root`` set, the method's epoch loop is checkpointed after every epoch outside the outputs
+With ``job.resume_root`` set, the method's epoch loop is checkpointed after every epoch outside the outputs
 (``zsqpipe.resume``) and a rerun after a kill continues from the last checkpoint, with the same result as an
 uninterrupted run; the checkpoints are removed once the outputs are written.
 """
@@ -23,13 +23,13 @@ from zsqpipe.data.shards import ShardSet
 from zsqpipe.engine import Timer, evaluate, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError, OutputError
 from zsqpipe.io import atomic_path, json_text, os_reason, save_checkpoint, sha256_file
+from zsqpipe.job import Job
 from zsqpipe.methods import QuantContext, get_method
 from zsqpipe.quant import QuantConfig, quantize_model
 from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
 from zsqpipe.stages.common import combine, eval_loader, split_test
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.model_io import model_from_checkpoint
-from zsqpipe.tracking import Tracker
 
 EVAL_BATCH = 1000
 
@@ -43,14 +43,11 @@ def run_quantize(
     seed: int,
     out_model: Path,
     out_history: Path,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
     samples: Path | None = None,
-    resume_root: Path | None = None,
+    job: Job | None = None,
 ) -> dict:
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     method_obj = get_method(method)(method_cfg)
     shard_set = None
     if method_obj.synthesizer is not None:
@@ -62,8 +59,8 @@ def run_quantize(
         shard_set.verify()  # fail now, not after the calibration (each shard is re-verified when read)
         if shard_set.manifest.get("fp_checkpoint_sha256") != sha256_file(fp_checkpoint):
             raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
-    dev = resolve_device(device)
-    setup_runtime(threads, seed)
+    dev = resolve_device(job.device)
+    setup_runtime(job.threads, seed)
     fp_sha256 = sha256_file(fp_checkpoint)
     resume_key = {
         "stage": "quantize",
@@ -127,7 +124,7 @@ def run_quantize(
             tracker.log_metrics({k: x for k, x in rec.items() if k != "epoch"}, step=rec["epoch"])
 
     checkpoints = Checkpoints(
-        ResumeState.for_job(resume_root, out_model, resume_key, log),
+        ResumeState.for_job(job.resume_root, out_model, resume_key, log),
         get_extra=lambda: {"history": history, "time_s": timer()},
         set_extra=restore,
         log=log,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.io import read_json, sha256_file, write_json
+from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import DATASETS, load_benchmark, test_accuracy
 from zsqpipe.nas.spaces.nb201 import arch_to_index, arch_to_str, str_to_arch
 from zsqpipe.nas.strategies import STRATEGY_NAMES, run_strategy
-from zsqpipe.tracking import Tracker
 
 SPACES = ("nb201",)
 
@@ -76,14 +76,13 @@ def run_search(
     space: str = "nb201",
     init_from: Path | None = None,
     benchmark_path: Path | None = None,
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
+    job: Job | None = None,
 ) -> dict:
     """Search ``dataset`` with ``strategy`` once per seed; write and return ``{space, dataset, strategy,
     seeds, budget, params, records: [one record per seed], ...}``. Metrics go to ``tracker`` per seed, with
     step = the seed's position in ``seeds``."""
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     if space not in SPACES:
         raise ConfigError(f"nas.space: {space!r} is not one of {list(SPACES)}")
     if dataset not in DATASETS:
@@ -106,7 +105,7 @@ def run_search(
         # the controller's draws depend on torch's intra-op thread count (ASE on CIFAR-10, 20 seeds: 94.33 with 1
         # thread, 94.30 with 2; the CPU instruction set does not matter: docs/methods/nas_search.md), so it is
         # fixed (1 unless given: tiny tensors, extra threads only add overhead) and recorded with the search
-        torch.set_num_threads(int(threads or 1))
+        torch.set_num_threads(int(job.threads or 1))
         runtime = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                    "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
 

@@ -37,6 +37,7 @@ from zsqpipe.io import (
     write_json,
     write_table,
 )
+from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import TABLE_OF_DATASET, table_ground_truth
 from zsqpipe.nas.calr import SupernetConfig
 from zsqpipe.nas.spaces.nb201 import Arch, arch_to_index, arch_to_str
@@ -46,7 +47,6 @@ from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth import GroundTruthConfig, train_cell_runs
 from zsqpipe.stages.groundtruth_io import first_images, load_groundtruth
 from zsqpipe.stages.model_io import checkpoint_of_kind, load_state_checked
-from zsqpipe.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -128,21 +128,19 @@ def run_supernet_search(
     out: Path,
     strategy_params: dict | None = None,
     groundtruth: GroundTruthConfig | None = None,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
+    job: Job | None = None,
 ) -> dict:
     """Search with ``strategy`` once per ``cfg.seeds`` on the supernet's validation scores; then report each
     found cell (supernet test top-1; stand-alone test top-1 with ``cfg.standalone``). Writes and returns
     ``{dataset, strategy, supernet, config, records: [one per seed], ...}``."""
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     timer = Timer()
     if strategy not in STRATEGY_NAMES or strategy == "ase_plus":
         names = [s for s in STRATEGY_NAMES if s != "ase_plus"]
         raise ConfigError(f"supernet.search.strategies: {strategy!r} is not one of {names}")
-    dev = resolve_device(device)
-    setup_runtime(threads, cfg.seeds[0])
+    dev = resolve_device(job.device)
+    setup_runtime(job.threads, cfg.seeds[0])
     model, ck = load_nb201_supernet(supernet, dev)
     data = load_prepared(manifest)
     info = data.info
@@ -196,7 +194,7 @@ def run_supernet_search(
         gt_test = make_loader(first_images(data.test, groundtruth.test_images), info, groundtruth.eval_batch_size,
                               train=False, device=dev)  # fmt: skip
         for arch in archs:  # the groundtruth stage's recipe and seeds: comparable with its cells
-            runs = train_cell_runs(arch, groundtruth, data, gt_val, gt_test, dev, threads)
+            runs = train_cell_runs(arch, groundtruth, data, gt_val, gt_test, dev, job.threads)
             truth[arch] = {"source": "standalone", "test_acc": float(np.mean([r["test_acc"] for r in runs])),
                            "valid_acc": float(np.mean([r["valid_acc"] for r in runs])), "runs": runs}  # fmt: skip
             log(f"stand-alone {arch_to_str(arch)}: test {truth[arch]['test_acc']:.2f}")

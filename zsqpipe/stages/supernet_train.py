@@ -24,6 +24,7 @@ from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
 from zsqpipe.io import save_checkpoint, sha256_file, write_json
+from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import DATASETS as NB201_DATASETS
 from zsqpipe.nas.calr import METHODS, SupernetConfig
 from zsqpipe.nas.ranking import kendall_tau, subset_kendall
@@ -31,7 +32,6 @@ from zsqpipe.nas.supernet201 import build_supernet, evaluate_subnets, train_supe
 from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images, load_groundtruth
-from zsqpipe.tracking import Tracker
 
 
 def _finite(x: float) -> float | None:
@@ -66,19 +66,16 @@ def run_supernet_train(
     out_model: Path,
     out_history: Path,
     out_metrics: Path,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
-    resume_root: Path | None = None,
+    job: Job | None = None,
 ) -> dict:
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     if cfg.method not in METHODS:
         raise ConfigError(f"supernet.methods: {cfg.method!r} is not one of {list(METHODS)}")
     timer = Timer()
     gt = load_groundtruth(groundtruth)  # fail before hours of training, not after
-    dev = resolve_device(device)
-    setup_runtime(threads, cfg.seed)
+    dev = resolve_device(job.device)
+    setup_runtime(job.threads, cfg.seed)
     data = load_prepared(manifest)
     info = data.info
     if gt["dataset"] != info.name:
@@ -108,7 +105,7 @@ def run_supernet_train(
         "code": code_version("zsqpipe.stages.supernet_train"),
         **runtime_key(dev),
     }
-    checkpoints = Checkpoints(ResumeState.for_job(resume_root, out_model, resume_key, log), log=log)
+    checkpoints = Checkpoints(ResumeState.for_job(job.resume_root, out_model, resume_key, log), log=log)
     history = train_supernet(model, loader, cfg, dev, log, on_epoch, checkpoints)
     if checkpoints.resumed_from:  # count the restored epochs' training time too
         timer.set(timer() + history[checkpoints.resumed_from - 1]["time_s"])

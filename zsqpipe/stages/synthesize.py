@@ -16,8 +16,8 @@ from zsqpipe.data import forbid_real_data
 from zsqpipe.data.shards import write_shards
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.io import sha256_file
+from zsqpipe.job import Job
 from zsqpipe.stages.model_io import model_from_checkpoint
-from zsqpipe.tracking import Tracker
 from zsqpipe.zsq.synthesis import SynthContext, get_synthesizer, teacher_confidence
 
 
@@ -27,16 +27,14 @@ def run_synthesize(
     cfg: dict,
     seed: int,
     out_dir: Path,
-    device: str = "auto",
-    threads: int | None = None,
-    tracker: Tracker | None = None,
-    log=print,
+    job: Job | None = None,
 ) -> dict:
-    tracker = tracker or Tracker()
+    job = job or Job()
+    tracker, log = job.tracker, job.log
     fn, cfg_cls = get_synthesizer(synthesizer)
     conf = from_dict(cfg_cls, cfg, f"synthesis.{synthesizer}")
-    dev = resolve_device(device)
-    setup_runtime(threads, seed)
+    dev = resolve_device(job.device)
+    setup_runtime(job.threads, seed)
     teacher, ckpt = model_from_checkpoint(fp_checkpoint, dev)
     for p in teacher.parameters():
         p.requires_grad_(False)

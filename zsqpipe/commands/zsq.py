@@ -1,0 +1,145 @@
+"""Commands of the zero-shot quantization pipeline: data -> fp-model -> synthesize -> quantize -> evaluate ->
+aggregate."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from zsqpipe.commands import (
+    EXISTING,
+    PATH,
+    TABLE_OUTPUTS,
+    echo,
+    job_command,
+    options,
+    parse_json,
+    table_command,
+)
+
+MANIFEST = (
+    ("--data", "manifest"),
+    {"type": EXISTING, "required": True, "help": "Manifest from `zsqpipe data`."},
+)
+FP = (
+    ("--fp", "fp_ckpt"),
+    {"type": EXISTING, "required": True, "help": "FP checkpoint from `zsqpipe fp-model`."},
+)
+
+
+@job_command("data", device=False, threads=None)
+@click.option(
+    "--dataset", required=True, help="Registered dataset: fashion_mnist, cifar10, cifar100, imagenet."
+)
+@click.option(
+    "--params", "params_json", default="{}", help="Data config as JSON (data_dir, allow_download, ...)."
+)
+@click.option("--out", type=PATH, required=True, help="Manifest to write (JSON).")
+def data_cmd(open_job, dataset, params_json, out):
+    """Locate and verify DATASET, fix the seeded validation split, write a manifest."""
+    from zsqpipe.config import DataConfig, from_dict
+    from zsqpipe.stages.data import prepare_data
+
+    params = parse_json(params_json, "--params")
+    cfg = from_dict(DataConfig, params, "data")
+    with open_job(params) as job:
+        m = prepare_data(dataset, cfg, out)
+        job.tracker.log_params({"dataset": dataset, "data": params})
+        job.tracker.log_metrics({k: m[k] for k in ("n_train", "n_val", "n_test")})
+        job.tracker.log_artifact(out)
+        echo(f"{dataset}: {m['n_train']} train / {m['n_val']} val / {m['n_test']} test -> {out}")
+
+
+@job_command("fp-model", resume="out_model")
+@options(MANIFEST)
+@click.option("--arch", required=True, help="Registered architecture (resnet20, resnet18, mobilenet_v2).")
+@click.option("--params", "params_json", default="{}", help="FP recipe as JSON (see config fp_model).")
+@click.option("--out-model", type=PATH, required=True)
+@click.option("--out-metrics", type=PATH, required=True)
+def fp_model_cmd(open_job, manifest, arch, params_json, out_model, out_metrics):
+    """Train the full-precision model from scratch, or load a local checkpoint."""
+    from zsqpipe.config import FPConfig, from_dict
+    from zsqpipe.stages.fp_model import run_fp_model
+
+    params = parse_json(params_json, "--params")
+    cfg = from_dict(FPConfig, params, "fp_model")
+    with open_job(params) as job:
+        run_fp_model(manifest, arch, cfg, out_model, out_metrics, job)
+
+
+@job_command("synthesize")
+@options(FP)
+@click.option("--synthesizer", required=True, help="Synthesizer name (hast, zeroq, intraq, ...).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--params", "params_json", default="{}", help="The synthesizer's settings as JSON.")
+@click.option("--out", type=PATH, required=True, help="Output folder: shard-*.parquet + manifest.json.")
+def synthesize_cmd(open_job, fp_ckpt, synthesizer, seed, params_json, out):
+    """Synthesize samples from the FP model alone (no real data) and write verified Parquet shards."""
+    from zsqpipe.stages.synthesize import run_synthesize
+
+    params = parse_json(params_json, "--params")
+    with open_job({"synthesizer": synthesizer, "cfg": params, "seed": seed}) as job:
+        run_synthesize(fp_ckpt, synthesizer, params, seed, out, job)
+
+
+@job_command("quantize", resume="out_model")
+@options(FP, MANIFEST)
+@click.option("--method", required=True, help="Method name (real, ptq, ...).")
+@click.option("--wbits", type=int, required=True, help="Weight bits.")
+@click.option("--abits", type=int, required=True, help="Activation bits.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--quant-params", default="{}", help="QuantConfig fields as JSON (bits come from --wbits/--abits)."
+)
+@click.option("--method-params", default="{}", help="The method's hyperparameters as JSON.")
+@click.option("--samples", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder of synthetic samples from `zsqpipe synthesize` (methods that train on them).")  # fmt: skip
+@click.option("--out-model", type=PATH, required=True)
+@click.option("--out-history", type=PATH, required=True)
+def quantize_cmd(open_job, fp_ckpt, manifest, method, wbits, abits, seed, quant_params, method_params, samples,
+                 out_model, out_history):  # fmt: skip
+    """Quantize the FP model and calibrate / fine-tune it with METHOD."""
+    from zsqpipe.quant import QuantConfig
+    from zsqpipe.stages.quantize import run_quantize
+
+    q = {**parse_json(quant_params, "--quant-params"), "weight_bits": wbits, "act_bits": abits}
+    mcfg = parse_json(method_params, "--method-params")
+    with open_job({"quant": q, "method": method, "cfg": mcfg, "seed": seed}) as job:
+        run_quantize(fp_ckpt, manifest, method, mcfg, QuantConfig.from_dict(q), seed, out_model, out_history,
+                     samples=samples, job=job)  # fmt: skip
+
+
+@job_command("evaluate")
+@click.option("--model", "model_path", type=EXISTING, required=True, help="Quantized model from `quantize`.")
+@click.option("--history", type=EXISTING, required=True, help="history.json from `quantize`.")
+@options(MANIFEST)
+@click.option("--cell", "cell_json", required=True,
+              help='Identity of the result as JSON: {"dataset", "arch", "method", "w_bits", "a_bits", "seed"}.')  # fmt: skip
+@click.option("--out", type=PATH, required=True, help="metrics.json to write.")
+def evaluate_cmd(open_job, model_path, history, manifest, cell_json, out):
+    """Test a quantized model; write top-1/top-5, last/best-epoch accuracy, size and BitOPs."""
+    from zsqpipe.stages.evaluate import run_evaluate
+
+    cell = parse_json(cell_json, "--cell")
+    with open_job(cell) as job:
+        run_evaluate(model_path, history, manifest, out, cell, job)
+
+
+@table_command("aggregate", "metrics")
+@click.argument("metrics", nargs=-1, type=EXISTING, required=True)
+@options(*TABLE_OUTPUTS)
+@click.option("--title", default="zsqpipe results", show_default=True)
+@click.option("--paper", "paper_json", default="{}",
+              help='Published top-1 as JSON {dataset: {arch: {method: {"w4a4": value}}}}: a "paper" column.')  # fmt: skip
+def aggregate_cmd(metrics, out_csv, out_md, title, paper_json):
+    """Build a results table (CSV + Markdown) from METRICS files (mean ± std over seeds)."""
+    from zsqpipe.stages.aggregate import run_aggregate
+
+    paper = parse_json(paper_json, "--paper")
+    return (
+        metrics,
+        functools.partial(run_aggregate, list(metrics), out_csv, out_md, title, paper),
+        (out_csv, out_md),
+    )
