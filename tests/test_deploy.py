@@ -65,12 +65,12 @@ def calibrated(model: nn.Module, bits: int, shape=(1, 28, 28), **quant) -> nn.Mo
 
 def act_levels(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each activation quantizer's output, in integer levels (output / its step)."""
-    from zsqpipe.deploy.onnx_export import _act_grid
+    from zsqpipe.deploy.onnx_parts import act_grid
 
     out, hooks = {}, []
     for name, m in model.named_modules():
         if isinstance(m, QuantAct):
-            step = _act_grid(name, m.quantizer)[1]
+            step = act_grid(name, m.quantizer)[1]
             hooks.append(m.register_forward_hook(lambda _m, _i, o, n=name, s=step: out.__setitem__(n, torch.round(o / s))))
     with torch.no_grad():
         model(x)

@@ -1,12 +1,13 @@
 import pytest
 import torch
 
+from zsqpipe.errors import ConfigError
 from zsqpipe.models import available_models, create_model
 
 
 def test_registry():
     assert {"resnet20", "resnet18", "mobilenet_v2"} <= set(available_models())
-    with pytest.raises(KeyError, match="unknown model"):
+    with pytest.raises(ConfigError, match=r"archs: unknown model 'resnet9000'; expected one of \["):
         create_model("resnet9000")
 
 

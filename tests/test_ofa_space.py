@@ -1,5 +1,5 @@
 """The OFA / MobileNetV3 space, its elastic supernet and OQAT on it (zsqpipe/nas/spaces/ofa.py,
-zsqpipe/nas/supernet_ofa.py, the ofa_mbv3 space of zsqpipe/nas/oqat.py)."""
+zsqpipe/nas/supernet_ofa.py, the ofa_mbv3 space of zsqpipe/nas/oqat/supernet.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OQAT on the NB201 space (zsqpipe/nas/oqat.py, stages oqat-train / oqat-search / oqat-table, workflow/rules/
+"""OQAT on the NB201 space (zsqpipe/nas/oqat/, stages oqat-train / oqat-search / oqat-table, workflow/rules/
 oqat.smk): bit inheritance, shared step sizes, BN recalibration, BitOPs, a search blind to test data, workflow."""
 
 import math

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from zsqpipe.errors import DataError
+from zsqpipe.names import DATASET_NAMES
+from zsqpipe.registry import Registry
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _REAL_DATA_FORBIDDEN: list[str] = []  # non-empty inside forbid_real_data()
@@ -41,20 +43,18 @@ class DatasetInfo:
     in_memory: bool = True
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": DatasetInfo(
-        "imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), in_memory=False
-    ),
-}
+DATASETS: Registry[DatasetInfo] = Registry("dataset", key="datasets", declared=DATASET_NAMES, error=DataError)
+for _info in (
+    DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
+    DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), in_memory=False),
+):
+    DATASETS.add(_info.name, _info)
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-    return DATASETS[name]
+    return DATASETS.get(name)
 
 
 @dataclass

@@ -28,6 +28,7 @@ The fake-quantized forward is rebuilt op by op from a ``torch.fx`` trace (docs/d
   which is which.
 
 Anything else (an unknown module or quantizer, weights off the int8 range) is refused with one line naming the layer.
+The quantizer grids, BatchNorm folding and the graph builder live in ``zsqpipe.deploy.onnx_parts``.
 """
 
 from __future__ import annotations
@@ -40,11 +41,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from zsqpipe.errors import ZsqError
+from zsqpipe.deploy.onnx_parts import ExportError, Graph, act_grid, f32, fold_bn, spread, weight_grid
 from zsqpipe.io import atomic_path
-from zsqpipe.quant.functional import qparams
 from zsqpipe.quant.modules import QuantAct, QuantConv2d, QuantLinear
-from zsqpipe.quant.quantizers import EMAMinMaxQuantizer, LSQQuantizer, MinMaxChannelQuantizer, Quantizer
 
 OPSET = 21
 MAX_WEIGHT_PARTS = 3  # int8 parts per integer weight (8-bit asymmetric levels reach +-255)
@@ -54,10 +53,6 @@ _LEAVES = (
     nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, QuantAct, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
     nn.MaxPool2d, nn.Dropout, nn.Identity,
 )  # fmt: skip
-
-
-class ExportError(ZsqError):
-    """The model holds something the exporter cannot write as integer ONNX (the message names the layer)."""
 
 
 @dataclass
@@ -124,116 +119,6 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
 
-class _Graph:
-    """A growing ONNX graph: unique names, initializers from numpy arrays, nodes."""
-
-    def __init__(self):
-        from onnx import helper, numpy_helper
-
-        self.helper, self.numpy_helper = helper, numpy_helper
-        self.nodes, self.inits, self.names = [], [], set()
-
-    def name(self, hint: str) -> str:
-        base = hint.replace(".", "_") or "t"
-        name, i = base, 1
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
-
-    def const(self, array, hint: str) -> str:
-        name = self.name(hint)
-        self.inits.append(self.numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def prune(self, output: str) -> None:
-        """Drop nodes and initializers ``output`` does not depend on (e.g. the float pooled features left unused
-        when the classifier runs on the integer map), so that the runtime does not compute them."""
-        needed, kept = {output}, []
-        for n in reversed(self.nodes):
-            if needed.intersection(n.output):
-                kept.append(n)
-                needed.update(n.input)
-        self.nodes = kept[::-1]
-        self.inits = [t for t in self.inits if t.name in needed]
-
-    def node(self, op: str, inputs: list[str], hint: str, **attrs) -> str:
-        out = self.name(hint)
-        self.nodes.append(self.helper.make_node(op, inputs, [out], name=self.name(f"{hint}_{op}"), **attrs))
-        return out
-
-
-def _f32(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
-
-
-def _act_grid(name: str, q: Quantizer) -> tuple[float, float, int, int]:
-    """(quantize step, dequantize step, lowest integer, highest integer) of an active activation quantizer."""
-    n = 2**q.bits - 1
-    if isinstance(q, EMAMinMaxQuantizer):
-        if not q._has_range:
-            raise ExportError(f"{name}: activation quantizer has no calibrated range; nothing to export")
-        scale, zp = qparams(q.x_min.reshape(()).float(), q.x_max.reshape(()).float(), q.bits)
-        a = int(-zp.item())
-        return float(scale), float(scale), a, a + n
-    if isinstance(q, LSQQuantizer) and not q.per_channel:
-        s = float(q.scale.detach().clamp_min(1e-8).reshape(()))
-        post = q._post(q.scale)
-        dq = s / q.gamma if post is None else float(torch.as_tensor(post).reshape(()))
-        return s / q.gamma, dq, q.q_n, q.q_p
-    raise ExportError(f"{name}: activation quantizer {type(q).__name__} cannot be exported to ONNX")
-
-
-def _weight_grid(name: str, layer: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
-    """(integer levels, per-output-channel dequantization step) of a quantized layer's weight; None = float."""
-    wq: Quantizer = layer.weight_quantizer
-    if not wq.active:
-        return None
-    w = layer.weight.detach().float()
-    if isinstance(wq, MinMaxChannelQuantizer):
-        flat = w.flatten(1)
-        scale = qparams(flat.min(1).values, flat.max(1).values, wq.bits)[0]
-    elif isinstance(wq, LSQQuantizer):
-        s = wq._step(w).to(w.dtype).reshape(-1)
-        post = wq._post(w)
-        scale = s / wq.gamma if post is None else torch.as_tensor(post, dtype=w.dtype).reshape(-1)
-        scale = scale.expand(w.shape[0]) if scale.numel() == 1 else scale
-    else:
-        raise ExportError(f"{name}: weight quantizer {type(wq).__name__} cannot be exported to ONNX")
-    levels = wq.levels(w).to(torch.int64)
-    fake = wq(w)
-    view = (-1,) + (1,) * (w.dim() - 1)
-    err = (levels.to(w.dtype) * scale.view(view) - fake).abs().max().item()
-    if err > 1e-5 * max(w.abs().max().item(), 1e-12):
-        raise ExportError(f"{name}: weight quantizer output is not integer levels x scale (max error {err:.3g})")
-    return levels.numpy(), scale.double().numpy()
-
-
-def _spread(ints: np.ndarray) -> np.ndarray:
-    """Per output channel, the largest integer k with k * q still in int8 (k * q at step s / k is the same weight).
-
-    QLinearConv adds the bias as an int32 on the step s_x * s_w: rounding it there moves every output by up to
-    0.5 * s_x * s_w, a few percent of a 3-bit output step, enough to flip ~1 % of the levels of a layer (measured,
-    docs/deploy.md). Spreading the levels makes that step k times finer at no cost (the kernel is int8 anyway).
-    """
-    peak = np.abs(ints.reshape(ints.shape[0], -1)).max(1)
-    return np.maximum(127 // np.maximum(peak, 1), 1).astype(np.int64)
-
-
-def _fold_bn(bn: nn.BatchNorm2d | None, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (factor, shift) of an eval-mode BatchNorm: y = factor * x + shift; identity without one."""
-    if bn is None:
-        return np.ones(channels), np.zeros(channels)
-    if bn.running_mean is None or bn.running_var is None:
-        raise ExportError("BatchNorm without running statistics cannot be folded (track_running_stats=False)")
-    sigma = torch.sqrt(bn.running_var.double() + bn.eps)
-    g = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(sigma)
-    b = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(sigma)
-    factor = g / sigma
-    return factor.numpy(), (b - bn.running_mean.double() * factor).numpy()
-
-
 class _Exporter:
     def __init__(
         self, model: nn.Module, quantized: bool, mode: str = "exact", pixels: PixelInput | None = None,
@@ -242,7 +127,7 @@ class _Exporter:
         self.quantized, self.mode, self.pixels, self.input_shape = quantized, mode, pixels, input_shape
         self.pixel_names: dict[tuple[int, ...], str] = {}  # channel group -> its uint8 pixel tensor
         self.modules = dict(model.named_modules())
-        self.g = _Graph()
+        self.g = Graph()
         self.values: dict[fx.Node, _Value] = {}
         self.skip: set[fx.Node] = set()
         self.relu_before: dict[fx.Node, str] = {}  # QuantAct node -> "relu"/"relu6" dropped before it
@@ -265,7 +150,7 @@ class _Exporter:
     def quantize_act(self, x: str, qnode: fx.Node, relu: str | None) -> _Value:
         """QuantizeLinear -> integer Clip -> DequantizeLinear of the activation quantizer at ``qnode``."""
         name = qnode.target
-        q_step, dq_step, lo, hi = _act_grid(name, self.mod(qnode).quantizer)
+        q_step, dq_step, lo, hi = act_grid(name, self.mod(qnode).quantizer)
         if relu is not None:
             lo = max(lo, 0)
             if relu == "relu6":  # round is monotone: min(round(6 / s), hi) caps as ReLU6 before rounding did
@@ -276,10 +161,10 @@ class _Exporter:
             raise ExportError(f"{name}: activation grid [{lo}, {hi}] does not fit {dtype}")
         g = self.g
         zp = g.const(np.zeros((), dtype), f"{name}.zp")
-        qi = g.node("QuantizeLinear", [x, g.const(_f32(q_step), f"{name}.step"), zp], f"{name}.q")
+        qi = g.node("QuantizeLinear", [x, g.const(f32(q_step), f"{name}.step"), zp], f"{name}.q")
         qc = g.node("Clip", [qi, g.const(np.array(lo, dtype), f"{name}.lo"), g.const(np.array(hi, dtype), f"{name}.hi")],
                     f"{name}.qclip")  # fmt: skip
-        dq_scale = g.const(_f32(dq_step), f"{name}.dq_step")
+        dq_scale = g.const(f32(dq_step), f"{name}.dq_step")
         out = g.node("DequantizeLinear", [qc, dq_scale, zp], f"{name}.dq")
         self.act_count += 1
         return _Value(out, _Q(qc, dq_step, dtype))
@@ -296,10 +181,10 @@ class _Exporter:
             bn, out_node = self.mod(nxt), nxt
             self.skip.add(nxt)
         channels = layer.weight.shape[0]
-        factor, shift = _fold_bn(bn, channels)
+        factor, shift = fold_bn(bn, channels)
         bias = shift + (layer.bias.detach().double().numpy() * factor if layer.bias is not None else 0.0)
         quant_layer = self.quantized and isinstance(layer, QuantConv2d | QuantLinear)
-        grid = _weight_grid(name, layer) if quant_layer else None
+        grid = weight_grid(name, layer) if quant_layer else None
         wbits = layer.weight_quantizer.bits if isinstance(layer, QuantConv2d | QuantLinear) else 32
         g = self.g
         # an activation quantizer right after (through an optional ReLU/ReLU6): fuse Conv -> Q (QLinearConv)
@@ -323,7 +208,7 @@ class _Exporter:
         if grid is None:  # float weights (bits 32, or the float FP32 export)
             w = layer.weight.detach().double().numpy()
             w = w * factor.reshape((-1,) + (1,) * (w.ndim - 1))
-            wname = g.const(_f32(w), f"{name}.weight")
+            wname = g.const(f32(w), f"{name}.weight")
             kernel, reason = "float", "weight bits 32" if self.quantized else "FP32 export"
         else:
             levels, step = grid
@@ -353,23 +238,23 @@ class _Exporter:
             y = self._rescale(acc, x.q.scale * w_step, bias, name, conv=kind == "conv")
         else:
             if grid is not None:
-                if x.q is not None:  # QLinearConv: spread the b-bit levels over int8 (k * q, step / k), see _spread
-                    k = _spread(ints)
+                if x.q is not None:  # QLinearConv: spread the b-bit levels over int8 (k * q, step / k), see spread
+                    k = spread(ints)
                     ints, w_step = ints * k.reshape((-1,) + (1,) * (ints.ndim - 1)), w_step / k
                 wdtype = np.int8 if fits_int8 else np.int16
                 w_int = g.const(ints.astype(wdtype), f"{name}.weight_q")
                 wzp = g.const(np.zeros(channels, wdtype), f"{name}.weight_zp")
-                wname = g.node("DequantizeLinear", [w_int, g.const(_f32(w_step), f"{name}.weight_step"), wzp],
+                wname = g.node("DequantizeLinear", [w_int, g.const(f32(w_step), f"{name}.weight_step"), wzp],
                                f"{name}.weight_dq", axis=0)  # fmt: skip
                 kernel, reason = ("QLinearConv", "") if x.q is not None else ("float", "input not quantized")
             if grid is not None and x.q is not None:  # QDQ bias: int32 on the step s_x * s_w
                 b_step = x.q.scale * w_step
                 b_int = np.clip(np.round(bias / b_step), -(2**31), 2**31 - 1).astype(np.int32)
-                bname = g.node("DequantizeLinear", [g.const(b_int, f"{name}.bias_q"), g.const(_f32(b_step), f"{name}.bias_step"),
+                bname = g.node("DequantizeLinear", [g.const(b_int, f"{name}.bias_q"), g.const(f32(b_step), f"{name}.bias_step"),
                                                     g.const(np.zeros(channels, np.int32), f"{name}.bias_zp")],
                                f"{name}.bias_dq", axis=0)  # fmt: skip
             else:
-                bname = g.const(_f32(bias), f"{name}.bias")
+                bname = g.const(f32(bias), f"{name}.bias")
             if kind == "conv":
                 y = g.node("Conv", [x.name, wname, bname], f"{name}.out", **conv_attrs)
             else:
@@ -419,11 +304,11 @@ class _Exporter:
         if ints.shape[1] != channels or len(self.input_shape) != 3 or self.input_shape[0] != channels:
             raise ExportError(f"{name}: PixelInput has {channels} channels, the layer reads {ints.shape[1]}")
         if "p" not in self.pixel_names:  # p = round((x - b) / a), saturated to [0, levels] (uint8)
-            shifted = g.node("Sub", [x.name, g.const(_f32(b).reshape(1, -1, 1, 1), "input.offset")], "input.shifted")
+            shifted = g.node("Sub", [x.name, g.const(f32(b).reshape(1, -1, 1, 1), "input.offset")], "input.shifted")
             if pix.levels > 255:
                 raise ExportError(f"{name}: PixelInput levels {pix.levels} do not fit uint8")
             self.pixel_names["p"] = g.node(
-                "QuantizeLinear", [shifted, g.const(_f32(a), "input.step"), g.const(np.zeros(channels, np.uint8), "input.zp")],
+                "QuantizeLinear", [shifted, g.const(f32(a), "input.step"), g.const(np.zeros(channels, np.uint8), "input.zp")],
                 "input.pixels", axis=1,
             )  # fmt: skip
         total = None
@@ -437,11 +322,11 @@ class _Exporter:
                 )  # fmt: skip
             acc = self._integer_acc(_Q(self.pixel_names[group], float(step), "uint8"), ints[:, list(group)], name,
                                     "conv", conv_attrs)  # fmt: skip
-            part = g.node("Mul", [g.node("Cast", [acc], f"{name}.acc_f", to=1), g.const(_f32(step), f"{name}.pixel_step")],
+            part = g.node("Mul", [g.node("Cast", [acc], f"{name}.acc_f", to=1), g.const(f32(step), f"{name}.pixel_step")],
                           f"{name}.pixel_part")  # fmt: skip
             total = part if total is None else g.node("Add", [total, part], f"{name}.pixel_sum")
         # conv(b * M): the offset image, zero-padded like x, through the integer weights (all inputs constant)
-        offset_img = g.node("Expand", [g.const(_f32(b).reshape(1, -1, 1, 1), f"{name}.offset"),
+        offset_img = g.node("Expand", [g.const(f32(b).reshape(1, -1, 1, 1), f"{name}.offset"),
                                        g.const(np.array([1, *self.input_shape], np.int64), f"{name}.offset_shape")],
                             f"{name}.offset_image")  # fmt: skip
         w_float = g.node("Cast", [g.const(ints.astype(np.int16), f"{name}.weight_q16")], f"{name}.weight_levels", to=1)
@@ -453,8 +338,8 @@ class _Exporter:
         """float f -> f * step + bias, per output channel (axis 1 of an NCHW map, or of an N x C matrix)."""
         g = self.g
         shape = (1, -1, 1, 1) if conv else (1, -1)
-        f = g.node("Mul", [f, g.const(_f32(step).reshape(shape), f"{name}.acc_step")], f"{name}.scaled")
-        return g.node("Add", [f, g.const(_f32(bias).reshape(shape), f"{name}.bias")], f"{name}.out")
+        f = g.node("Mul", [f, g.const(f32(step).reshape(shape), f"{name}.acc_step")], f"{name}.scaled")
+        return g.node("Add", [f, g.const(f32(bias).reshape(shape), f"{name}.bias")], f"{name}.out")
 
     def _rescale(self, acc: str, step: np.ndarray, bias: np.ndarray, name: str, conv: bool) -> str:
         """int32 accumulator -> float: acc * (s_x * s_w) + bias, per output channel."""
@@ -499,7 +384,7 @@ class _Exporter:
             elif isinstance(m, nn.ReLU):
                 self.values[node] = _Value(g.node("Relu", [x.name], f"{name}.out"))
             else:
-                lo, hi = g.const(_f32(0.0), f"{name}.lo"), g.const(_f32(6.0), f"{name}.hi")
+                lo, hi = g.const(f32(0.0), f"{name}.lo"), g.const(f32(6.0), f"{name}.hi")
                 self.values[node] = _Value(g.node("Clip", [x.name, lo, hi], f"{name}.out"))
         elif isinstance(m, nn.BatchNorm2d):
             raise ExportError(f"{name}: BatchNorm that does not follow a conv cannot be folded")
@@ -515,7 +400,7 @@ class _Exporter:
             if isinstance(m, nn.MaxPool2d) and x.q is not None:  # the max of integers is on the same grid
                 qi = g.node("MaxPool", [x.q.name], f"{name}.q_out", **attrs)
                 zp = g.const(np.zeros((), x.q.dtype), f"{name}.zp")
-                dq = g.node("DequantizeLinear", [qi, g.const(_f32(x.q.scale), f"{name}.dq_step"), zp], f"{name}.out")
+                dq = g.node("DequantizeLinear", [qi, g.const(f32(x.q.scale), f"{name}.dq_step"), zp], f"{name}.out")
                 self.values[node] = _Value(dq, _Q(qi, x.q.scale, x.q.dtype))
             else:
                 op = "MaxPool" if isinstance(m, nn.MaxPool2d) else "AveragePool"
@@ -597,7 +482,7 @@ def export_onnx(
     ``mode``: ``exact`` runs every conv with a quantized input as ConvInteger (int32 accumulation, then the
     float scale and bias: the fake-quant arithmetic, bit for bit in practice); ``qlinear`` writes the QDQ
     pattern that onnxruntime fuses into QLinearConv where an activation quantizer follows, its bias an int32 on
-    the step s_x * s_w / k (module docstring, :func:`_spread`). ``pixels``: the input is normalized 8-bit pixels
+    the step s_x * s_w / k (module docstring, :func:`spread`). ``pixels``: the input is normalized 8-bit pixels
     (:class:`PixelInput`), so the first conv runs as ConvInteger on them; None keeps it a float conv."""
     return _export(model, tuple(input_shape), path, quantized=True, mode=mode, pixels=pixels)
 

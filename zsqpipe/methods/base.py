@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -11,27 +10,24 @@ import torch
 from torch import nn
 
 from zsqpipe.config import from_dict
-from zsqpipe.errors import ConfigError
 from zsqpipe.names import METHOD_NAMES  # every method shipped (module zsqpipe/methods/<name>.py)
+from zsqpipe.registry import Registry
 
-_REGISTRY: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method", declared=METHOD_NAMES, module="zsqpipe.methods.{}")
 
 
 def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass as ``name`` (declared in ``zsqpipe.names``)."""
+
     def deco(cls):
-        _REGISTRY[name] = cls
         cls.name = name
-        return cls
+        return METHODS.register(name)(cls)
 
     return deco
 
 
 def get_method(name: str) -> type[Method]:
-    if name not in METHOD_NAMES:
-        raise ConfigError(f"method: unknown method {name!r}; expected one of {list(METHOD_NAMES)}")
-    if name not in _REGISTRY:
-        importlib.import_module(f"zsqpipe.methods.{name}")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 @dataclass

@@ -27,27 +27,21 @@ from zsqpipe.quant.functional import (
     lsq_quantize,
     qparams,
 )
+from zsqpipe.registry import Registry
 
-QUANTIZERS: dict[str, type[Quantizer]] = {}
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
 
 def register_quantizer(name: str) -> Callable[[type], type]:
     def deco(cls):
-        if name in QUANTIZERS:
-            raise ValueError(f"quantizer {name!r} is registered twice")
-        QUANTIZERS[name] = cls
         cls.registry_name = name
-        return cls
+        return QUANTIZERS.register(name)(cls)
 
     return deco
 
 
 def create_quantizer(name: str, kind: str, bits: int, **kwargs) -> Quantizer:
-    if name not in QUANTIZERS:
-        raise ConfigError(
-            f"quant.{kind}_quantizer: unknown quantizer {name!r}; expected one of {sorted(QUANTIZERS)}"
-        )
-    cls = QUANTIZERS[name]
+    cls = QUANTIZERS.get(name, key=f"quant.{kind}_quantizer")
     if kind not in cls.kinds:
         raise ConfigError(
             f"quant.{kind}_quantizer: {name!r} cannot quantize {kind}s (it supports {cls.kinds})"

@@ -17,20 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsqpipe.codehash import code_version
 from zsqpipe.config import FPConfig
 from zsqpipe.data import make_loader
 from zsqpipe.data.loaders import order_generator
-from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler, resolve_device, setup_runtime
+from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.io import atomic_path, json_text, save_checkpoint, sha256_file, torch_load_checked
 from zsqpipe.job import Job
 from zsqpipe.models import create_model
 from zsqpipe.progress import progress
-from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
+from zsqpipe.resume import Checkpoints
 from zsqpipe.stages.common import eval_loader
 from zsqpipe.stages.data import load_prepared
+from zsqpipe.stages.training import TrainingRun
 from zsqpipe.tracking import Tracker
 
 
@@ -136,25 +136,16 @@ def run_fp_model(
     job: Job | None = None,
 ) -> dict:
     job = job or Job()
-    tracker, log = job.tracker, job.log
-    dev = resolve_device(job.device)
-    setup_runtime(job.threads, cfg.seed, cfg.deterministic)
-    resume_key = {
-        "stage": "fp_model",
-        "arch": arch,
-        "fp": asdict(cfg),
-        "data_manifest_sha256": sha256_file(dataset_manifest),
-        "code": code_version("zsqpipe.stages.fp_model"),
-        **runtime_key(dev),
-    }
-    checkpoints = Checkpoints(ResumeState.for_job(job.resume_root, out_model, resume_key, log), log=log)
+    key = {"arch": arch, "fp": asdict(cfg), "data_manifest_sha256": sha256_file(dataset_manifest)}
+    run = TrainingRun(job, "fp_model", key, out_model, cfg.seed, deterministic=cfg.deterministic)
+    dev, log = run.device, job.log
     data = load_prepared(dataset_manifest)
     info = data.info
     model = create_model(
         arch, num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size
     )
-    tracker.log_params({"arch": arch, "dataset": info.name, "fp": asdict(cfg), "device": str(dev)})
-    timer = Timer()
+    job.tracker.log_params({"arch": arch, "dataset": info.name, "fp": asdict(cfg), "device": str(dev)})
+    run.timer = Timer()  # the clock starts after the set-up
     history: list[dict] = []
     source = "trained"
     if cfg.checkpoint:
@@ -165,50 +156,25 @@ def run_fp_model(
         model = model.to(dev)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        history = train_fp(model, data, cfg, dev, tracker, log, checkpoints, timer)
+        history = train_fp(model, data, cfg, dev, job.tracker, log, run.checkpoints, run.timer)
     test = evaluate(model, eval_loader(data.test, info, cfg.eval_batch_size, dev, cfg.channels_last))
     if history:  # the model has not changed since the last epoch's validation
         val = {"top1": history[-1]["val_top1"]}
     else:
         val = evaluate(model, eval_loader(data.val, info, cfg.eval_batch_size, dev, cfg.channels_last))
     model = model.to(memory_format=torch.contiguous_format)
-    metrics = {
-        "dataset": info.name,
-        "arch": arch,
-        "source": source,
-        "test_top1": test["top1"],
-        "test_top5": test["top5"],
-        "val_top1": val["top1"],
-        "wall_time_s": timer(),
-        "history": history,
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "resumed_from_epoch": checkpoints.resumed_from,
-    }
-    ckpt = {
-        "arch": arch,
-        "dataset": info.name,
-        "num_classes": info.num_classes,
-        "in_channels": info.in_channels,
-        "image_size": info.image_size,
-        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-        "quant": None,
-        "config": asdict(cfg),
-        "test_top1": test["top1"],
-    }
+    metrics = {"dataset": info.name, "arch": arch, "source": source, "test_top1": test["top1"],
+               "test_top5": test["top5"], "val_top1": val["top1"], "wall_time_s": run.timer(), "history": history,
+               "num_params": sum(p.numel() for p in model.parameters()), "resumed_from_epoch": run.resumed_from}  # fmt: skip
+    ckpt = {"arch": arch, "dataset": info.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "quant": None, "config": asdict(cfg), "test_top1": test["top1"]}  # fmt: skip
     if cfg.checkpoint:
         metrics["checkpoint_sha256"] = sha256_file(cfg.checkpoint)
     with atomic_path(out_metrics) as tmp_metrics:  # both or neither: fp_metrics.json is published last
         tmp_metrics.write_text(json_text(metrics))
         save_checkpoint(out_model, ckpt)
-    checkpoints.clear()
-    tracker.log_metrics(
-        {
-            "final_test_top1": test["top1"],
-            "final_val_top1": val["top1"],
-            "wall_time_s": metrics["wall_time_s"],
-        }
-    )
-    tracker.log_artifact(out_metrics)
-    tracker.log_artifact(out_model, "checkpoint")
+    run.finish({"final_test_top1": test["top1"], "final_val_top1": val["top1"], "wall_time_s": metrics["wall_time_s"]},
+               [(out_metrics, None), (out_model, "checkpoint")])  # fmt: skip
     log(f"FP {arch} on {info.name}: test top-1 {test['top1']:.2f}%")
     return metrics

@@ -228,29 +228,17 @@ def run_groundtruth(
     _check_chunk(dataset, chunk, n_chunks)
     table = TABLE_OF_DATASET.get(dataset)
     bench = Path(benchmark_path) if benchmark_path else DEFAULT_PATH
-    content: dict[str, Any] = {
-        "dataset": dataset,
-        "chunk": chunk,
-        "n_chunks": n_chunks,
-        "sample": {**cfg.sample_dict(), "n_total": len(cells)},
-        "benchmark_sha256": sha256_file(bench),
-    }
+    content: dict[str, Any] = {"dataset": dataset, "chunk": chunk, "n_chunks": n_chunks,
+                               "sample": {**cfg.sample_dict(), "n_total": len(cells)},
+                               "benchmark_sha256": sha256_file(bench)}  # fmt: skip
     tracker.log_params(
         {"dataset": dataset, "chunk": chunk, "n_chunks": n_chunks, "groundtruth": cfg.to_dict()}
     )
     if table is not None:  # NAS-Bench-201 ground truth: a table look-up, nothing trained
         chunk_cells = cells
         truth = table_ground_truth(chunk_cells, benchmark_path)
-        records = [
-            {
-                "index": i,
-                "arch": arch_to_str(index_to_arch(i)),
-                "valid_acc": t[f"{table}_valid"],
-                "test_acc": t[f"{table}_test"],
-                "nb201": t,
-            }  # fmt: skip
-            for i, t in zip(chunk_cells, truth, strict=True)
-        ]
+        records = [{"index": i, "arch": arch_to_str(index_to_arch(i)), "valid_acc": t[f"{table}_valid"],
+                    "test_acc": t[f"{table}_test"], "nb201": t} for i, t in zip(chunk_cells, truth, strict=True)]  # fmt: skip
         content.update(source="nasbench201", table=table, positions=[0, len(cells)], records=records)
         log(f"{dataset}: NAS-Bench-201 ground truth of {len(records)} cells (table '{table}')")
     else:
@@ -270,15 +258,11 @@ def run_groundtruth(
         for pos, index in enumerate(chunk_cells):
             arch = index_to_arch(index)
             runs = train_cell_runs(arch, cfg, data, val, test, dev, job.threads)
-            rec = {
-                "index": index,
-                "arch": arch_to_str(arch),
-                "valid_acc": sum(r["valid_acc"] for r in runs) / len(runs),
-                "test_acc": sum(r["test_acc"] for r in runs) / len(runs),
-                "complexity": subnet_complexity(arch, cfg.C, cfg.N, info.in_channels, info.num_classes),
-                "time_s": sum(r["time_s"] for r in runs),
-                "runs": runs,
-            }
+            rec = {"index": index, "arch": arch_to_str(arch),
+                   "valid_acc": sum(r["valid_acc"] for r in runs) / len(runs),
+                   "test_acc": sum(r["test_acc"] for r in runs) / len(runs),
+                   "complexity": subnet_complexity(arch, cfg.C, cfg.N, info.in_channels, info.num_classes),
+                   "time_s": sum(r["time_s"] for r in runs), "runs": runs}  # fmt: skip
             records.append(rec)
             tracker.log_metrics({"valid_acc": rec["valid_acc"], "test_acc": rec["test_acc"],
                                  "time_s": rec["time_s"]}, step=pos)  # fmt: skip

@@ -64,6 +64,33 @@ def search_budgets(
     return {"max_bitops": max_bitops, "results": results, "scores": scores, "costs": costs}
 
 
+def _report_found(model, found: dict, bn_batches, test) -> tuple[list[dict], list[dict]]:
+    """Test top-1 (after BN recalibration) and costs of the cells found per budget and of the validation
+    Pareto front; each cell is tested once."""
+    test_cache: dict = {}
+    space = oqat_space(model)
+
+    def test_acc(a):
+        if a not in test_cache:
+            test_cache[a] = subnet_accuracy(model, a, bn_batches, test)
+        return test_cache[a]
+
+    def record(a, **extra):
+        c = found["costs"][a]
+        return {"arch": space.to_str(a), **space.describe(a), **extra, "val_acc": found["scores"][a], "test_acc": test_acc(a),
+                "bitops": c["bitops"], "macs": c["macs"], "fp_macs": c["fp_macs"], "oqat_mflops": c["oqat_mflops"]}  # fmt: skip
+
+    results = []
+    for r in found["results"]:
+        if r["arch"] is None:
+            results.append({**r, "arch": None, "test_acc": None})
+        else:
+            results.append(record(r["arch"], budget=r["budget"], budget_bitops=r["budget_bitops"],
+                                  n_evaluated=r["n_evaluated"]))  # fmt: skip
+    front = pareto_front((a, found["costs"][a]["bitops"], v) for a, v in found["scores"].items())
+    return results, [record(a) for a, _, _ in front]
+
+
 def run_oqat_search(
     supernet: Path,
     manifest: Path,
@@ -99,52 +126,17 @@ def run_oqat_search(
     t_test = Timer()
     test = list(make_loader(first_images(data.test, cfg.test_images), info, cfg.eval_batch_size, train=False,
                             device=dev))  # fmt: skip
-    test_cache: dict = {}
-    space = oqat_space(model)
-
-    def test_acc(a):
-        if a not in test_cache:
-            test_cache[a] = subnet_accuracy(model, a, bn_batches, test)
-        return test_cache[a]
-
-    def record(a, **extra):
-        c = found["costs"][a]
-        return {"arch": space.to_str(a), **space.describe(a), **extra, "val_acc": found["scores"][a], "test_acc": test_acc(a),
-                "bitops": c["bitops"], "macs": c["macs"], "fp_macs": c["fp_macs"], "oqat_mflops": c["oqat_mflops"]}  # fmt: skip
-
-    results = []
-    for r in found["results"]:
-        if r["arch"] is None:
-            results.append({**r, "arch": None, "test_acc": None})
-        else:
-            results.append(record(r["arch"], budget=r["budget"], budget_bitops=r["budget_bitops"],
-                                  n_evaluated=r["n_evaluated"]))  # fmt: skip
-    front = pareto_front((a, found["costs"][a]["bitops"], v) for a, v in found["scores"].items())
-    pareto = [record(a) for a, _, _ in front]
+    results, pareto = _report_found(model, found, bn_batches, test)
     test_time = t_test()
     metrics = {
-        "dataset": info.name,
-        "bits": bits,
-        "seed": cfg.seed,
-        "config": cfg.to_dict(),
-        "supernet": {
-            "path": str(supernet),
-            "sha256": sha256_file(supernet),
-            "config": ck["config"],
-            "inherited_from": ck.get("inherited_from"),
-        },  # fmt: skip
-        "max_bitops": found["max_bitops"],
-        "found": results,
-        "pareto": pareto,
-        "n_scored": len(found["scores"]),
-        "bn_images": sum(len(y) for _, y in bn_batches),
-        "val_images": sum(len(y) for _, y in val),
-        "test_images": sum(len(y) for _, y in test),
-        "search_time_s": search_time,
-        "test_time_s": test_time,
-        "wall_time_s": timer(),
-        "device": str(dev),
-    }
+        "dataset": info.name, "bits": bits, "seed": cfg.seed, "config": cfg.to_dict(),
+        "supernet": {"path": str(supernet), "sha256": sha256_file(supernet), "config": ck["config"],
+                     "inherited_from": ck.get("inherited_from")},
+        "max_bitops": found["max_bitops"], "found": results, "pareto": pareto, "n_scored": len(found["scores"]),
+        "bn_images": sum(len(y) for _, y in bn_batches), "val_images": sum(len(y) for _, y in val),
+        "test_images": sum(len(y) for _, y in test), "search_time_s": search_time, "test_time_s": test_time,
+        "wall_time_s": timer(), "device": str(dev),
+    }  # fmt: skip
     write_json(out, metrics)
     for r in results:
         if r["arch"] is not None:

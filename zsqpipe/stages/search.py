@@ -66,6 +66,29 @@ def _seeds(seeds: int | Iterable[int]) -> list[int]:
 TORCH_STRATEGIES = ("reinforce", "ase", "ase_plus")  # strategies whose draws go through torch ops
 
 
+def _check_names(space: str, dataset: str, strategy: str) -> None:
+    if space not in SPACES:
+        raise ConfigError(f"nas.space: {space!r} is not one of {list(SPACES)}")
+    if dataset not in DATASETS:
+        raise ConfigError(f"nas.datasets: {dataset!r} is not one of {list(DATASETS)}")
+    if strategy not in STRATEGY_NAMES:
+        raise ConfigError(f"nas.strategies: {strategy!r} is not one of {list(STRATEGY_NAMES)}")
+
+
+def _fix_torch_runtime(strategy: str, threads: int | None) -> dict | None:
+    """For strategies whose draws go through torch ops: fix the thread count and return what to record."""
+    if strategy not in TORCH_STRATEGIES:
+        return None
+    import torch
+
+    # the controller's draws depend on torch's intra-op thread count (ASE on CIFAR-10, 20 seeds: 94.33 with 1
+    # thread, 94.30 with 2; the CPU instruction set does not matter: docs/methods/nas_search.md), so it is
+    # fixed (1 unless given: tiny tensors, extra threads only add overhead) and recorded with the search
+    torch.set_num_threads(int(threads or 1))
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+
+
 def run_search(
     dataset: str,
     strategy: str,
@@ -83,12 +106,7 @@ def run_search(
     step = the seed's position in ``seeds``."""
     job = job or Job()
     tracker, log = job.tracker, job.log
-    if space not in SPACES:
-        raise ConfigError(f"nas.space: {space!r} is not one of {list(SPACES)}")
-    if dataset not in DATASETS:
-        raise ConfigError(f"nas.datasets: {dataset!r} is not one of {list(DATASETS)}")
-    if strategy not in STRATEGY_NAMES:
-        raise ConfigError(f"nas.strategies: {strategy!r} is not one of {list(STRATEGY_NAMES)}")
+    _check_names(space, dataset, strategy)
     seeds = _seeds(seeds)
     params = dict(params or {})
     if init_from is not None:
@@ -98,16 +116,7 @@ def run_search(
             )
         prev = read_json(init_from)
         init = {s: init_archs_from(init_from, s, prev) for s in seeds}  # a missing seed fails first
-    runtime = None
-    if strategy in TORCH_STRATEGIES:
-        import torch
-
-        # the controller's draws depend on torch's intra-op thread count (ASE on CIFAR-10, 20 seeds: 94.33 with 1
-        # thread, 94.30 with 2; the CPU instruction set does not matter: docs/methods/nas_search.md), so it is
-        # fixed (1 unless given: tiny tensors, extra threads only add overhead) and recorded with the search
-        torch.set_num_threads(int(job.threads or 1))
-        runtime = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+    runtime = _fix_torch_runtime(strategy, job.threads)
 
     bench = load_benchmark(benchmark_path)
     bench_sha = sha256_file(bench.source)
@@ -126,23 +135,13 @@ def run_search(
         # reporting only, after the search returned: the strategy never had access to these
         test = test_accuracy(result.best_arch, dataset, benchmark_path)
         record = {
-            "space": space,
-            "dataset": dataset,
-            "strategy": strategy,
-            "seed": seed,
-            "budget": budget,
-            "params": seed_params,
-            "queries": len(result.history),
-            "arch": arch_to_str(result.best_arch),
-            "index": arch_to_index(result.best_arch),
-            "valid_acc": result.best_valid,
-            "test_acc": test,
+            "space": space, "dataset": dataset, "strategy": strategy, "seed": seed, "budget": budget,
+            "params": seed_params, "queries": len(result.history), "arch": arch_to_str(result.best_arch),
+            "index": arch_to_index(result.best_arch), "valid_acc": result.best_valid, "test_acc": test,
             "best_valid_so_far": result.best_so_far(),
             "history": [[arch_to_index(q.arch), q.valid_acc] for q in result.history],
-            "wall_time_s": seconds,
-            "benchmark_sha256": bench_sha,
-            **result.extras,
-        }
+            "wall_time_s": seconds, "benchmark_sha256": bench_sha, **result.extras,
+        }  # fmt: skip
         records.append(record)
         tracker.log_metrics({"seed": seed, "valid_acc": result.best_valid, "test_acc": test,
                              "queries": len(result.history), "wall_time_s": seconds}, step=step)  # fmt: skip
@@ -150,18 +149,10 @@ def run_search(
             f"{record['arch']} valid {result.best_valid:.2f} test {test:.2f}")  # fmt: skip
     total = time.perf_counter() - t_all
     content = {
-        "space": space,
-        "dataset": dataset,
-        "strategy": strategy,
-        "seeds": seeds,
-        "budget": budget,
-        "params": params,
-        "init_from": str(init_from) if init_from else None,
-        "benchmark_sha256": bench_sha,
-        "runtime": runtime,
-        "wall_time_s": total,
-        "records": records,
-    }
+        "space": space, "dataset": dataset, "strategy": strategy, "seeds": seeds, "budget": budget,
+        "params": params, "init_from": str(init_from) if init_from else None, "benchmark_sha256": bench_sha,
+        "runtime": runtime, "wall_time_s": total, "records": records,
+    }  # fmt: skip
     write_json(out, content)
     tracker.log_metrics({"wall_time_s_total": total, "test_acc_mean": sum(r["test_acc"] for r in records)
                          / len(records)})  # fmt: skip

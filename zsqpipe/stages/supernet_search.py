@@ -120,6 +120,27 @@ def load_nb201_supernet(path: Path, device) -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), ck
 
 
+def _true_accuracy(archs, table, cfg, groundtruth, data, dev, job: Job) -> dict[Arch, dict]:
+    """The found cells' true accuracy: NAS-Bench-201's 200-epoch numbers on CIFAR (``table``), else, with
+    ``cfg.standalone``, stand-alone training with the groundtruth stage's recipe and seeds."""
+    truth: dict[Arch, dict] = {}
+    if table is not None:
+        for arch, t in zip(archs, table_ground_truth(archs), strict=True):
+            truth[arch] = {"source": "nasbench201", "test_acc": t[f"{table}_test"], "valid_acc": t[f"{table}_valid"]}
+    elif cfg.standalone:
+        info = data.info
+        gt_val = make_loader(first_images(data.val, groundtruth.val_images), info, groundtruth.eval_batch_size,
+                             train=False, device=dev)  # fmt: skip
+        gt_test = make_loader(first_images(data.test, groundtruth.test_images), info, groundtruth.eval_batch_size,
+                              train=False, device=dev)  # fmt: skip
+        for arch in archs:  # the groundtruth stage's recipe and seeds: comparable with its cells
+            runs = train_cell_runs(arch, groundtruth, data, gt_val, gt_test, dev, job.threads)
+            truth[arch] = {"source": "standalone", "test_acc": float(np.mean([r["test_acc"] for r in runs])),
+                           "valid_acc": float(np.mean([r["valid_acc"] for r in runs])), "runs": runs}  # fmt: skip
+            job.log(f"stand-alone {arch_to_str(arch)}: test {truth[arch]['test_acc']:.2f}")
+    return truth
+
+
 def run_supernet_search(
     supernet: Path,
     manifest: Path,
@@ -180,58 +201,19 @@ def run_supernet_search(
                             device=dev))  # fmt: skip
     archs = sorted({f["arch"] for f in found})
     sn_test = dict(zip(archs, evaluate_subnets(model, archs, bn, test, len(bn), dev), strict=True))
-    truth: dict[Arch, dict] = {}
-    if table is not None:  # NAS-Bench-201 200-epoch accuracies of the found cells
-        for arch, t in zip(archs, table_ground_truth(archs), strict=True):
-            truth[arch] = {
-                "source": "nasbench201",
-                "test_acc": t[f"{table}_test"],
-                "valid_acc": t[f"{table}_valid"],
-            }
-    elif cfg.standalone:
-        gt_val = make_loader(first_images(data.val, groundtruth.val_images), info, groundtruth.eval_batch_size,
-                             train=False, device=dev)  # fmt: skip
-        gt_test = make_loader(first_images(data.test, groundtruth.test_images), info, groundtruth.eval_batch_size,
-                              train=False, device=dev)  # fmt: skip
-        for arch in archs:  # the groundtruth stage's recipe and seeds: comparable with its cells
-            runs = train_cell_runs(arch, groundtruth, data, gt_val, gt_test, dev, job.threads)
-            truth[arch] = {"source": "standalone", "test_acc": float(np.mean([r["test_acc"] for r in runs])),
-                           "valid_acc": float(np.mean([r["valid_acc"] for r in runs])), "runs": runs}  # fmt: skip
-            log(f"stand-alone {arch_to_str(arch)}: test {truth[arch]['test_acc']:.2f}")
-    records = [
-        {
-            "dataset": info.name,
-            "strategy": strategy,
-            **{k: v for k, v in f.items() if k != "arch"},
-            "arch": arch_to_str(f["arch"]),
-            "index": arch_to_index(f["arch"]),
-            "supernet_test_acc": sn_test[f["arch"]],
-            "truth": truth.get(f["arch"]),
-        }
-        for f in found
-    ]
+    truth = _true_accuracy(archs, table, cfg, groundtruth, data, dev, job)
+    records = [{"dataset": info.name, "strategy": strategy, **{k: v for k, v in f.items() if k != "arch"},
+                "arch": arch_to_str(f["arch"]), "index": arch_to_index(f["arch"]),
+                "supernet_test_acc": sn_test[f["arch"]], "truth": truth.get(f["arch"])} for f in found]  # fmt: skip
     content = {
-        "dataset": info.name,
-        "strategy": strategy,
-        "params": params,
-        "config": cfg.to_dict(),
+        "dataset": info.name, "strategy": strategy, "params": params, "config": cfg.to_dict(),
         "groundtruth_config": groundtruth.to_dict() if groundtruth is not None and table is None else None,
-        "supernet": {
-            "path": str(supernet),
-            "sha256": sha256_file(supernet),
-            "method": ck["config"]["method"],
-            "seed": ck["config"]["seed"],
-            "config": ck["config"],
-        },  # fmt: skip
-        "records": records,
-        "n_scored": len(evaluator.scores),
-        "bn_images": sum(len(y) for _, y in bn),
-        "val_images": sum(len(y) for _, y in val),
-        "test_images": sum(len(y) for _, y in test),
-        "search_time_s": search_time,
-        "wall_time_s": timer(),
-        "device": str(dev),
-    }
+        "supernet": {"path": str(supernet), "sha256": sha256_file(supernet), "method": ck["config"]["method"],
+                     "seed": ck["config"]["seed"], "config": ck["config"]},
+        "records": records, "n_scored": len(evaluator.scores), "bn_images": sum(len(y) for _, y in bn),
+        "val_images": sum(len(y) for _, y in val), "test_images": sum(len(y) for _, y in test),
+        "search_time_s": search_time, "wall_time_s": timer(), "device": str(dev),
+    }  # fmt: skip
     write_json(out, content)
     tracker.log_metrics({"search_time_s": search_time, "wall_time_s": content["wall_time_s"]})
     tracker.log_artifact(out)

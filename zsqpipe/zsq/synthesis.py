@@ -20,32 +20,22 @@ import torch
 from torch import nn
 
 from zsqpipe.errors import ConfigError
+from zsqpipe.names import SYNTHESIZER_NAMES
 from zsqpipe.progress import progress
+from zsqpipe.registry import Registry
 
-_SYNTHESIZERS: dict[str, tuple[Callable, type]] = {}
+SYNTHESIZERS: Registry[tuple[Callable, type]] = Registry(
+    "synthesizer", declared=SYNTHESIZER_NAMES, module="zsqpipe.zsq.synth_{}"
+)
 
 
 def register_synthesizer(name: str, config_cls: type):
-    def deco(fn):
-        _SYNTHESIZERS[name] = (fn, config_cls)
-        return fn
-
-    return deco
+    """Register ``fn(teacher, cfg, ctx) -> (images, labels)`` with its config dataclass."""
+    return SYNTHESIZERS.register(name, wrap=lambda _key, fn: (fn, config_cls))
 
 
 def get_synthesizer(name: str) -> tuple[Callable, type]:
-    import importlib
-
-    from zsqpipe.errors import ConfigError
-    from zsqpipe.names import SYNTHESIZER_NAMES
-
-    if name not in SYNTHESIZER_NAMES:
-        raise ConfigError(
-            f"synthesizer: unknown synthesizer {name!r}; expected one of {list(SYNTHESIZER_NAMES)}"
-        )
-    if name not in _SYNTHESIZERS:
-        importlib.import_module(f"zsqpipe.zsq.synth_{name}")
-    return _SYNTHESIZERS[name]
+    return SYNTHESIZERS.get(name)
 
 
 @dataclass

@@ -13,7 +13,6 @@ The evaluator is the only window on the benchmark: it returns validation accurac
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 from zsqpipe.config import from_dict
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, validate_arch
+from zsqpipe.registry import Registry
 
 STRATEGY_NAMES: tuple[str, ...] = ("random", "rea", "reinforce", "ase", "ase_plus")
 
@@ -116,23 +116,17 @@ class StrategySpec:
     config: type
 
 
-_REGISTRY: dict[str, StrategySpec] = {}
+STRATEGIES: Registry[StrategySpec] = Registry("strategy", key="nas.strategies", declared=STRATEGY_NAMES,
+                                              module="zsqpipe.nas.strategies.{}")  # fmt: skip
 
 
 def register_strategy(name: str, config: type):
-    def deco(fn):
-        _REGISTRY[name] = StrategySpec(name, fn, config)
-        return fn
-
-    return deco
+    """Register a search function ``fn(evaluate, budget, seed, cfg, log)`` with its config dataclass."""
+    return STRATEGIES.register(name, wrap=lambda key, fn: StrategySpec(key, fn, config))
 
 
 def get_strategy(name: str) -> StrategySpec:
-    if name not in STRATEGY_NAMES:
-        raise ConfigError(f"nas strategy {name!r}: unknown; expected one of {list(STRATEGY_NAMES)}")
-    if name not in _REGISTRY:
-        importlib.import_module(f"zsqpipe.nas.strategies.{name}")
-    return _REGISTRY[name]
+    return STRATEGIES.get(name)
 
 
 def run_strategy(
