@@ -26,6 +26,7 @@ unreleased). docs/methods/oqat.md lists the equations, sources, choices and devi
 
 from zsqpipe.nas.oqat.config import (
     INHERIT_RULES,
+    LARGEST,
     SPACES,
     OQATSearchConfig,
     OQATTrainConfig,
@@ -37,6 +38,7 @@ from zsqpipe.nas.oqat.supernet import (
     build_oqat_supernet,
     inherit_bits,
     init_step_sizes,
+    lsq_quantizers,
     oqat_quant_config,
     oqat_space,
     recalibrate_bn,
@@ -48,6 +50,7 @@ from zsqpipe.nas.oqat.train import train_oqat
 
 __all__ = [
     "INHERIT_RULES",
+    "LARGEST",
     "SPACES",
     "NB201Space",
     "OFAMBV3Space",
@@ -57,6 +60,7 @@ __all__ = [
     "constrained_search",
     "inherit_bits",
     "init_step_sizes",
+    "lsq_quantizers",
     "oqat_space",
     "oqat_quant_config",
     "pareto_front",
