@@ -70,7 +70,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     fp = wd / "results/models/fashion_mnist/resnet20/fp.pt"
     if not fp.is_file():
-        subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(wd),
+        subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(wd),
                         "--cores", "2", str(fp.relative_to(wd)), "--configfile", str(REPO / "config/smoke.yaml")],
                        check=True, cwd=REPO, env=env, capture_output=True)  # fmt: skip
     tracking = wd / "results/mlflow/tracking.json"

@@ -62,7 +62,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-workflow-"))
     if (workdir / "results").exists():
         sys.exit(f"bench_workflow: error: {workdir / 'results'} exists; give an empty --workdir")
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
            "--cores", str(args.cores), args.target, "--configfile", str(Path(args.configfile).resolve())]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     load = os.getloadavg()[0]

@@ -15,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 
 plan() {  # plan NAME [snakemake args...]: the dry run's jobs as sorted one-line records
     local name=$1; shift
-    (cd "$repo" && "$py" -m snakemake -n -p --forceall --cores 2 --directory "$work/plan_$name" -s Snakefile "$@") \
+    (cd "$repo" && "$py" -m snakemake -n -p --forceall --cores 2 --directory "$work/plan_$name" -s workflow/Snakefile "$@") \
         > "$work/plan_$name.raw" 2>&1
     "$py" - "$work/plan_$name.raw" > "$out/plan_$name.txt" <<'EOF'
 import re, sys
@@ -43,7 +43,7 @@ plan main results/tables/hast.csv results/tables/deploy.csv --configfile config/
 
 smoke_tables=(results/tables/hast.csv results/tables/nas.csv results/tables/supernet.csv
               results/tables/supernet_search.csv results/tables/oqat.csv)
-(cd "$repo" && "$py" -m snakemake "${smoke_tables[@]}" --cores 2 --directory "$work/smoke" -s Snakefile \
+(cd "$repo" && "$py" -m snakemake "${smoke_tables[@]}" --cores 2 --directory "$work/smoke" -s workflow/Snakefile \
     --configfile config/smoke.yaml) > "$out/smoke.log" 2>&1 || { tail -20 "$out/smoke.log"; exit 1; }
 for t in "${smoke_tables[@]}"; do cp "$work/smoke/$t" "$out/smoke/"; done
 cp "$work/smoke/results/tables/oqat_pareto.csv" "$out/smoke/"

@@ -74,7 +74,7 @@ def test_snakemake_rejects_bad_config_in_one_line(tmp_path, override, key):
             "snakemake",
             "-n",
             "-s",
-            str(REPO / "Snakefile"),
+            str(REPO / "workflow" / "Snakefile"),
             "--directory",
             str(tmp_path),
             "--configfile",

@@ -689,7 +689,7 @@ def test_snakemake_rejects_a_null_or_integer_key_in_one_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("data: {test_subset: all}\n")
     r = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(tmp_path),
          "--configfile", str(cfg), "--workflow-profile", "none"],
         capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip

@@ -25,7 +25,7 @@ TARGET = "results/tables/hast.csv"
 class WorkflowCopy:
     def __init__(self, root: Path, **overrides):
         self.repo = root / "repo"
-        for part in ("Snakefile", "workflow", "config", "zsqpipe"):
+        for part in ("workflow", "config", "zsqpipe"):
             src = REPO / part
             if src.is_dir():
                 shutil.copytree(src, self.repo / part, ignore=shutil.ignore_patterns("__pycache__"))
@@ -39,7 +39,7 @@ class WorkflowCopy:
         self.env["PYTHONPATH"] = str(self.repo)  # the copy's zsqpipe (run outside REPO: `-m` puts cwd first)
 
     def snakemake(self, *args: str, check: bool = True) -> str:
-        cmd = [sys.executable, "-m", "snakemake", "-s", str(self.repo / "Snakefile"), "--directory",
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(self.repo / "workflow" / "Snakefile"), "--directory",
                str(self.wd), TARGET, "--configfile", str(self.cfg), *args]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=self.env, cwd=self.root)
         assert (r.returncode == 0) == check, r.stdout[-3000:] + r.stderr[-3000:]

@@ -2,7 +2,7 @@
 
 Marked ``slurm``: not in the default suite; `.ci/run` runs it in its own bounded step (`make test-slurm`).
 tests/slurm/cluster.sh installs Debian's slurm-wlm + munge when missing and starts munged, slurmctld and slurmd
-as root; the workflow runs with ``--workflow-profile profiles/slurm`` (unchanged) plus the test-only layer
+as root; the workflow runs with ``--workflow-profile workflow/profiles/slurm`` (unchanged) plus the test-only layer
 tests/slurm/profile (squeue as status command: the cluster has no accounting). Checked: the table, that every
 non-local job was submitted once through sbatch and completed in Slurm, that the training/evaluation rules
 went to the gpu partition with one GPU and the profile's CPUs, and that the local rules never reached Slurm.
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1500)]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 # non-local jobs of config/smoke.yaml's hast table: data, fp_model, 2 x quantize, 2 x evaluate
 SUBMITTED_RULES = {"data": 1, "fp_model": 1, "quantize": 2, "evaluate": 2}
-GPU_RULES = {"fp_model": 8, "quantize": 8, "evaluate": 4}  # cpus_per_gpu in profiles/slurm/config.yaml
+GPU_RULES = {"fp_model": 8, "quantize": 8, "evaluate": 4}  # cpus_per_gpu in workflow/profiles/slurm/config.yaml
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_smoke_workflow_through_sbatch(cluster, tmp_path):
     wd.mkdir()
     cfg = write_config(wd / "smoke.yaml")
     cmd = snakemake_cmd(
-        wd, cfg, "--workflow-profile", str(REPO / "profiles" / "slurm"),
+        wd, cfg, "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
         "--profile", str(REPO / "tests" / "slurm" / "profile"),
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SLURM_CONF")}

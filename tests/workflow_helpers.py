@@ -26,7 +26,7 @@ def write_config(path: Path, base: str = "smoke.yaml", **overrides) -> Path:
 
 
 def snakemake_cmd(workdir: Path, configfile: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
             "--configfile", str(configfile), *args]  # fmt: skip
 
 

@@ -12,7 +12,7 @@
 # `hostname -s` at 127.0.0.1, and the daemons listen on the ports below. No accounting (slurmdbd): the
 # Snakemake plugin then needs `--slurm-status-command squeue` (tests/slurm/profile, not the user profile).
 #
-# The node declares what profiles/slurm asks of a job (cpus_per_gpu 8, mem_mb 32000, one GPU for the training
+# The node declares what workflow/profiles/slurm asks of a job (cpus_per_gpu 8, mem_mb 32000, one GPU for the training
 # rules), with SlurmdParameters=config_overrides so slurmd does not drain a smaller machine: the user-facing
 # profile is tested unchanged. The GPU is a count-only GRES (no device file): `--gpus=1` is scheduled like on
 # a real one-GPU node (GPU jobs run one at a time), while the smoke config itself runs on the CPU. Needs root.
