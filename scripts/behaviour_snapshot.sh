@@ -4,7 +4,8 @@
 # Writes OUT_DIR/plan_<config>.txt: every job of the dry run (--forceall) of the default config (all tables,
 # NAS, supernet, OQAT, deploy) and of the main job, one line per job: rule, wildcards and shell command, sorted
 # (Snakemake's "reason"/resources lines dropped: they are not what the job does); OUT_DIR/smoke/: the smoke
-# config's tables, run for real on CPU (~2-4 min on 2 cores); OUT_DIR/SUMMARY: sha256 of each of them.
+# config's tables, run for real on CPU (~2-4 min on 2 cores), and a copy of each without its wall-time columns
+# (*.notime.csv: the part that must not change); OUT_DIR/SUMMARY: sha256 of each of them.
 set -euo pipefail
 out=$(realpath -m "${1:?usage: scripts/behaviour_snapshot.sh OUT_DIR}")
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,7 +48,17 @@ smoke_tables=(results/tables/hast.csv results/tables/nas.csv results/tables/supe
     --configfile config/smoke.yaml) > "$out/smoke.log" 2>&1 || { tail -20 "$out/smoke.log"; exit 1; }
 for t in "${smoke_tables[@]}"; do cp "$work/smoke/$t" "$out/smoke/"; done
 cp "$work/smoke/results/tables/oqat_pareto.csv" "$out/smoke/"
+# the tables also report wall times, which differ run to run: a copy without them compares byte for byte
+"$py" - "$out/smoke" <<'EOF2'
+import re, sys
+from pathlib import Path
+import pandas as pd
+for p in sorted(Path(sys.argv[1]).glob("*.csv")):
+    if not p.name.endswith(".notime.csv"):
+        t = pd.read_csv(p, dtype=str, keep_default_na=False)
+        t.drop(columns=[c for c in t.columns if re.search(r"time_s", c)]).to_csv(p.with_suffix(".notime.csv"), index=False)
+EOF2
 
-(cd "$out" && sha256sum plan_*.txt smoke/*.csv) > "$out/SUMMARY"
+(cd "$out" && sha256sum plan_*.txt smoke/*.notime.csv smoke/*.csv | sort -u -k2) > "$out/SUMMARY"
 wc -l "$out"/plan_*.txt | sed '$d'
 cat "$out/SUMMARY"
