@@ -400,3 +400,23 @@ def train_supernet(
 
     return single_path_epochs(step, data, device, cfg.epochs, iters, first, history, timer, "supernet", log,
                               on_epoch, checkpoints, epoch_extras)  # fmt: skip
+
+
+class SupernetEvaluator:
+    """``arch -> top-1 (%)`` of the subnet on fixed validation batches after BN recalibration on fixed
+    training batches (:func:`zsqpipe.nas.supernet201.evaluate_subnets`), cached per cell. ``calls`` counts
+    queries, ``scores`` holds the distinct cells scored."""
+
+    def __init__(self, model, bn_batches: list, val_batches: list, device):
+        self.model, self.bn, self.val, self.device = model, bn_batches, val_batches, device
+        self.scores: dict[Arch, float] = {}
+        self.calls = 0
+
+    def __call__(self, arch: Arch) -> float:
+        self.calls += 1
+        arch = tuple(arch)
+        if arch not in self.scores:
+            self.scores[arch] = evaluate_subnets(
+                self.model, [arch], self.bn, self.val, len(self.bn), self.device
+            )[0]
+        return self.scores[arch]

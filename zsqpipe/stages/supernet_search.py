@@ -2,7 +2,7 @@
 *Supernet evaluator*), and ``supernet-search-table``.
 
 The strategies of the tabular ``search`` stage (random, rea, reinforce, ase, ase_plus) query a
-:class:`SupernetEvaluator` instead of the benchmark: a cell's score is the supernet's top-1 on the first
+:class:`~zsqpipe.nas.supernet201.SupernetEvaluator` instead of the benchmark: a cell's score is the supernet's top-1 on the first
 ``val_images`` **validation** images after BN recalibration on fixed training batches (when its BN tracks
 statistics; DYNAS' supernet uses batch statistics). Every query counts against the budget; a cell's score
 is computed once and cached (the evaluator is deterministic). The evaluator holds only training (BN) and
@@ -41,10 +41,11 @@ from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import TABLE_OF_DATASET, table_ground_truth
 from zsqpipe.nas.calr import SupernetConfig
 from zsqpipe.nas.spaces.nb201 import Arch, arch_to_index, arch_to_str
+from zsqpipe.nas.standalone import train_cell_runs
 from zsqpipe.nas.strategies import STRATEGY_NAMES, run_strategy
-from zsqpipe.nas.supernet201 import build_supernet, evaluate_subnets
+from zsqpipe.nas.supernet201 import SupernetEvaluator, build_supernet, evaluate_subnets
 from zsqpipe.stages.data import load_prepared
-from zsqpipe.stages.groundtruth import GroundTruthConfig, train_cell_runs
+from zsqpipe.stages.groundtruth import GroundTruthConfig
 from zsqpipe.stages.groundtruth_io import first_images, load_groundtruth
 from zsqpipe.stages.model_io import checkpoint_of_kind, load_state_checked
 
@@ -89,26 +90,6 @@ class SupernetSearchConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, prefix: str = "supernet.search") -> SupernetSearchConfig:
         return _from_dict(cls, d, prefix)
-
-
-class SupernetEvaluator:
-    """``arch -> top-1 (%)`` of the subnet on fixed validation batches after BN recalibration on fixed
-    training batches (:func:`zsqpipe.nas.supernet201.evaluate_subnets`), cached per cell. ``calls`` counts
-    queries, ``scores`` holds the distinct cells scored."""
-
-    def __init__(self, model, bn_batches: list, val_batches: list, device):
-        self.model, self.bn, self.val, self.device = model, bn_batches, val_batches, device
-        self.scores: dict[Arch, float] = {}
-        self.calls = 0
-
-    def __call__(self, arch: Arch) -> float:
-        self.calls += 1
-        arch = tuple(arch)
-        if arch not in self.scores:
-            self.scores[arch] = evaluate_subnets(
-                self.model, [arch], self.bn, self.val, len(self.bn), self.device
-            )[0]
-        return self.scores[arch]
 
 
 def load_nb201_supernet(path: Path, device) -> tuple[torch.nn.Module, dict]:
