@@ -45,7 +45,8 @@ def oqat_quant_config(bits: int, weight_quantizer: str = "lsq_tensor", space: st
 
 
 class NB201Space:
-    """The NB201 cell space as OQAT sees it: archs are op tuples (hashable), strings the NB201 format."""
+    """The NB201 cell space as OQAT sees it (:class:`~zsqpipe.nas.spaces.SearchSpace` on ``random.Random``, SPOS
+    sampling): archs are op tuples (hashable), strings the NB201 format."""
 
     name = "nb201"
     largest: Arch = LARGEST

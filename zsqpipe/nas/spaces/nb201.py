@@ -79,3 +79,30 @@ def is_connected(ops: Arch) -> bool:
         if ops[e] != "none" and src in reach:
             reach.add(dst)
     return 3 in reach
+
+
+class NB201Cells:
+    """The NB201 cell space for the tabular strategies (:class:`~zsqpipe.nas.spaces.SearchSpace`), with NB201's
+    own moves on a numpy ``Generator``: uniform per-edge sampling and R-EA's one-edge mutation."""
+
+    name = "nb201"
+
+    def sample(self, rng) -> Arch:
+        """A uniformly random cell (each edge's op drawn independently)."""
+        return tuple(OPS[i] for i in rng.integers(0, len(OPS), NUM_EDGES))
+
+    def mutate(self, arch: Arch, rng, p: float | None = None) -> Arch:
+        """One-edge mutation (NB201's R-EA): a uniformly random edge gets a different, uniformly random op
+        (``p`` is not used: R-EA mutates exactly one edge)."""
+        ops = list(validate_arch(arch))
+        edge = int(rng.integers(NUM_EDGES))
+        others = [op for op in OPS if op != ops[edge]]
+        ops[edge] = others[int(rng.integers(len(others)))]
+        return tuple(ops)
+
+    def crossover(self, a: Arch, b: Arch, rng) -> Arch:
+        """Each edge's op from ``a`` or ``b`` with probability 1/2."""
+        return tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True))
+
+    def to_str(self, arch: Arch) -> str:
+        return arch_to_str(arch)

@@ -35,7 +35,7 @@ from torch import nn
 
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, arch_to_str
-from zsqpipe.nas.strategies.base import SearchContext, random_arch, register_strategy
+from zsqpipe.nas.strategies.base import SearchContext, register_strategy
 
 ONEHOT_SLOTS = 6  # official: torch.eye(6) for the 5 NB201 ops (the 6th slot is always 0)
 NODE_FEATURES = NUM_EDGES * ONEHOT_SLOTS + 1  # + validation accuracy (%) = 37
@@ -236,7 +236,7 @@ def ase_search(ctx: SearchContext, cfg: ASEConfig, init_archs: list[Arch] | tupl
             f"nas.params.ase_plus.init_archs: {len(init_archs)} architectures for K={cfg.K} nodes"
         )
     gen = ctx.torch_gen
-    archs = [tuple(a) for a in init_archs] + [random_arch(ctx.rng) for _ in range(cfg.K - len(init_archs))]
+    archs = [tuple(a) for a in init_archs] + [ctx.space.sample(ctx.rng) for _ in range(cfg.K - len(init_archs))]
     nodes = [Node(a, ctx.evaluate(a), a) for a in archs]
 
     controller = ASEController(cfg)

@@ -21,7 +21,7 @@ import numpy as np
 
 from zsqpipe.config import from_dict
 from zsqpipe.errors import ConfigError
-from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, validate_arch
+from zsqpipe.nas.spaces.nb201 import Arch, NB201Cells, validate_arch
 from zsqpipe.registry import Registry
 
 STRATEGY_NAMES: tuple[str, ...] = ("random", "rea", "reinforce", "ase", "ase_plus")
@@ -76,6 +76,7 @@ class SearchContext:
     rng: np.random.Generator
     log: Callable[[str], None] = print
     _torch_gen: Any = field(default=None, repr=False)
+    space: NB201Cells = field(default_factory=NB201Cells)  # the moves random search and R-EA make
 
     @property
     def budget(self) -> int:
@@ -160,14 +161,10 @@ def run_strategy(
 
 
 def random_arch(rng: np.random.Generator) -> Arch:
-    """A uniformly random cell (each edge's op drawn independently)."""
-    return tuple(OPS[i] for i in rng.integers(0, len(OPS), NUM_EDGES))
+    """A uniformly random cell (:meth:`NB201Cells.sample`)."""
+    return NB201Cells().sample(rng)
 
 
 def mutate_arch(arch: Arch, rng: np.random.Generator) -> Arch:
-    """One-edge mutation (NB201's R-EA): a uniformly random edge gets a different, uniformly random op."""
-    arch = list(validate_arch(arch))
-    edge = int(rng.integers(NUM_EDGES))
-    others = [op for op in OPS if op != arch[edge]]
-    arch[edge] = others[int(rng.integers(len(others)))]
-    return tuple(arch)
+    """NB201's one-edge R-EA mutation (:meth:`NB201Cells.mutate`)."""
+    return NB201Cells().mutate(arch, rng)

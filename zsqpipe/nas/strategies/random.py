@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zsqpipe.nas.strategies.base import SearchContext, random_arch, register_strategy
+from zsqpipe.nas.strategies.base import SearchContext, register_strategy
 
 
 @dataclass(frozen=True)
@@ -16,4 +16,4 @@ class RandomConfig:
 @register_strategy("random", RandomConfig)
 def random_search(ctx: SearchContext, cfg: RandomConfig) -> None:
     while ctx.remaining > 0:
-        ctx.evaluate(random_arch(ctx.rng))
+        ctx.evaluate(ctx.space.sample(ctx.rng))

@@ -1,7 +1,7 @@
 """Regularized evolution (Real et al., AAAI 2019) as in NAS-Bench-201's R-EA baseline.
 
 Population of ``population`` random cells; then, until the budget is spent: draw ``sample_size`` members
-uniformly with replacement, mutate the best of them on one edge (:func:`mutate_arch`), evaluate the child,
+uniformly with replacement, mutate the best of them on one edge (:meth:`~zsqpipe.nas.spaces.nb201.NB201Cells.mutate`), evaluate the child,
 append it and remove the oldest member (aging). NB201 settings: population 10, sample size 3
 (``scripts-search/algos/R-EA.sh``: ``--ea_population 10 --ea_sample_size 3``). The result is the best cell
 queried (by validation accuracy), as in NB201's ``R_EA.py``.
@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from zsqpipe.errors import ConfigError
-from zsqpipe.nas.strategies.base import SearchContext, mutate_arch, random_arch, register_strategy
+from zsqpipe.nas.strategies.base import SearchContext, register_strategy
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,11 @@ def regularized_evolution(ctx: SearchContext, cfg: REAConfig) -> None:
         )
     population: deque = deque()
     while len(population) < cfg.population and ctx.remaining > 0:
-        arch = random_arch(ctx.rng)
+        arch = ctx.space.sample(ctx.rng)
         population.append((arch, ctx.evaluate(arch)))
     while ctx.remaining > 0:
         picks = ctx.rng.integers(0, len(population), cfg.sample_size)
         parent = max((population[int(i)] for i in picks), key=lambda member: member[1])  # first on ties
-        child = mutate_arch(parent[0], ctx.rng)
+        child = ctx.space.mutate(parent[0], ctx.rng)
         population.append((child, ctx.evaluate(child)))
         population.popleft()
