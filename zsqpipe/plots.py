@@ -255,7 +255,8 @@ def steps_figure(
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{dataset} / {arch} / {g['bits'].iloc[0]}", fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(title="method", fontsize=8, loc="best")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))  # a ±std bar past 100 % is not an accuracy
+        ax.legend(title="method", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.legend(
         [Line2D([], [], color="k", linestyle="-", marker="o"),
          Line2D([], [], color="k", linestyle="--", marker="^", alpha=0.6),
