@@ -355,11 +355,13 @@ def test_supernet_search_uses_the_supernet_and_never_the_test_split(tiny, tmp_pa
     cfg = SupernetSearchConfig(
         budget=6, seeds=(0, 1), bn_batches=1, batch_size=16, val_images=40, eval_batch_size=40
     )
+    import zsqpipe.nas.supernet201 as supernet201
+
     queried = []
     real = stage.evaluate_subnets
-    monkeypatch.setattr(
-        stage, "evaluate_subnets", lambda m, a, *r, **k: queried.extend(a) or real(m, a, *r, **k)
-    )
+    counting = lambda m, a, *r, **k: queried.extend(a) or real(m, a, *r, **k)  # noqa: E731
+    monkeypatch.setattr(stage, "evaluate_subnets", counting)  # the report of the found cells
+    monkeypatch.setattr(supernet201, "evaluate_subnets", counting)  # SupernetEvaluator: the search's scores
     a = run_supernet_search(d / "supernet.pt", tiny["manifest"], "random", cfg, tmp_path / "a.json",
                             groundtruth=tiny["cfg"], job=Job.quiet(device="cpu", threads=1))  # fmt: skip
     assert [r["queries"] for r in a["records"]] == [6, 6] and a["n_scored"] <= 12
