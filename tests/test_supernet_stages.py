@@ -18,8 +18,9 @@ from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import TABLE_OF_DATASET, kendall_sample, kendall_subset, table_ground_truth
 from zsqpipe.nas.calr import SupernetConfig
 from zsqpipe.nas.spaces.nb201 import index_to_arch, is_connected
+from zsqpipe.nas.standalone import standalone_network
 from zsqpipe.nas.supernet201 import NB201Supernet
-from zsqpipe.stages.groundtruth import GroundTruthConfig, num_chunks, run_groundtruth, standalone_network
+from zsqpipe.stages.groundtruth import GroundTruthConfig, num_chunks, run_groundtruth
 from zsqpipe.stages.groundtruth_io import load_groundtruth
 from zsqpipe.stages.supernet_table import run_supernet_table
 from zsqpipe.stages.supernet_train import run_supernet_train

@@ -13,7 +13,7 @@ from zsqpipe.data.loaders import order_generator
 from zsqpipe.engine import Timer, evaluate, make_optimizer, make_scheduler
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.progress import progress
-from zsqpipe.resume import Checkpoints
+from zsqpipe.resume import Checkpoints, attach_epoch_loop
 from zsqpipe.tracking import Tracker
 
 
@@ -52,19 +52,13 @@ def train_fp(
     grads = enable_grad_quant(model, GradQuantConfig.from_dict(cfg.grad_quant or {}, "fp_model.grad_quant"))
     history, timer = [], timer or Timer()
 
-    def restore(extra: dict) -> None:
-        history[:] = extra["history"]
-        timer.set(extra["time_s"])
-        for rec in history:  # this MLflow run gets the restored epochs too
-            tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=rec["epoch"])
+    def log_epoch(epoch: int, rec: dict) -> None:
+        tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
 
-    start = 0
-    if checkpoints is not None:
-        checkpoints.get_extra = lambda: {"history": history, "time_s": timer()}
-        checkpoints.set_extra = restore
-        # each epoch starts a new pass of the loader: its generator is the whole data-order state
-        start = checkpoints.attach(model=model, optimizer=opt, scheduler=sched, grad_quant=grads,
-                                   data_order=order_generator(loader))  # fmt: skip
+    # restored epochs go to this MLflow run too; each epoch starts a new pass of the loader: its generator is
+    # the whole data-order state
+    start = attach_epoch_loop(checkpoints, history, timer, log_epoch, model=model, optimizer=opt, scheduler=sched,
+                              grad_quant=grads, data_order=order_generator(loader))  # fmt: skip
     for epoch in range(start, cfg.epochs):
         model.train()
         total, steps = 0.0, 0
@@ -87,7 +81,7 @@ def train_fp(
         if grads.layers:
             rec["grad_gamma_mean"] = sum(grads.gammas().values()) / len(grads.layers)
         history.append(rec)
-        tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
+        log_epoch(epoch, rec)
         log(f"epoch {epoch}: loss {rec['train_loss']:.4f} val {v['top1']:.2f} ({rec['time_s']:.0f}s)")
         if checkpoints is not None:
             checkpoints.save(epoch)

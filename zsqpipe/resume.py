@@ -329,6 +329,27 @@ class Checkpoints:
         self.state.clear()
 
 
+def keep_history(
+    checkpoints: Checkpoints,
+    history: list[dict],
+    timer,
+    on_restored: Callable[[dict], None] | None = None,
+) -> None:
+    """Store ``history`` (one record per epoch) and the clock ``timer`` (an :class:`zsqpipe.engine.Timer`) in every
+    checkpoint; on a restore, both continue from the checkpoint and ``on_restored(rec)`` is called for each
+    restored record (for loops whose ``attach`` is called elsewhere, e.g. by a method plug-in)."""
+
+    def restore(extra: dict) -> None:
+        history[:] = extra["history"]
+        timer.set(extra["time_s"])
+        if on_restored is not None:
+            for rec in history:
+                on_restored(rec)
+
+    checkpoints.get_extra = lambda: {"history": history, "time_s": timer()}
+    checkpoints.set_extra = restore
+
+
 def attach_epoch_loop(
     checkpoints: Checkpoints | None,
     history: list[dict],
@@ -343,13 +364,7 @@ def attach_epoch_loop(
     The loop calls ``checkpoints.save(epoch)`` after each epoch."""
     if checkpoints is None:
         return 0
-
-    def restore(extra: dict) -> None:
-        history[:] = extra["history"]
-        timer.set(extra["time_s"])
-
-    checkpoints.get_extra = lambda: {"history": history, "time_s": timer()}
-    checkpoints.set_extra = restore
+    keep_history(checkpoints, history, timer)
     first = checkpoints.attach(**objects)
     if on_epoch is not None:  # after attach: a failing callback (e.g. MLflow) must not discard the checkpoint
         for rec in history[:first]:

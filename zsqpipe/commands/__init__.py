@@ -112,15 +112,17 @@ def tracked_run(tracking, rule: str, wildcards: str, params: dict, log_file=None
             tracker.log_artifact(log_file, "logs")
 
 
+def _register(name: str, body: Callable, specs: list = ()) -> click.Command:
+    """The click command ``name`` of ``body`` with the options ``specs`` and one-line errors, in COMMANDS."""
+    cmd = click.command(name)(_options(_errors_to_exit(body), specs))
+    COMMANDS.append(cmd)
+    return cmd
+
+
 def command(name: str):
     """An untracked command: registered, with one-line errors."""
 
-    def deco(fn):
-        cmd = click.command(name)(_errors_to_exit(fn))
-        COMMANDS.append(cmd)
-        return cmd
-
-    return deco
+    return lambda fn: _register(name, fn)
 
 
 def job_command(name: str, *, device: bool = True, threads: tuple | None = threads_option(),
@@ -150,9 +152,7 @@ def job_command(name: str, *, device: bool = True, threads: tuple | None = threa
 
         specs = ([DEVICE_OPTION] if device else []) + ([threads] if threads else [])
         specs += (RESUME_OPTIONS if resume is not None else []) + TRACKING_OPTIONS
-        cmd = click.command(name)(_options(_errors_to_exit(body), specs))
-        COMMANDS.append(cmd)
-        return cmd
+        return _register(name, body, specs)
 
     return deco
 
@@ -175,13 +175,15 @@ def table_command(name: str, kind: str):
                         tracker.log_artifact(path, "tables")
                 echo(f"{len(table)} rows -> {outputs[0]}")
 
-        cmd = click.command(name)(_options(_errors_to_exit(body), TRACKING_OPTIONS))
-        COMMANDS.append(cmd)
-        return cmd
+        return _register(name, body, TRACKING_OPTIONS)
 
     return deco
 
 
+MANIFEST = (  # the prepared data set, read by most stages
+    ("--data", "manifest"),
+    {"type": EXISTING, "required": True, "help": "Manifest from `zsqpipe data`."},
+)
 TABLE_OUTPUTS = [
     (("--out-csv",), {"type": PATH, "required": True}),
     (("--out-md",), {"type": PATH, "required": True}),

@@ -8,13 +8,14 @@ import click
 
 from zsqpipe.commands import (
     EXISTING,
+    MANIFEST,
     PATH,
     TABLE_OUTPUTS,
     job_command,
     options,
     parse_json,
     table_command,
-    threads_option,  # fmt: skip
+    threads_option,
 )
 from zsqpipe.errors import ConfigError
 
@@ -49,7 +50,7 @@ def export_cmd(open_job, model_path, out, out_fp32, report, mode, dataset):
 
 @job_command("deploy-eval", device=False, threads=threads_option(1, "torch and onnxruntime threads."))
 @options(MODEL, ONNX)
-@click.option("--data", "manifest", type=EXISTING, required=True, help="Manifest from `zsqpipe data`.")
+@options(MANIFEST)
 @click.option("--cell", "cell_json", required=True, help="Identity of the result as JSON (as `evaluate`).")
 @click.option("--out", type=PATH, required=True, help="deploy.json to write.")
 def deploy_eval_cmd(open_job, model_path, onnx_path, manifest, cell_json, out):

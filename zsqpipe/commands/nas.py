@@ -7,20 +7,28 @@ import functools
 
 import click
 
-from zsqpipe.commands import EXISTING, PATH, TABLE_OUTPUTS, job_command, options, parse_json, table_command
+from zsqpipe.commands import (
+    EXISTING,
+    MANIFEST,
+    PATH,
+    TABLE_OUTPUTS,
+    job_command,
+    options,
+    parse_json,
+    table_command,
+)
 from zsqpipe.errors import ConfigError
 
-MANIFEST = (
-    ("--data", "manifest"),
-    {"type": EXISTING, "required": True, "help": "Manifest from `zsqpipe data`."},
-)
 BENCHMARK = (("--benchmark", "benchmark_path"), {"type": EXISTING, "default": None,
              "help": "Ground-truth table (CSV, may be .gz) instead of the packaged NAS-Bench-201 one."})  # fmt: skip
 TRAIN_OUTPUTS = [
     (("--out-model",), {"type": PATH, "required": True, "help": "Supernet checkpoint to write."}),
     (("--out-history",), {"type": PATH, "required": True, "help": "Per-epoch training history (JSON)."}),
-    (("--out-metrics",), {"type": PATH, "required": True, "help": "Metrics (JSON), written last."}),
 ]
+
+
+def out_metrics(what: str = "Metrics") -> tuple:
+    return (("--out-metrics",), {"type": PATH, "required": True, "help": f"{what} (JSON), written last."})
 
 
 def _seed_list(seed: tuple[int, ...], seeds: str | None) -> list[int]:
@@ -130,7 +138,7 @@ def groundtruth_cmd(open_job, dataset, chunk, manifest, params_json, benchmark_p
 @click.option(
     "--params", "params_json", default="{}", help="Supernet recipe as JSON (config supernet.train)."
 )
-@options(*TRAIN_OUTPUTS)
+@options(*TRAIN_OUTPUTS, out_metrics("Ranking metrics"))
 def supernet_train_cmd(open_job, groundtruth, manifest, method, seed, params_json, out_model, out_history,
                        out_metrics):  # fmt: skip
     """Train the NB201 supernet, then rank the GROUNDTRUTH cells (files from `zsqpipe groundtruth`) with it:
@@ -215,7 +223,7 @@ def supernet_table_cmd(metrics, out_csv, out_md, title, paper_json):
 @click.option("--params", "params_json", default="{}", help="Training recipe as JSON (config oqat.train).")
 @click.option("--inherit-from", type=EXISTING, default=None,
               help="Higher-bit `oqat-train` checkpoint to initialise from (bit inheritance), then fine-tune.")  # fmt: skip
-@options(*TRAIN_OUTPUTS)
+@options(*TRAIN_OUTPUTS, out_metrics())
 def oqat_train_cmd(
     open_job, manifest, bits, seed, params_json, inherit_from, out_model, out_history, out_metrics
 ):

@@ -10,6 +10,7 @@ import click
 
 from zsqpipe.commands import (
     EXISTING,
+    MANIFEST,
     PATH,
     TABLE_OUTPUTS,
     echo,
@@ -19,10 +20,6 @@ from zsqpipe.commands import (
     table_command,
 )
 
-MANIFEST = (
-    ("--data", "manifest"),
-    {"type": EXISTING, "required": True, "help": "Manifest from `zsqpipe data`."},
-)
 FP = (
     ("--fp", "fp_ckpt"),
     {"type": EXISTING, "required": True, "help": "FP checkpoint from `zsqpipe fp-model`."},

@@ -38,7 +38,7 @@ from zsqpipe.nas.benchmark import (
 )
 from zsqpipe.nas.calr import subnet_complexity
 from zsqpipe.nas.spaces.nb201 import arch_to_str, index_to_arch
-from zsqpipe.nas.standalone import standalone_network, train_cell_runs  # noqa: F401  (standalone_network: re-export)
+from zsqpipe.nas.standalone import train_cell_runs
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images
 

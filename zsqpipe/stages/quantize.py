@@ -33,16 +33,16 @@ from zsqpipe.stages.training import TrainingRun
 EVAL_BATCH = 1000
 
 
-def _open_samples(method: str, method_obj, samples: Path | None, fp_checkpoint: Path) -> ShardSet | None:
+def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str) -> ShardSet | None:
     """The method's verified synthetic samples (None for methods that train on none), checked against the FP
-    checkpoint they were synthesized from."""
+    checkpoint (its SHA-256) they were synthesized from."""
     if method_obj.synthesizer is None:
         return None
     if samples is None:
         raise ConfigError(f"method {method!r} trains on {method_obj.synthesizer!r} samples: pass --samples")
     shard_set = ShardSet.open(Path(samples) / "manifest.json")
     shard_set.verify()  # fail now, not after the calibration (each shard is re-verified when read)
-    if shard_set.manifest.get("fp_checkpoint_sha256") != sha256_file(fp_checkpoint):
+    if shard_set.manifest.get("fp_checkpoint_sha256") != fp_sha256:
         raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
     return shard_set
 
@@ -56,6 +56,11 @@ def _teacher_and_student(fp_checkpoint: Path, quant_cfg: QuantConfig, dev: torch
     for p in student.parameters():
         p.requires_grad_(True)
     return teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last), fp_ckpt
+
+
+def _correct(result: dict) -> int:
+    """Correctly classified images of an ``evaluate`` result (top-1 % x n, exact)."""
+    return round(result["top1"] * result["n"] / 100)
 
 
 class EpochEvaluator:
@@ -72,15 +77,14 @@ class EpochEvaluator:
         v, p = evaluate(self.student, self.val), evaluate(self.student, self.probe)
         t = combine(p, evaluate(self.student, self.test_rest)) if self.test_rest is not None else p
         rec = {"epoch": epoch, **extra, "val_top1": v["top1"], "test_top1": t["top1"], "test_top5": t["top5"],
-               "probe_correct": round(p["top1"] * p["n"] / 100), "time_s": self.run.timer()}  # fmt: skip
+               "probe_correct": _correct(p), "time_s": self.run.timer()}  # fmt: skip
         self.run.record(rec)
         self.run.log(f"epoch {epoch}: val {v['top1']:.2f} test {t['top1']:.2f} ({rec['time_s']:.0f}s)")
         self.run.checkpoints.save(epoch)
         return rec
 
     def probe_correct(self) -> int:
-        p = evaluate(self.student, self.probe)
-        return round(p["top1"] * p["n"] / 100)
+        return _correct(evaluate(self.student, self.probe))
 
 
 def _publish(out_model: Path, out_history: Path, ckpt: dict, result: dict) -> None:
@@ -112,8 +116,8 @@ def run_quantize(
 ) -> dict:
     job = job or Job()
     method_obj = get_method(method)(method_cfg)
-    shard_set = _open_samples(method, method_obj, samples, fp_checkpoint)
     fp_sha256 = sha256_file(fp_checkpoint)
+    shard_set = _open_samples(method, method_obj, samples, fp_sha256)
     key = {"method": method, "method_cfg": method_obj.config_dict(), "quant": quant_cfg.to_dict(), "seed": seed,
            "fp_checkpoint_sha256": fp_sha256, "data_manifest_sha256": sha256_file(dataset_manifest),
            "samples_manifest_sha256": sha256_file(shard_set.manifest_path) if shard_set is not None else None}  # fmt: skip

@@ -24,7 +24,7 @@ from pathlib import Path
 from zsqpipe.codehash import code_version
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.job import Job
-from zsqpipe.resume import Checkpoints, ResumeState, runtime_key
+from zsqpipe.resume import Checkpoints, ResumeState, keep_history, runtime_key
 
 
 class TrainingRun:
@@ -47,21 +47,13 @@ class TrainingRun:
     def keep_history(self) -> None:
         """Store :attr:`history` and the clock in each checkpoint; on resume, restore both and re-log the
         restored epochs to this job's run."""
-
-        def restore(extra: dict) -> None:
-            self.history[:] = extra["history"]
-            self.timer.set(extra["time_s"])
-            for rec in self.history:
-                self.log_epoch(rec["epoch"], rec)
-
-        self.checkpoints.get_extra = lambda: {"history": self.history, "time_s": self.timer()}
-        self.checkpoints.set_extra = restore
+        keep_history(
+            self.checkpoints, self.history, self.timer, lambda rec: self.log_epoch(rec["epoch"], rec)
+        )
 
     def log_epoch(self, epoch: int, rec: dict) -> None:
         """One epoch's numbers on the tracker (step = epoch)."""
-        self.tracker.log_metrics(
-            {k: v for k, v in rec.items() if k != "epoch" and isinstance(v, int | float)}, step=epoch
-        )
+        self.tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=epoch)  # numbers only
 
     def record(self, rec: dict) -> None:
         """Append an epoch record to the history and log it."""

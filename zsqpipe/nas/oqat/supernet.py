@@ -14,7 +14,7 @@ from torch import nn
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.calr import sample_arch
 from zsqpipe.nas.oqat.config import INHERIT_RULES, LARGEST, UNIFORM_CONV_ARCHS, OQATTrainConfig, Supernet
-from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, arch_to_str
+from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, arch_to_str, uniform_crossover
 from zsqpipe.nas.spaces.ofa import OFASpaceConfig
 from zsqpipe.nas.supernet201 import NB201Supernet, recalibrate_bn
 from zsqpipe.nas.supernet_ofa import OFASupernet
@@ -64,7 +64,7 @@ class NB201Space:
         return tuple(ops)
 
     def crossover(self, a: Arch, b: Arch, rng: random.Random) -> Arch:
-        return tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True))
+        return uniform_crossover(a, b, rng)
 
     def to_str(self, arch: Arch) -> str:
         return arch_to_str(arch)

@@ -81,6 +81,11 @@ def is_connected(ops: Arch) -> bool:
     return 3 in reach
 
 
+def uniform_crossover(a: Arch, b: Arch, rng) -> Arch:
+    """Each edge's op from ``a`` or ``b`` with probability 1/2 (``rng.random()``: numpy or Python RNG)."""
+    return tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True))
+
+
 class NB201Cells:
     """The NB201 cell space for the tabular strategies (:class:`~zsqpipe.nas.spaces.SearchSpace`), with NB201's
     own moves on a numpy ``Generator``: uniform per-edge sampling and R-EA's one-edge mutation."""
@@ -101,8 +106,7 @@ class NB201Cells:
         return tuple(ops)
 
     def crossover(self, a: Arch, b: Arch, rng) -> Arch:
-        """Each edge's op from ``a`` or ``b`` with probability 1/2."""
-        return tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True))
+        return uniform_crossover(a, b, rng)
 
     def to_str(self, arch: Arch) -> str:
         return arch_to_str(arch)
