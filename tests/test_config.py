@@ -91,34 +91,6 @@ def test_snakemake_rejects_bad_config_in_one_line(tmp_path, override, key):
     assert len(lines) == 1 and f"'{key}'" in lines[0], r.stderr
 
 
-def test_schema_defaults_match_dataclasses():
-    """Schema and stage dataclasses agree on keys and defaults (so `{}` means the same to both)."""
-    from dataclasses import asdict
-
-    from zsqpipe.config import DataConfig
-    from zsqpipe.methods import get_method
-    from zsqpipe.names import METHOD_NAMES
-    from zsqpipe.quant import QuantConfig
-
-    cfg = validate_config({})
-
-    def norm(d):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    assert cfg["data"] == norm(asdict(DataConfig()))
-    fp = dict(cfg["fp_model"])
-    fp.pop("checkpoints")
-    assert fp == {k: v for k, v in norm(asdict(FPConfig())).items() if k != "checkpoint"}
-    q = norm(QuantConfig().to_dict())
-    assert cfg["quant"] == {k: v for k, v in q.items() if k not in ("weight_bits", "act_bits")}
-    for name in METHOD_NAMES:
-        assert cfg["methods"][name] == norm(get_method(name)().config_dict()), name
-    from zsqpipe.names import SYNTHESIZER_NAMES
-    from zsqpipe.zsq.synthesis import get_synthesizer
-
-    assert set(cfg["synthesis"]) == set(SYNTHESIZER_NAMES)
-    for name in SYNTHESIZER_NAMES:
-        assert cfg["synthesis"][name] == norm(asdict(get_synthesizer(name)[1]())), name
 
 
 def test_variants_are_checked_against_their_base_method():

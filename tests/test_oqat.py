@@ -271,14 +271,6 @@ def test_search_never_reads_test_accuracy(trained, monkeypatch):
     assert "from w4 (double)" in (tmp / "t.md").read_text()
 
 
-def test_schema_defaults_match_dataclasses():
-    from zsqpipe.config import validate_config
-
-    cfg = validate_config({})["oqat"]
-    train = {k: v for k, v in OQATTrainConfig().to_dict().items() if k not in ("bits", "seed")}
-    assert cfg["train"] == train and cfg["finetune"] == {}
-    assert cfg["search"] == {k: v for k, v in OQATSearchConfig().to_dict().items() if k != "seed"}
-    assert cfg["bits"] == [4, 3, 2]
 
 
 def test_cli_errors_are_one_line(trained):

@@ -2,7 +2,6 @@
 their CLI, config errors and the workflow (tiny settings on the 240-image Fashion-MNIST fixture)."""
 
 import json
-from dataclasses import asdict
 
 import pandas as pd
 import pytest
@@ -270,16 +269,6 @@ def test_config_errors_are_one_line(supernet, key):
     assert "\n" not in str(e.value) and f"'{key}'" in str(e.value)
 
 
-def test_schema_defaults_match_the_stage_configs():
-    cfg = validate_config({})["supernet"]
-    train = asdict(SupernetConfig())
-    assert cfg["train"] == {k: v for k, v in train.items() if k not in ("method", "seed")}
-    gt = asdict(GroundTruthConfig())
-    assert cfg["groundtruth"] == {k: v for k, v in gt.items() if k not in ("C", "N")}
-    assert (
-        cfg["methods"] == ["spos", "spos_calr_ms"]
-        and cfg["paper"]["spos_calr_ms"]["cifar10"]["tau"]["mean"] == 0.814
-    )
 
 
 # ---- workflow -------------------------------------------------------------------------------------------
@@ -395,10 +384,3 @@ def test_supernet_search_uses_the_supernet_and_never_the_test_split(tiny, tmp_pa
     with pytest.raises(ConfigError, match=r"supernet\.search\.seeds"):
         SupernetSearchConfig(seeds=(0, 0))
 
-
-def test_search_schema_defaults_match_the_dataclass():
-    from zsqpipe.stages.supernet_search import SupernetSearchConfig
-
-    d = validate_config({})["supernet"]["search"]
-    assert d.pop("strategies") == ["random", "rea"]
-    assert d == SupernetSearchConfig().to_dict()

@@ -1,7 +1,7 @@
 """Typed stage configs (dataclasses that serialise to plain dicts) and config validation.
 
-The workflow config (``config/*.yaml``) is validated against ``workflow/schemas/config.schema.yaml`` (JSON
-Schema; defaults are filled in). Each rule passes its slice of the config to its stage as JSON through
+The workflow config (``config/*.yaml``) is validated against the JSON schema that ``zsqpipe.schema`` builds from
+``workflow/schemas/config.schema.yaml`` and the config dataclasses (defaults are filled in). Each rule passes its slice of the config to its stage as JSON through
 ``params:``; the stage turns it into one of these dataclasses, which rejects unknown keys again, so a stage
 run by hand is as strict as one run by Snakemake.
 """
@@ -13,59 +13,119 @@ import json
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from zsqpipe.errors import ConfigError
 
 T = TypeVar("T")
 
+# the hand-written part of the schema; zsqpipe.schema adds the sections built from the config dataclasses
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Field specs: a config dataclass is the one source of its keys, defaults and constraints. Constraints and
+# descriptions ride in ``typing.Annotated`` (``epochs: PosInt = 2``); ``zsqpipe.schema`` turns a dataclass into
+# its JSON-schema section (the workflow schema's per-method/-synthesizer/-strategy/-stage sections are built that
+# way) and :func:`from_dict` validates against the same section, so a stage run by hand is as strict as Snakemake.
+
+
+@dataclass(frozen=True)
+class Spec:
+    """JSON-schema keywords of a config field, used inside ``typing.Annotated``; ``nested``: a dataclass whose
+    fields are the keys of a dict-valued field (checked, no defaults filled: the consumer builds it)."""
+
+    keywords: tuple[tuple[str, Any], ...] = ()
+    nested: Any = None
+
+    def schema(self) -> dict[str, Any]:
+        return copy.deepcopy(dict(self.keywords))
+
+
+def Schema(**keywords: Any) -> Spec:  # noqa: N802 - reads like a type in annotations
+    return Spec(tuple(keywords.items()))
+
+
+def Range(
+    ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> Spec:  # noqa: N802
+    """Bounds of a number (JSON schema minimum / exclusiveMinimum / maximum / exclusiveMaximum)."""
+    kw = {"minimum": ge, "exclusiveMinimum": gt, "maximum": le, "exclusiveMaximum": lt}
+    return Schema(**{k: v for k, v in kw.items() if v is not None})
+
+
+def OneOf(*values: Any) -> Spec:  # noqa: N802
+    return Schema(enum=list(values))
+
+
+def Doc(text: str) -> Spec:  # noqa: N802
+    return Schema(description=text)
+
+
+def Nested(cls: Any) -> Spec:  # noqa: N802
+    return Spec(nested=cls)
+
+
+PosInt = Annotated[int, Range(ge=1)]
+NonNegInt = Annotated[int, Range(ge=0)]
+PosFloat = Annotated[float, Range(gt=0)]
+NonNegFloat = Annotated[float, Range(ge=0)]
+Prob = Annotated[float, Range(ge=0, le=1)]  # a probability / fraction in [0, 1]
+Momentum = Annotated[float, Range(ge=0, lt=1)]  # an EMA / SGD momentum in [0, 1)
+Optimizer = Annotated[str, OneOf("sgd", "adam")]
+Schedule = Annotated[str, OneOf("onecycle", "cosine", "step", "constant")]
+Milestones = Annotated[
+    tuple[float, ...],
+    Schema(items={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+           description="schedule 'step': LR x 0.1 at these fractions of training"),
+]  # fmt: skip
+Augment = Annotated[
+    str, OneOf("rrc", "crop_flip", "none")
+]  # rrc: RandomResizedCrop + flip; crop_flip: pad-crop + flip
+
+
 def from_dict(cls: type[T], d: dict[str, Any] | None, prefix: str) -> T:
-    """Build dataclass ``cls`` from ``d``; unknown keys and wrong types raise a one-line ConfigError."""
+    """Build dataclass ``cls`` from ``d``, validated against the dataclass's own schema section (unknown keys,
+    types, bounds, choices); an invalid value raises a one-line ConfigError naming ``prefix.<key>``."""
+    import jsonschema
+
+    from zsqpipe.schema import dataclass_schema
+
     d = dict(d or {})
-    names = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key; expected one of {sorted(names)}")
-    for name, f in names.items():
-        if name not in d:
-            if f.default is MISSING and f.default_factory is MISSING:
-                raise ConfigError(f"{prefix}.{name}: required key is missing")
-            continue
-        _check_type(f"{prefix}.{name}", d[name], f.type)
+    schema = dataclass_schema(cls, defaults=False)
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(_as_json(d)))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(_error_line(err, prefix))
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.name not in d and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{prefix}.{missing[0]}: required key is missing")
     return cls(**d)
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
-def _check_type(key: str, value: Any, annotation: Any) -> None:
-    ann = str(annotation).replace(" ", "")
-    options = ann.split("|")
-    if value is None:
-        if "None" in options:
-            return
-        raise ConfigError(f"{key}: expected {ann}, got null")
-    options = [opt for opt in options if opt != "None"]  # null was handled above
-    if any(opt not in _TYPES for opt in options):
-        return  # containers and other types: checked by the schema / the consumer
-    for opt in options:
-        if isinstance(value, bool) and opt != "bool":
-            continue
-        if isinstance(value, _TYPES[opt]):
-            return
-    raise ConfigError(f"{key}: expected {ann}, got {type(value).__name__} {value!r}")
+def _as_json(value: Any) -> Any:
+    """Tuples as lists (JSON schema's arrays), recursively: what a config dict looks like after a JSON trip."""
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_json(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    data_dir: str = "data"
-    allow_download: bool = False
-    val_size: int = 5000
-    split_seed: int = 0
-    test_subset: int | None = None  # use only the first N test images (smoke tests); null = the full test set
+    data_dir: Annotated[str, Doc("Where datasets are looked for first.")] = "data"
+    allow_download: Annotated[bool, Doc("Let torchvision download missing data.")] = False
+    val_size: Annotated[NonNegInt, Doc("Training images held out for validation.")] = 5000
+    split_seed: NonNegInt = 0
+    test_subset: Annotated[
+        PosInt | None,
+        Doc("Evaluate on the first N test images only (smoke tests); null = the full test set."),
+    ] = None  # use only the first N test images (smoke tests); null = the full test set
 
 
 @dataclass(frozen=True)
@@ -73,26 +133,30 @@ class FPConfig:
     """Full-precision training recipe (or ``checkpoint``: load a local file instead of training)."""
 
     checkpoint: str | None = None
-    epochs: int = 2
-    max_steps_per_epoch: int | None = (
-        None  # cap on optimizer steps per epoch (smoke tests); null = full epochs
-    )
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.2
-    momentum: float = 0.9
+    epochs: PosInt = 2
+    max_steps_per_epoch: Annotated[
+        PosInt | None, Doc("Cap on optimizer steps per epoch (smoke tests); null = full epochs.")
+    ] = None  # cap on optimizer steps per epoch (smoke tests); null = full epochs
+    batch_size: PosInt = 128
+    optimizer: Optimizer = "sgd"
+    lr: PosFloat = 0.2
+    momentum: Prob = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    warmup_frac: float = 0.15
-    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
-    label_smoothing: float = 0.1
+    weight_decay: NonNegFloat = 5e-4
+    schedule: Schedule = "onecycle"
+    warmup_frac: Prob = 0.15
+    milestones: Milestones = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
+    label_smoothing: Prob = 0.1
     augment: bool = False
-    seed: int = 0
-    eval_batch_size: int = 1000
+    seed: NonNegInt = 0
+    eval_batch_size: PosInt = 1000
     channels_last: bool = True
     deterministic: bool = True
-    grad_quant: dict[str, Any] | None = None  # zsqpipe.gradquant.GradQuantConfig fields; None = FP gradients
+    grad_quant: Annotated[
+        dict[str, Any] | None,
+        Nested("zsqpipe.gradquant:GradQuantConfig"),
+        Doc("LBT gradient quantization (docs/methods/lbt.md), e.g. {bits: 4}; null = FP gradients"),
+    ] = None  # zsqpipe.gradquant.GradQuantConfig fields; None = FP gradients
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,13 +164,6 @@ class FPConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # Workflow config validation (used by workflow/rules/common.smk and by the tests)
-
-
-def _load_schema(path: Path = SCHEMA_PATH) -> dict:
-    import yaml
-
-    with open(path) as f:
-        return yaml.safe_load(f)
 
 
 def _fill_defaults(schema: dict, instance: Any) -> None:
@@ -124,20 +181,29 @@ def _fill_defaults(schema: dict, instance: Any) -> None:
                 _fill_defaults(extra, value)
 
 
-def _error_line(err) -> str:
+def _error_line(err, prefix: str | None = None) -> str:
+    """One line for a jsonschema error: ``config key 'a.b': ...`` (workflow config), or ``prefix.a.b: ...``
+    (a stage config built by :func:`from_dict`)."""
+    key, message = _error_parts(err)
+    if prefix is not None:
+        return f"{prefix}.{key}: {message}" if key != "<top level>" else f"{prefix}: {message}"
+    return f"config key '{key}': {message}"
+
+
+def _error_parts(err) -> tuple[str, str]:
     path = ".".join(str(p) for p in err.absolute_path) or "<top level>"
     if err.validator == "additionalProperties":
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
         key = f"{path}.{extra[0]}" if path != "<top level>" else extra[0]
-        return f"config key '{key}': unknown key (allowed: {', '.join(sorted(err.schema.get('properties', {})))})"
+        return key, f"unknown key (allowed: {', '.join(sorted(err.schema.get('properties', {})))})"
     if err.validator == "enum":
-        return f"config key '{path}': {err.instance!r} is not one of {err.validator_value}"
+        return path, f"{err.instance!r} is not one of {err.validator_value}"
     if err.validator in ("pattern", "anyOf", "oneOf") and err.schema.get("description"):
-        return f"config key '{path}': {err.instance!r} is invalid; expected {err.schema['description']}"
+        return path, f"{err.instance!r} is invalid; expected {err.schema['description']}"
     if err.validator in ("anyOf", "oneOf"):  # jsonschema says only "not valid under any of the given schemas"
         options = " or ".join(_describe(sub) for sub in err.validator_value)
-        return f"config key '{path}': {err.instance!r} is invalid; expected {options}"
-    return f"config key '{path}': {err.message}"
+        return path, f"{err.instance!r} is invalid; expected {options}"
+    return path, err.message
 
 
 _ARTICLE = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "a boolean",
@@ -173,7 +239,9 @@ def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """
     import jsonschema
 
-    schema = _load_schema(schema_path)
+    from zsqpipe.schema import load_schema
+
+    schema = load_schema(schema_path)
     instance = copy.deepcopy(config)
     _fill_defaults(schema, instance)
     validator = jsonschema.Draft202012Validator(schema)
@@ -254,12 +322,8 @@ def _validate_variants(schema: dict, instance: dict) -> None:
             merged = {**current, **variant.get(section, {})}
             errors = list(jsonschema.Draft202012Validator(sub_schema).iter_errors(merged))
             if errors:
-                err = jsonschema.exceptions.best_match(errors)
-                line = _error_line(err).split(": ", 1)[1]
-                where = ".".join(str(p) for p in err.absolute_path)
-                if err.validator == "additionalProperties":
-                    where = sorted(set(err.instance) - set(err.schema.get("properties", {})))[0]
-                raise ConfigError(f"config key 'variants.{name}.{section}.{where}': {line}")
+                key, message = _error_parts(jsonschema.exceptions.best_match(errors))
+                raise ConfigError(f"config key 'variants.{name}.{section}.{key}': {message}")
 
 
 def canonical_json(obj: Any) -> str:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from zsqpipe.config import OneOf, Range, Schema
 from zsqpipe.errors import ConfigError
 
 INTERVAL_MODES = ("adaptive", "minmax", "fixed")
@@ -44,13 +45,15 @@ class GradQuantConfig:
     or constant (``fixed``) ratio. search_init: the official first-batch search for gamma. gamma_min: lower
     clamp of gamma (official 0.001)."""
 
-    bits: int | None = None
-    interval: str = "adaptive"
-    alpha: float = 1e-3
-    step: float = 1e-3
-    gamma: float = 1.0
+    bits: Annotated[
+        int | None, Schema(anyOf=[{'type': 'integer', 'minimum': 2, 'maximum': 16}, {'const': 32}, {'type': 'null'}])
+    ] = None
+    interval: Annotated[str, OneOf("adaptive", "minmax", "fixed")] = "adaptive"
+    alpha: Annotated[float, Range(gt=0, le=1)] = 1e-3
+    step: Annotated[float, Range(gt=0, le=1)] = 1e-3
+    gamma: Annotated[float, Range(gt=0, le=1)] = 1.0
     search_init: bool = True
-    gamma_min: float = 1e-3
+    gamma_min: Annotated[float, Range(gt=0, le=1)] = 1e-3
 
     def __post_init__(self):
         b = self.bits

@@ -22,11 +22,26 @@ The epoch loop is :class:`zsqpipe.zsq.generator_qat.GeneratorQAT`, shared with Q
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.config import (
+    Doc,
+    Milestones,
+    Momentum,
+    NonNegFloat,
+    NonNegInt,
+    OneOf,
+    Optimizer,
+    PosFloat,
+    PosInt,
+    Prob,
+    Range,
+    Schedule,
+)
 from zsqpipe.methods.base import QuantContext, register_method
 from zsqpipe.zsq.generator_qat import GeneratorQAT, kd_loss
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
@@ -34,30 +49,35 @@ from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 
 @dataclass(frozen=True)
 class GDFQConfig:
-    epochs: int = 3  # warm-up epochs included (the official 400 include its 4 warm-up epochs)
-    warmup_epochs: int = 1
-    warmup_iters: int = 0  # generator steps per warm-up epoch; 0 = iters_per_epoch (official: 200 every epoch)
-    iters_per_epoch: int = 20
-    batch_size: int = 64
-    latent_dim: int = 100
+    # warm-up epochs included (the official 400 include its 4 warm-up epochs)
+    epochs: Annotated[PosInt, Doc("warm-up epochs included")] = 3
+    warmup_epochs: Annotated[PosInt, Doc("ranges + generator only; at most epochs")] = 1
+    # generator steps per warm-up epoch; 0 = iters_per_epoch (official: 200 every epoch)
+    warmup_iters: Annotated[NonNegInt, Doc("generator steps per warm-up epoch; 0 = iters_per_epoch")] = 0
+    iters_per_epoch: PosInt = 20
+    batch_size: Annotated[int, Range(ge=2)] = 64
+    latent_dim: PosInt = 100
     # student (SGD, Nesterov, as the official trainer)
-    optimizer: str = "sgd"
-    lr: float = 0.005
-    momentum: float = 0.9
+    optimizer: Optimizer = "sgd"
+    lr: PosFloat = 0.005
+    momentum: Prob = 0.9
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.25, 0.5, 0.75)  # schedule "step" (official: epochs 100/200/300 of 400)
+    weight_decay: NonNegFloat = 1e-4
+    schedule: Schedule = "cosine"
+    milestones: Milestones = (0.25, 0.5, 0.75)  # schedule "step" (official: epochs 100/200/300 of 400)
     # generator (Adam, betas (0.5, 0.999))
-    lr_g: float = 1e-3
-    g_beta1: float = 0.5
-    g_beta2: float = 0.999
-    bns_weight: float = 0.1
+    lr_g: PosFloat = 1e-3
+    g_beta1: Momentum = 0.5
+    g_beta2: Momentum = 0.999
+    bns_weight: NonNegFloat = 0.1
     # student loss
-    kd_temperature: float = 20.0
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
-    kd_reduction: str = "mean"  # "mean" = official nn.KLDivLoss() (T^2/C x batchmean KL); "batchmean"
+    kd_temperature: PosFloat = 20.0
+    kd_weight: NonNegFloat = 1.0
+    ce_weight: NonNegFloat = 1.0
+    # "mean" = official nn.KLDivLoss() (T^2/C x batchmean KL); "batchmean"
+    kd_reduction: Annotated[
+        str, OneOf("mean", "batchmean"), Doc("mean = official nn.KLDivLoss() (T^2/C x batchmean KL)")
+    ] = "mean"
 
 
 @register_method("gdfq")

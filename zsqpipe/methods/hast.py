@@ -27,11 +27,24 @@ See docs/methods/hast.md for every option and deviation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.config import (
+    Augment,
+    Milestones,
+    NonNegFloat,
+    OneOf,
+    Optimizer,
+    PosFloat,
+    PosInt,
+    Prob,
+    Range,
+    Schedule,
+)
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
@@ -44,35 +57,37 @@ FGSM_OBJECTIVES = ("difficulty", "kd_fa")
 @dataclass(frozen=True)
 class HASTConfig:
     # fine-tuning loop (zsqpipe.zsq.finetune): official 147 x 200 steps, batch 64, SGD lr 1e-5, steps [20, 40, 60]
-    epochs: int = 2
-    iters_per_epoch: int = 20
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 2.5e-4  # x kd_alpha 20 = 0.005, the `real` step (docs/budget.md); official 1e-5 for 147 x 200 steps
-    momentum: float = 0.9
+    epochs: PosInt = 2
+    iters_per_epoch: PosInt = 20
+    batch_size: PosInt = 64
+    optimizer: Optimizer = "sgd"
+    lr: PosFloat = 2.5e-4  # x kd_alpha 20 = 0.005, the `real` step (docs/budget.md); official 1e-5 for 147 x 200 steps
+    momentum: Prob = 0.9
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
-    augment: str = "rrc"  # rrc (official RandomResizedCrop(0.5, 1) + flip) | crop_flip (pad-crop + flip) | none
-    aug_margin: float = 0.5  # RandomResizedCrop scale lower bound (official 0.5)
+    weight_decay: NonNegFloat = 1e-4
+    schedule: Schedule = "cosine"
+    milestones: Milestones = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
+    augment: Augment = "rrc"  # rrc (official RandomResizedCrop(0.5, 1) + flip) | crop_flip (pad-crop + flip) | none
+    # RandomResizedCrop scale lower bound (official 0.5)
+    aug_margin: Annotated[float, Range(gt=0, le=1)] = 0.5
     bn_train: bool = False  # official: student in eval mode (BN running statistics fixed)
     # losses
-    kd_alpha: float = 20.0  # alpha (official 20)
-    kd_temperature: float = 20.0  # T (official 20): L_KL = alpha * T^2 * KL_batchmean = 8000 * KL
-    fa_weight: float = 1000.0  # lambda; official effective (options.py); hocon C100 2000, ImageNet 4000
-    ce_weight: float = 0.0  # CE(S(x), y) with the synthesis label; official: computed, not used (0)
+    kd_alpha: NonNegFloat = 20.0  # alpha (official 20)
+    kd_temperature: PosFloat = 20.0  # T (official 20): L_KL = alpha * T^2 * KL_batchmean = 8000 * KL
+    fa_weight: NonNegFloat = 1000.0  # lambda; official effective (options.py); hocon C100 2000, ImageNet 4000
+    ce_weight: NonNegFloat = 0.0  # CE(S(x), y) with the synthesis label; official: computed, not used (0)
     # ablation switches (paper Table: HSS, SDP, FA)
     difficulty_promotion: bool = True  # SDP: add L_S(x') on the FGSM copy x'
     feature_alignment: bool = True  # FA: the L_FA term
-    fgsm_eps: float = 0.01  # official effective (options.py); hocon C100 0.02
-    fgsm_objective: str = "difficulty"  # "difficulty" (paper: 1 - p under S) or "kd_fa" (official code)
+    fgsm_eps: NonNegFloat = 0.01  # official effective (options.py); hocon C100 0.02
+    # "difficulty" (paper: 1 - p under S) or "kd_fa" (official code)
+    fgsm_objective: Annotated[str, OneOf("difficulty", "kd_fa")] = "difficulty"
     # calibration with a GDFQ generator (official: 4 epochs x 200 iterations, batch 16)
-    calib_iters: int = 200  # converged at W3A3 (hast_calib: 50 -> 200 +4.0 points, 800 no better)
-    calib_batch_size: int = 16
-    generator_lr: float = 1e-3
-    generator_latent_dim: int = 100
-    generator_bns_weight: float = 0.1
+    calib_iters: PosInt = 200  # converged at W3A3 (hast_calib: 50 -> 200 +4.0 points, 800 no better)
+    calib_batch_size: PosInt = 16
+    generator_lr: PosFloat = 1e-3
+    generator_latent_dim: PosInt = 100
+    generator_bns_weight: NonNegFloat = 0.1
 
     def __post_init__(self):
         check_augment(self, "hast")

@@ -20,10 +20,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
+from zsqpipe.config import (
+    Augment,
+    Doc,
+    Milestones,
+    NonNegFloat,
+    OneOf,
+    Optimizer,
+    PosFloat,
+    PosInt,
+    Prob,
+    Range,
+    Schedule,
+)
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
@@ -35,28 +49,31 @@ CALIBRATIONS = ("shards", "generator")
 
 @dataclass(frozen=True)
 class IntraQConfig:
-    calibration: str = "generator"  # generator (official: GDFQ generator, 4 epochs x 200 steps) | shards
-    calib_batches: int = 4  # calibration "shards": 4 x 128 = two passes over the 256 default samples
-    generator_steps: int = 200  # official 800 (4 epochs x 200); 200 = HAST's calib_iters (docs/budget.md)
-    generator_batch_size: int = 16  # official 16
-    generator_lr: float = 1e-3
-    generator_latent_dim: int = 100
-    bns_weight: float = 0.1
-    epochs: int = 2
-    iters_per_epoch: int = 20  # 2 x 20 steps: every method's fine-tuning budget (docs/budget.md)
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 2.5e-4  # x alpha 20 = 0.005, the `real` step size (paper: 1e-4 for 147 x 200 steps)
-    momentum: float = 0.9
+    # generator (official: GDFQ generator, 4 epochs x 200 steps) | shards
+    calibration: Annotated[
+        str, OneOf("generator", "shards"), Doc("generator = official GDFQ-generator calibration; shards = the synthetic images")
+    ] = "generator"
+    calib_batches: PosInt = 4  # calibration "shards": 4 x 128 = two passes over the 256 default samples
+    generator_steps: PosInt = 200  # official 800 (4 epochs x 200); 200 = HAST's calib_iters (docs/budget.md)
+    generator_batch_size: PosInt = 16  # official 16
+    generator_lr: PosFloat = 1e-3
+    generator_latent_dim: PosInt = 100
+    bns_weight: NonNegFloat = 0.1
+    epochs: PosInt = 2
+    iters_per_epoch: PosInt = 20  # 2 x 20 steps: every method's fine-tuning budget (docs/budget.md)
+    batch_size: PosInt = 128
+    optimizer: Optimizer = "sgd"
+    lr: PosFloat = 2.5e-4  # x alpha 20 = 0.005, the `real` step size (paper: 1e-4 for 147 x 200 steps)
+    momentum: Prob = 0.9
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
-    kd_temperature: float = 20.0
-    kd_weight: float = 20.0  # alpha
-    ce_weight: float = 1.0
-    augment: str = "rrc"  # rrc (official) | crop_flip | none
-    aug_margin: float = 0.5
+    weight_decay: NonNegFloat = 1e-4
+    schedule: Schedule = "cosine"
+    milestones: Milestones = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
+    kd_temperature: PosFloat = 20.0
+    kd_weight: NonNegFloat = 20.0  # alpha
+    ce_weight: NonNegFloat = 1.0
+    augment: Augment = "rrc"  # rrc (official) | crop_flip | none
+    aug_margin: Annotated[float, Range(gt=0, le=1)] = 0.5
 
 
 @register_method("intraq")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zsqpipe.config import PosInt
 from zsqpipe.engine import infinite
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.zsq.calibration import calibrate
@@ -15,8 +16,8 @@ from zsqpipe.zsq.calibration import calibrate
 
 @dataclass(frozen=True)
 class PTQConfig:
-    calib_images: int = 512
-    batch_size: int = 128
+    calib_images: PosInt = 512
+    batch_size: PosInt = 128
 
 
 @register_method("ptq")

@@ -21,11 +21,26 @@ the official runs (docs/methods/qimera.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.config import (
+    Doc,
+    Milestones,
+    Momentum,
+    NonNegFloat,
+    NonNegInt,
+    OneOf,
+    Optimizer,
+    PosFloat,
+    PosInt,
+    Prob,
+    Range,
+    Schedule,
+)
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import QuantContext, register_method
 from zsqpipe.zsq.generator_qat import GeneratorQAT, kd_loss
@@ -36,37 +51,43 @@ NORM_EPS = 1e-5  # BatchNorm1d's default eps, as in the official embedding norma
 
 @dataclass(frozen=True)
 class QimeraConfig:
-    epochs: int = 3  # warm-up epochs included
-    warmup_epochs: int = 1
-    warmup_iters: int = 0  # generator steps per warm-up epoch; 0 = iters_per_epoch (official: 200 every epoch)
-    iters_per_epoch: int = 20
-    batch_size: int = 64
+    epochs: Annotated[PosInt, Doc("warm-up epochs included")] = 3  # warm-up epochs included
+    warmup_epochs: Annotated[PosInt, Doc("ranges + generator only; at most epochs")] = 1
+    # generator steps per warm-up epoch; 0 = iters_per_epoch (official: 200 every epoch)
+    warmup_iters: Annotated[NonNegInt, Doc("generator steps per warm-up epoch; 0 = iters_per_epoch")] = 0
+    iters_per_epoch: PosInt = 20
+    batch_size: Annotated[int, Range(ge=2)] = 64
     # student (SGD, Nesterov)
-    optimizer: str = "sgd"
-    lr: float = 0.005
-    momentum: float = 0.9
+    optimizer: Optimizer = "sgd"
+    lr: PosFloat = 0.005
+    momentum: Prob = 0.9
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.25, 0.5, 0.75)
+    weight_decay: NonNegFloat = 1e-4
+    schedule: Schedule = "cosine"
+    milestones: Milestones = (0.25, 0.5, 0.75)
     # generator (Adam, betas (0.5, 0.999))
-    lr_g: float = 1e-3
-    g_beta1: float = 0.5
-    g_beta2: float = 0.999
-    bns_weight: float = 0.1
+    lr_g: PosFloat = 1e-3
+    g_beta1: Momentum = 0.5
+    g_beta2: Momentum = 0.999
+    bns_weight: NonNegFloat = 0.1
     # superposed latent embeddings
-    mix_prob: float = 0.4  # official CIFAR-10 / CIFAR-100 / ResNet-18 value
-    mix_k: int = 2  # official CIFAR-10 value (CIFAR-100: 10; ImageNet: 100-500)
-    noise_scale: float = 1.0
-    random_embedding: bool = False  # False: embedding initialised from the teacher's classifier weight
+    mix_prob: Prob = 0.4  # official CIFAR-10 / CIFAR-100 / ResNet-18 value
+    mix_k: PosInt = 2  # official CIFAR-10 value (CIFAR-100: 10; ImageNet: 100-500)
+    noise_scale: NonNegFloat = 1.0
+    # False: embedding initialised from the teacher's classifier weight
+    random_embedding: Annotated[bool, Doc("false = embedding from the teacher's classifier weight")] = False
     freeze_embedding: bool = False  # official --freeze (off in every shipped script)
-    disentanglement: bool = True  # paper's DM; the official runs have it OFF (--no_DM flag inversion)
-    dm_dim: int = 100  # official intermediate_dim
+    # paper's DM; the official runs have it OFF (--no_DM flag inversion)
+    disentanglement: Annotated[bool, Doc("paper's DM; false = official runs (--no_DM flag inversion)")] = True
+    dm_dim: PosInt = 100  # official intermediate_dim
     # student loss
-    kd_temperature: float = 20.0
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
-    kd_reduction: str = "mean"  # "mean" = official nn.KLDivLoss() (T^2/C x batchmean KL); "batchmean"
+    kd_temperature: PosFloat = 20.0
+    kd_weight: NonNegFloat = 1.0
+    ce_weight: NonNegFloat = 1.0
+    # "mean" = official nn.KLDivLoss() (T^2/C x batchmean KL); "batchmean"
+    kd_reduction: Annotated[
+        str, OneOf("mean", "batchmean"), Doc("mean = official nn.KLDivLoss() (T^2/C x batchmean KL)")
+    ] = "mean"
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

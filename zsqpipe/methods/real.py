@@ -19,11 +19,12 @@ quantized layer with LBT's adaptive clipping interval (docs/methods/lbt.md). Bot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
+from zsqpipe.config import Doc, Milestones, Nested, NonNegFloat, Optimizer, PosFloat, PosInt, Prob, Schedule
 from zsqpipe.data.loaders import endless
 from zsqpipe.engine import kd_kl, make_optimizer, make_scheduler
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
@@ -35,23 +36,29 @@ from zsqpipe.zsq.calibration import calibrate
 
 @dataclass(frozen=True)
 class RealConfig:
-    epochs: int = 2
-    iters_per_epoch: int = 20
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.005
-    momentum: float = 0.9
+    epochs: PosInt = 2
+    iters_per_epoch: PosInt = 20
+    batch_size: PosInt = 128
+    optimizer: Optimizer = "sgd"
+    lr: PosFloat = 0.005
+    momentum: Prob = 0.9
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
-    calib_batches: int = 8
-    kd_temperature: float = 4.0
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
+    weight_decay: NonNegFloat = 1e-4
+    schedule: Schedule = "cosine"
+    milestones: Milestones = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
+    calib_batches: PosInt = 8
+    kd_temperature: PosFloat = 4.0
+    kd_weight: NonNegFloat = 1.0
+    ce_weight: NonNegFloat = 1.0
     bn_train: bool = False
-    talr: dict[str, Any] | None = None  # TALRConfig fields; None = ordinary LR schedule
-    grad_quant: dict[str, Any] | None = None  # GradQuantConfig fields; None = FP gradients
+    # TALRConfig fields; None = ordinary LR schedule
+    talr: Annotated[
+        dict[str, Any] | None, Nested("zsqpipe.quant.talr:TALRConfig"), Doc("transition-adaptive LR for the latent weights (docs/methods/talr.md); {} = paper defaults")
+    ] = None
+    # GradQuantConfig fields; None = FP gradients
+    grad_quant: Annotated[
+        dict[str, Any] | None, Nested("zsqpipe.gradquant:GradQuantConfig"), Doc("LBT gradient quantization (docs/methods/lbt.md), e.g. {bits: 4}; null = FP gradients")
+    ] = None
 
     def __post_init__(self):  # one-line errors at construction, not mid-run
         self.talr_config()

@@ -32,11 +32,25 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.config import (
+    Doc,
+    Milestones,
+    NonNegFloat,
+    OneOf,
+    Optimizer,
+    PosFloat,
+    PosInt,
+    Prob,
+    Range,
+    Schedule,
+    Schema,
+)
 from zsqpipe.engine import make_optimizer, make_scheduler
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
@@ -48,31 +62,42 @@ RANGE_MODES = ("ema", "minmax")
 
 @dataclass(frozen=True)
 class ZAQConfig:
-    epochs: int = 2
-    iters_per_epoch: int = 6
-    batch_size: int = 64
-    q_steps: int = 5  # Q steps per G step (hard-coded 5 in the official loop)
-    nz: int = 256
+    epochs: PosInt = 2
+    iters_per_epoch: PosInt = 6
+    batch_size: Annotated[int, Range(ge=2)] = 64
+    q_steps: PosInt = 5  # Q steps per G step (hard-coded 5 in the official loop)
+    nz: PosInt = 256
     # quantized model Q (official: SGD momentum 0.9, wd 5e-4, no Nesterov)
-    optimizer: str = "sgd"
-    lr: float = 0.01  # official 0.1 (for 18,000 Q steps); see docs/methods/zaq.md
-    momentum: float = 0.9
+    optimizer: Optimizer = "sgd"
+    # official 0.1 (for 18,000 Q steps); see docs/methods/zaq.md
+    lr: Annotated[PosFloat, Doc("official 0.1 (docs/methods/zaq.md)")] = 0.01
+    momentum: Prob = 0.9
     nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.333, 0.667)  # schedule "step" (official: epochs 100/200 of 300)
+    weight_decay: NonNegFloat = 5e-4
+    schedule: Schedule = "cosine"
+    milestones: Milestones = (0.333, 0.667)  # schedule "step" (official: epochs 100/200 of 300)
     # generator (official: Adam lr 1e-3, default betas)
-    lr_g: float = 1e-3
+    lr_g: PosFloat = 1e-3
     # losses
-    alpha: float = 1.0  # SCRM weight
-    beta: float = 0.1  # activation-magnitude weight in L_G
-    scrm_gamma: float = 0.1  # residual weight of the relation maps
-    safe_normalize: bool = True  # False: official F.normalize (1e12 gradients at all-zero vectors)
-    feature_layers: tuple[str, ...] = ()  # module names; empty = residual stage outputs
+    alpha: NonNegFloat = 1.0  # SCRM weight
+    beta: NonNegFloat = 0.1  # activation-magnitude weight in L_G
+    scrm_gamma: NonNegFloat = 0.1  # residual weight of the relation maps
+    # False: official F.normalize (1e12 gradients at all-zero vectors)
+    safe_normalize: Annotated[
+        bool, Doc("false = official F.normalize (1e12 gradients at all-zero feature vectors)")
+    ] = True
+    # module names; empty = residual stage outputs
+    feature_layers: Annotated[
+        tuple[str, ...], Schema(items={'type': 'string', 'minLength': 1}), Doc("SCRM hook points; [] = residual stage outputs")
+    ] = ()
     # activation ranges and BN mode
-    range_mode: str = "ema"  # "ema": EMA for calib_epochs then frozen; "minmax": official running min/max
-    calib_epochs: int = 1
-    bn_train: bool = False  # official q_model.train(): BN of Q uses (and updates) synthetic batch statistics
+    # "ema": EMA for calib_epochs then frozen; "minmax": official running min/max
+    range_mode: Annotated[
+        str, OneOf("ema", "minmax"), Doc("minmax = official running min/max, never frozen")
+    ] = "ema"
+    calib_epochs: Annotated[PosInt, Doc("range_mode ema: epochs with range updates")] = 1
+    # official q_model.train(): BN of Q uses (and updates) synthetic batch statistics
+    bn_train: Annotated[bool, Doc("true = official q_model.train()")] = False
 
 
 # --- SCRM ---------------------------------------------------------------------------------------------------

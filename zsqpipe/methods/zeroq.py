@@ -17,10 +17,23 @@ tables, IntraQ issue #1; reference note §2.6):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
+from zsqpipe.config import (
+    Augment,
+    Doc,
+    Milestones,
+    NonNegFloat,
+    Optimizer,
+    PosFloat,
+    PosInt,
+    Prob,
+    Range,
+    Schedule,
+)
 from zsqpipe.engine import kd_kl
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.zsq.calibration import calibrate
@@ -29,23 +42,24 @@ from zsqpipe.zsq.finetune import ShardStream, check_augment, finetune
 
 @dataclass(frozen=True)
 class ZeroQConfig:
-    finetune: bool = True  # false = the original ZeroQ protocol: calibrate ranges, no training
-    calib_batches: int = 4  # 4 x 128 = one pass over the 512 default samples
-    epochs: int = 2
-    iters_per_epoch: int = 20  # 2 x 20 steps: every method's fine-tuning budget (docs/budget.md)
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 2.5e-4  # x kd_weight 20 = 0.005, the `real` step size (paper harness: 1e-4 for 30k steps)
-    momentum: float = 0.9
+    # false = the original ZeroQ protocol: calibrate ranges, no training
+    finetune: Annotated[bool, Doc("false = original ZeroQ: calibrate only")] = True
+    calib_batches: PosInt = 4  # 4 x 128 = one pass over the 512 default samples
+    epochs: PosInt = 2
+    iters_per_epoch: PosInt = 20  # 2 x 20 steps: every method's fine-tuning budget (docs/budget.md)
+    batch_size: PosInt = 128
+    optimizer: Optimizer = "sgd"
+    lr: PosFloat = 2.5e-4  # x kd_weight 20 = 0.005, the `real` step size (paper harness: 1e-4 for 30k steps)
+    momentum: Prob = 0.9
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
-    kd_temperature: float = 20.0  # IntraQ harness T
-    kd_weight: float = 20.0  # IntraQ harness alpha (8,000 x batchmean KL with T = 20)
-    ce_weight: float = 0.0  # KD only (IntraQ issue #1: "KD, or KD+CE")
-    augment: str = "rrc"  # rrc (IntraQ's RandomResizedCrop + flip) | crop_flip (pad-crop + flip) | none
-    aug_margin: float = 0.5  # RandomResizedCrop scale lower bound
+    weight_decay: NonNegFloat = 1e-4
+    schedule: Schedule = "cosine"
+    milestones: Milestones = (0.5, 0.75)  # schedule "step": LR x 0.1 at these fractions of training
+    kd_temperature: PosFloat = 20.0  # IntraQ harness T
+    kd_weight: NonNegFloat = 20.0  # IntraQ harness alpha (8,000 x batchmean KL with T = 20)
+    ce_weight: NonNegFloat = 0.0  # KD only (IntraQ issue #1: "KD, or KD+CE")
+    augment: Augment = "rrc"  # rrc (IntraQ's RandomResizedCrop + flip) | crop_flip (pad-crop + flip) | none
+    aug_margin: Annotated[float, Range(gt=0, le=1)] = 0.5  # RandomResizedCrop scale lower bound
 
 
 @register_method("zeroq")

@@ -18,10 +18,11 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
+from zsqpipe.config import Doc, Momentum, NonNegFloat, OneOf, PosFloat, PosInt, Range
 from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.spaces.nb201 import (
@@ -248,27 +249,35 @@ class SupernetConfig:
     momentum)."""
 
     method: str = "spos"
-    calr: bool | None = None
-    ms: bool | None = None
-    gamma_max: float = 4.0
-    calr_complexity: str = "model"
-    epochs: int = 250
-    iters: int | None = None
-    lr: float = 0.025
-    momentum: float = 0.9
+    calr: Annotated[bool | None, Doc("null = as the method says; true/false overrides (ablations)")] = None
+    ms: Annotated[bool | None, Doc("null = as the method says; true/false overrides (ablations)")] = None
+    gamma_max: Annotated[float, Range(ge=1), Doc("CaLR's gamma_max (--max_coeff)")] = 4.0
+    calr_complexity: Annotated[str, OneOf("model", "nb201")] = "model"
+    epochs: PosInt = 250
+    iters: Annotated[
+        PosInt | None, Doc("iterations per epoch (T = epochs x iters); null = a full pass over the training split")
+    ] = None
+    lr: PosFloat = 0.025
+    momentum: Momentum = 0.9
     nesterov: bool = True
-    wd: float = 5e-4
-    grad_clip: float | None = 5.0
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    augment: bool = True
-    eval_images: int | None = None
-    C: int = 16
-    N: int = 5
+    wd: NonNegFloat = 5e-4
+    grad_clip: PosFloat | None = 5.0
+    batch_size: PosInt = 64
+    eval_batch_size: Annotated[
+        PosInt, Doc("BN uses batch statistics at evaluation (DYNAS): accuracies depend on it")
+    ] = 256
+    augment: Annotated[bool, Doc("random crop + flip (DYNAS: CIFAR augmentation)")] = True
+    eval_images: Annotated[
+        PosInt | None, Doc("first N validation images that score each cell; null = the whole validation split")
+    ] = None
+    C: Annotated[PosInt, Doc("channels of the first stage (then 2C, 4C)")] = 16
+    N: Annotated[PosInt, Doc("cells per stage")] = 5
     seed: int = 0
-    split_edge: int | None = None
+    split_edge: Annotated[
+        int | None, Range(ge=0, le=5), Doc("MS split edge; null = drawn from the seed")
+    ] = None
     bn_track_running_stats: bool = False
-    bn_batches: int = 10
+    bn_batches: PosInt = 10
     zero_grad_to_none: bool = False
 
     def __post_init__(self):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any
 
+from zsqpipe.config import Doc, Momentum, OneOf, Schema
 from zsqpipe.errors import ConfigError
 
 STE_MODES = ("identity", "clipped")
@@ -43,14 +44,22 @@ class QuantConfig:
 
     weight_bits: int = 4
     act_bits: int = 4
-    first_layer_bits: int | None = None
-    last_layer_bits: int | None = None
-    layer_bits: dict[str, int] = field(default_factory=dict)
-    weight_quantizer: str = "minmax_channel"
-    act_quantizer: str = "ema_minmax"
-    ema_momentum: float = 0.9
-    ema_mode: str = "correct"
-    ste: str = "identity"
+    first_layer_bits: Annotated[
+        int | None, Schema(anyOf=[{'type': 'integer', 'minimum': 1, 'maximum': 16}, {'const': 32}, {'type': 'null'}]), Doc("null (= the cell's weight bits), an integer in 1..16, or 32 (= full precision)")
+    ] = None
+    last_layer_bits: Annotated[
+        int | None, Schema(anyOf=[{'type': 'integer', 'minimum': 1, 'maximum': 16}, {'const': 32}, {'type': 'null'}]), Doc("null (= the cell's weight bits), an integer in 1..16, or 32 (= full precision)")
+    ] = None
+    layer_bits: Annotated[
+        dict[str, int], Schema(additionalProperties={'description': 'a bit-width: an integer in 1..16, or 32 (= full precision)', 'anyOf': [{'type': 'integer', 'minimum': 1, 'maximum': 16}, {'const': 32}]})
+    ] = field(default_factory=dict)
+    weight_quantizer: Annotated[
+        str, OneOf("minmax_channel", "lsq", "lsq_tensor", "lsq_nopost", "lsq_nopost_fixed"), Doc("lsq* = learned step size (docs/methods/lsq.md)")
+    ] = "minmax_channel"
+    act_quantizer: Annotated[str, OneOf("ema_minmax", "lsq", "lsq_nopost", "lsq_nopost_fixed")] = "ema_minmax"
+    ema_momentum: Momentum = 0.9
+    ema_mode: Annotated[str, OneOf("correct", "official")] = "correct"
+    ste: Annotated[str, OneOf("identity", "clipped")] = "identity"
 
     def __post_init__(self):
         check_bits("quant.weight_bits", self.weight_bits)

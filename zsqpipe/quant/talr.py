@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from zsqpipe.config import Milestones, Momentum, OneOf, PosFloat
 from zsqpipe.errors import ConfigError
 from zsqpipe.quant.quantize import quant_layers
 
@@ -40,14 +41,14 @@ class TALRConfig:
     the step sizes of weight quantizers (the paper does with TALR: otherwise weights change level without a
     latent update)."""
 
-    scope: str = "layer"
-    momentum: float = 0.99
-    eta: float | None = None
-    target_rate: float | None = None
-    tr_factor: float = 5e-3
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    decay: float = 0.1
+    scope: Annotated[str, OneOf("layer", "global")] = "layer"
+    momentum: Momentum = 0.99
+    eta: PosFloat | None = None
+    target_rate: PosFloat | None = None
+    tr_factor: PosFloat = 5e-3
+    schedule: Annotated[str, OneOf("cosine", "step", "constant")] = "cosine"
+    milestones: Milestones = (0.5, 0.75)
+    decay: PosFloat = 0.1
     freeze_weight_scales: bool = True
 
     def __post_init__(self):

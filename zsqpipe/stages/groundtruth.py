@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from zsqpipe.config import from_dict
+from zsqpipe.config import Doc, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, Schema, from_dict
 from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
@@ -57,22 +57,28 @@ class GroundTruthConfig:
     evaluation batches (BN uses running statistics). C, N: the supernet's width and cells per stage (the
     workflow passes supernet.train.C/N: same skeleton)."""
 
-    num_archs: int | None = None
-    sample_seed: int = 0
-    exclude_disconnected: bool = False
-    chunk_size: int = 10
-    epochs: int = 200
-    iters: int | None = None
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
+    num_archs: Annotated[
+        int | None, Range(ge=2, le=327), Doc("cells drawn from the 327-cell Kendall subset; null = all of them")
+    ] = None
+    sample_seed: NonNegInt = 0
+    exclude_disconnected: Annotated[
+        bool, Doc("drop cells whose output is cut off from their input (1 of the 327)")
+    ] = False
+    chunk_size: Annotated[PosInt, Doc("cells per groundtruth job")] = 10
+    epochs: PosInt = 200
+    iters: Annotated[PosInt | None, Doc("steps per epoch; null = a full pass over the training split")] = None
+    batch_size: PosInt = 256
+    lr: PosFloat = 0.1
+    momentum: Momentum = 0.9
     nesterov: bool = True
-    wd: float = 5e-4
+    wd: NonNegFloat = 5e-4
     augment: bool = True
-    seeds: list[int] = field(default_factory=lambda: [0])
-    val_images: int | None = None
-    test_images: int | None = None
-    eval_batch_size: int = 1000
+    seeds: Annotated[
+        list[int], Schema(minItems=1, uniqueItems=True, items={'type': 'integer', 'minimum': 0}), Doc("one stand-alone run per seed; the ground truth is their mean")
+    ] = field(default_factory=lambda: [0])
+    val_images: Annotated[PosInt | None, Doc("first N validation images; null = all")] = None
+    test_images: Annotated[PosInt | None, Doc("first N test images; null = all")] = None
+    eval_batch_size: PosInt = 1000
     C: int = 16
     N: int = 5
 

@@ -19,12 +19,13 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from zsqpipe.config import Doc, PosInt, Schema
 from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
@@ -58,14 +59,18 @@ class SupernetSearchConfig:
     report (null = all); standalone: train each found cell stand-alone (``supernet.groundtruth`` recipe) for
     its true test accuracy (datasets without NAS-Bench-201 ground truth; CIFAR reads the table)."""
 
-    budget: int = 30
-    seeds: tuple[int, ...] = (0,)
-    bn_batches: int = 5
-    batch_size: int = 64
-    val_images: int | None = 1000
-    test_images: int | None = None
-    eval_batch_size: int = 500
-    standalone: bool = True
+    budget: Annotated[PosInt, Doc("queries per search")] = 30
+    seeds: Annotated[
+        tuple[int, ...], Schema(minItems=1, uniqueItems=True, items={'type': 'integer', 'minimum': 0}), Doc("search seeds per supernet")
+    ] = (0,)
+    bn_batches: Annotated[PosInt, Doc("BN recalibration batches before a cell is scored")] = 5
+    batch_size: PosInt = 64
+    val_images: Annotated[PosInt | None, Doc("validation images that score a cell")] = 1000
+    test_images: PosInt | None = None
+    eval_batch_size: PosInt = 500
+    standalone: Annotated[
+        bool, Doc("train each found cell stand-alone (supernet.groundtruth recipe) for its true test accuracy")
+    ] = True
 
     def __post_init__(self):
         p = "supernet.search"

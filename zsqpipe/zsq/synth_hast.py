@@ -22,22 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.config import NonNegFloat, NonNegInt, PosFloat, PosInt
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.synthesis import SynthContext, optimise_pixels, register_synthesizer
 
 
 @dataclass(frozen=True)
 class HASTSynthConfig:
-    num_samples: int = 512  # official: 4 groups x 5 batches x 256 = 5120
-    batch_size: int = 256  # official: 256
-    iters: int = 200  # official: 1000 Adam steps per batch; the BN loss stops falling at ~200 here (docs/budget.md)
-    lr: float = 0.5  # official: 0.5
-    patience: int = 10  # official: 50 (of 1000 steps); 5 % of iters, as the official
-    min_lr: float = 1e-4  # official: 1e-4
-    beta: float = 10.0  # weight of the difficulty-weighted CE; CIFAR 10, ImageNet 0.1
-    gamma: float = 2.0  # difficulty exponent; CIFAR 2, ImageNet 0.5
+    num_samples: PosInt = 512  # official: 4 groups x 5 batches x 256 = 5120
+    batch_size: PosInt = 256  # official: 256
+    iters: NonNegInt = 200  # official: 1000 Adam steps per batch; the BN loss stops falling at ~200 here (docs/budget.md)
+    lr: PosFloat = 0.5  # official: 0.5
+    patience: NonNegInt = 10  # official: 50 (of 1000 steps); 5 % of iters, as the official
+    min_lr: NonNegFloat = 1e-4  # official: 1e-4
+    beta: NonNegFloat = 10.0  # weight of the difficulty-weighted CE; CIFAR 10, ImageNet 0.1
+    gamma: NonNegFloat = 2.0  # difficulty exponent; CIFAR 2, ImageNet 0.5
     hard_sample: bool = True  # False: ablation without hard samples, plain CE (gamma = 0)
-    shard_size: int = 1024
+    shard_size: PosInt = 1024
 
 
 def hard_sample_ce(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:

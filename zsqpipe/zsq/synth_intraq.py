@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.config import NonNegFloat, NonNegInt, PosFloat, PosInt, Prob, Range
 from zsqpipe.errors import ConfigError
 from zsqpipe.zsq.augment import random_resized_crop_flip
 from zsqpipe.zsq.bnstats import BNStatistics
@@ -44,19 +46,19 @@ from zsqpipe.zsq.synthesis import (
 
 @dataclass(frozen=True)
 class IntraQSynthConfig:
-    num_samples: int = 512  # official: 4 groups x 5 batches x 256 = 5,120
-    batch_size: int = 256
-    iters: int = 200  # official: 1,000; BN loss 0.198 at 100, 0.078 at 200 on the default (docs/budget.md)
-    lr: float = 0.5
-    patience: int = 10  # ReduceLROnPlateau patience; official: 50 (of 1,000 iterations), 5 % of iters
-    min_lr: float = 1e-4
-    target_pro: float = 0.95  # CIFAR-10; CIFAR-100 0.6, ImageNet 1.0
-    eps_lower: float = 0.05  # CIFAR-10; CIFAR-100 0.02, ImageNet 0.0
-    eps_upper: float = 0.8  # CIFAR-10; CIFAR-100 1.0, ImageNet 2.0
-    aug_prob: float = 0.5  # probability per step of optimising through RRC + flip
-    aug_margin: float = 0.5  # RandomResizedCrop scale lower bound (augMargin)
-    soft_prob: float = 0.5  # fraction of samples with a soft target t ~ U[target_pro, 1]
-    shard_size: int = 1024
+    num_samples: PosInt = 512  # official: 4 groups x 5 batches x 256 = 5,120
+    batch_size: PosInt = 256
+    iters: PosInt = 200  # official: 1,000; BN loss 0.198 at 100, 0.078 at 200 on the default (docs/budget.md)
+    lr: PosFloat = 0.5
+    patience: NonNegInt = 10  # ReduceLROnPlateau patience; official: 50 (of 1,000 iterations), 5 % of iters
+    min_lr: NonNegFloat = 1e-4
+    target_pro: Prob = 0.95  # CIFAR-10; CIFAR-100 0.6, ImageNet 1.0
+    eps_lower: NonNegFloat = 0.05  # CIFAR-10; CIFAR-100 0.02, ImageNet 0.0
+    eps_upper: NonNegFloat = 0.8  # CIFAR-10; CIFAR-100 1.0, ImageNet 2.0
+    aug_prob: Prob = 0.5  # probability per step of optimising through RRC + flip
+    aug_margin: Annotated[float, Range(gt=0, le=1)] = 0.5  # RandomResizedCrop scale lower bound (augMargin)
+    soft_prob: Prob = 0.5  # fraction of samples with a soft target t ~ U[target_pro, 1]
+    shard_size: PosInt = 1024
 
 
 def soft_targets(n: int, target_pro: float, soft_prob: float, gen: torch.Generator) -> torch.Tensor:

@@ -25,10 +25,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
 
+from zsqpipe.config import Doc, NonNegFloat, NonNegInt, OneOf, PosFloat, PosInt
 from zsqpipe.errors import ConfigError
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.synthesis import (
@@ -45,16 +47,19 @@ UNIFORM_VARIANCE = 5418.75  # var of U(-128, 127) = 255^2 / 12, the constant in 
 
 @dataclass(frozen=True)
 class ZeroQSynthConfig:
-    num_samples: int = 512  # official: 1 batch of 64 (run.sh); IntraQ's re-implementation: 5,120
-    batch_size: int = 256
-    iters: int = 100  # official: 500
-    lr: float = 0.5
-    patience: int = 20  # ReduceLROnPlateau patience; official: 100 (of 500 iterations)
-    min_lr: float = 1e-4
-    init: str = "gaussian"  # gaussian | uniform | zeroq_uniform (official code, values ~ +-0.024)
-    input_weight: float = 1.0  # weight of the input-level N(0, 1) term (official: 1)
-    eps: float = 1e-6  # the official eps inside the input-level std
-    shard_size: int = 1024
+    num_samples: PosInt = 512  # official: 1 batch of 64 (run.sh); IntraQ's re-implementation: 5,120
+    batch_size: PosInt = 256
+    iters: PosInt = 100  # official: 500
+    lr: PosFloat = 0.5
+    patience: NonNegInt = 20  # ReduceLROnPlateau patience; official: 100 (of 500 iterations)
+    min_lr: NonNegFloat = 1e-4
+    # gaussian | uniform | zeroq_uniform (official code, values ~ +-0.024)
+    init: Annotated[
+        str, OneOf("gaussian", "uniform", "zeroq_uniform"), Doc("zeroq_uniform = official init (divides by the variance)")
+    ] = "gaussian"
+    input_weight: NonNegFloat = 1.0  # weight of the input-level N(0, 1) term (official: 1)
+    eps: NonNegFloat = 1e-6  # the official eps inside the input-level std
+    shard_size: PosInt = 1024
 
 
 def initial_images(init: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+from zsqpipe.config import (
+    Doc,
+    Momentum,
+    Nested,
+    NonNegFloat,
+    NonNegInt,
+    OneOf,
+    PosFloat,
+    PosInt,
+    Range,
+    Schema,
+)
 from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, Arch
@@ -56,27 +68,39 @@ class OQATTrainConfig:
     recalibration, also measured right after inheritance, before fine-tuning)."""
 
     bits: int = 4
-    space: str = "nb201"
-    C: int = 8
-    N: int = 1
-    ofa: dict | None = None
-    block_input_quant: str = "signed"
-    weight_quantizer: str = "lsq_tensor"
+    space: Annotated[
+        str, OneOf("nb201", "ofa_mbv3"), Doc("nb201 = the NB201 cell supernet (C, N); ofa_mbv3 = the OFA / MobileNetV3 space (ofa; docs/methods/ofa_space.md)")
+    ] = "nb201"
+    C: Annotated[PosInt, Doc("nb201: channels of the first stage (then 2C, 4C)")] = 8
+    N: Annotated[PosInt, Doc("nb201: cells per stage")] = 1
+    ofa: Annotated[
+        dict | None, Nested("zsqpipe.nas.spaces.ofa:OFASpaceConfig"), Doc("ofa_mbv3: OFASpaceConfig (zsqpipe/nas/spaces/ofa.py); null = its CPU defaults")
+    ] = None
+    block_input_quant: Annotated[
+        str, OneOf("signed", "unsigned"), Doc("ofa_mbv3: LSQ on each block's (signed) input; unsigned = the official OQA code (clips negatives to 0)")
+    ] = "signed"
+    weight_quantizer: Annotated[
+        str, OneOf("lsq_tensor", "lsq"), Doc("lsq_tensor = one weight step per layer (OQAT); lsq = per output channel (nb201 only)")
+    ] = "lsq_tensor"
     bn_affine: bool = False
-    epochs: int = 2
-    iters: int | None = 200
-    lr: float = 0.05
-    momentum: float = 0.9
+    epochs: PosInt = 2
+    iters: Annotated[
+        PosInt | None, Doc("iterations per epoch; null = one pass over the training split")
+    ] = 200
+    lr: PosFloat = 0.05
+    momentum: Momentum = 0.9
     nesterov: bool = True
-    wd: float = 5e-4
-    grad_clip: float | None = 5.0
-    batch_size: int = 64
+    wd: Annotated[NonNegFloat, Doc("weight decay of the weights (step sizes get none)")] = 5e-4
+    grad_clip: PosFloat | None = 5.0
+    batch_size: PosInt = 64
     augment: bool = False
-    init_batches: int = 2
-    inherit_rule: str = "double"
-    bn_batches: int = 10
-    val_images: int | None = 1000
-    eval_batch_size: int = 500
+    init_batches: Annotated[PosInt, Doc("training batches of the LSQ step-size init")] = 2
+    inherit_rule: Annotated[
+        str, OneOf("double", "reinit"), Doc("inherited steps: double = s_{b-1} = 2 s_b; reinit = LSQ init 2 mean|x|/sqrt(Q_P) again")
+    ] = "double"
+    bn_batches: Annotated[PosInt, Doc("BN recalibration batches of the largest-cell sanity check")] = 10
+    val_images: PosInt | None = 1000
+    eval_batch_size: PosInt = 500
     seed: int = 0
 
     def __post_init__(self):
@@ -143,17 +167,21 @@ class OQATSearchConfig:
     batch 100). val_images: the validation images that score a cell (the search signal); test_images: the
     test images of the *found* cells' report (null = all), read only after the search."""
 
-    budgets: list[float] = field(default_factory=lambda: [0.35, 0.6, 1.0])
-    population: int = 12
-    generations: int = 3
-    children: int = 8
-    parents: int = 4
-    mutation_prob: float = 0.3
-    bn_batches: int = 10
-    batch_size: int = 64
-    val_images: int | None = 1000
-    test_images: int | None = None
-    eval_batch_size: int = 500
+    budgets: Annotated[
+        list[float], Schema(minItems=1, items={'type': 'number', 'exclusiveMinimum': 0, 'maximum': 1}), Doc("BitOPs budgets as fractions of the largest cell's BitOPs at the supernet's bits")
+    ] = field(default_factory=lambda: [0.35, 0.6, 1.0])
+    population: PosInt = 12
+    generations: NonNegInt = 3
+    children: PosInt = 8
+    parents: PosInt = 4
+    mutation_prob: Annotated[float, Range(gt=0, le=1)] = 0.3
+    bn_batches: Annotated[PosInt, Doc("BN recalibration batches per cell (OQAT: 20 x 100 images)")] = 10
+    batch_size: PosInt = 64
+    val_images: Annotated[
+        PosInt | None, Doc("validation images that score a cell (the search signal)")
+    ] = 1000
+    test_images: Annotated[PosInt | None, Doc("test images of the found cells' report; null = all")] = None
+    eval_batch_size: PosInt = 500
     seed: int = 0
 
     def __post_init__(self):

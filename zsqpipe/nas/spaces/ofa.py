@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
+from zsqpipe.config import Doc, OneOf, PosInt, Range, Schema
 from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.errors import ConfigError
 
@@ -69,16 +70,28 @@ class OFASpaceConfig:
     and our LSQ activation quantizer is unsigned (it follows every ReLU), so the OQAT supernet on this space
     is quantized everywhere it runs (docs/methods/ofa_space.md)."""
 
-    ks_list: tuple[int, ...] = (3, 5, 7)
-    expand_list: tuple[int, ...] = (3, 4, 6)
-    depth_list: tuple[int, ...] = (2, 3, 4)
-    widths: tuple[int, ...] = MBV3_WIDTHS
-    strides: tuple[int, ...] = (2, 2, 2, 1, 1)
-    stem_width: int = 16
-    stem_stride: int = 1
-    width_mult: float = 0.5
-    final_expand: int = 6
-    kernel_transform: bool = True
+    ks_list: Annotated[
+        tuple[int, ...], Schema(minItems=1, items={'type': 'integer', 'minimum': 1}), Doc("depthwise kernel sizes (odd; OFA 3, 5, 7)")
+    ] = (3, 5, 7)
+    expand_list: Annotated[
+        tuple[int, ...], Schema(minItems=1, items={'type': 'integer', 'minimum': 1}), Doc("expand ratios (OFA 3, 4, 6)")
+    ] = (3, 4, 6)
+    depth_list: Annotated[
+        tuple[int, ...], Schema(minItems=1, items={'type': 'integer', 'minimum': 1}), Doc("blocks per unit (OFA 2, 3, 4)")
+    ] = (2, 3, 4)
+    widths: Annotated[
+        tuple[int, ...], Schema(minItems=1, items={'type': 'integer', 'minimum': 1}), Doc("unit widths before width_mult (MBV3 24, 40, 80, 112, 160)")
+    ] = MBV3_WIDTHS
+    strides: Annotated[
+        tuple[int, ...], Schema(minItems=1, items={'enum': [1, 2]}), Doc("stride of each unit's first block (CPU default 2, 2, 2, 1, 1)")
+    ] = (2, 2, 2, 1, 1)
+    stem_width: PosInt = 16
+    stem_stride: Annotated[int, OneOf(1, 2)] = 1
+    width_mult: Annotated[float, Range(gt=0, le=4)] = 0.5
+    final_expand: PosInt = 6
+    kernel_transform: Annotated[
+        bool, Doc("OFA's learned kernel transformation matrices (false = centre crop)")
+    ] = True
 
     def __post_init__(self):
         p = "ofa"

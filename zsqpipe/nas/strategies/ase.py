@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsqpipe.config import Doc, Momentum, NonNegFloat, PosFloat, PosInt, Range
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS, Arch, arch_to_str
 from zsqpipe.nas.strategies.base import SearchContext, register_strategy
@@ -43,19 +45,23 @@ NODE_FEATURES = NUM_EDGES * ONEHOT_SLOTS + 1  # + validation accuracy (%) = 37
 
 @dataclass(frozen=True)
 class ASEConfig:
-    K: int = 3
-    n_steps: int = 4
-    hidden: int = 64
-    gnn_layers: int = 2
-    lr: float = 0.009446763714621489
-    weight_decay: float = 2.3740059139364297e-05
-    entropy_coeff: float = 0.0005049559768158195
-    baseline_decay: float = 0.9
-    tanh_constant: float = 1.5
-    op_tanh_reduce: float = 2.5
-    init_range: float = 0.1
-    absolute_reward: bool = False  # official --use_absolute_perf
-    inplace_mutation: bool = False  # true = the official in-place edit of the start node (see module doc)
+    K: Annotated[int, Range(ge=2), Doc("subspace nodes in the dynamic graph")] = 3
+    n_steps: Annotated[PosInt, Doc("(edge, op) edits per step")] = 4
+    hidden: PosInt = 64
+    gnn_layers: PosInt = 2
+    lr: PosFloat = 0.009446763714621489
+    weight_decay: NonNegFloat = 2.3740059139364297e-05
+    entropy_coeff: NonNegFloat = 0.0005049559768158195
+    baseline_decay: Momentum = 0.9
+    tanh_constant: PosFloat = 1.5
+    op_tanh_reduce: PosFloat = 2.5
+    init_range: PosFloat = 0.1
+    # official --use_absolute_perf
+    absolute_reward: Annotated[bool, Doc("official --use_absolute_perf")] = False
+    # true = the official in-place edit of the start node (see module doc)
+    inplace_mutation: Annotated[
+        bool, Doc("true = the official in-place edit of the start node (a bug; docs/methods/nas_search.md)")
+    ] = False
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Fewer than K given: random cells fill the rest (as the official loop does). Ever
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
+from zsqpipe.config import Doc, Schema
 from zsqpipe.nas.spaces.nb201 import str_to_arch
 from zsqpipe.nas.strategies.ase import ASEConfig, ase_search
 from zsqpipe.nas.strategies.base import SearchContext, register_strategy
@@ -18,7 +20,9 @@ from zsqpipe.nas.strategies.base import SearchContext, register_strategy
 
 @dataclass(frozen=True)
 class ASEPlusConfig(ASEConfig):
-    init_archs: list[str] = field(default_factory=list)
+    init_archs: Annotated[
+        list[str], Schema(items={'type': 'string', 'pattern': '^\\|[a-z0-9_]+~0\\|\\+\\|[a-z0-9_]+~0\\|[a-z0-9_]+~1\\|\\+\\|[a-z0-9_]+~0\\|[a-z0-9_]+~1\\|[a-z0-9_]+~2\\|$', 'description': 'a NAS-Bench-201 cell string |op~0|+|op~0|op~1|+|op~0|op~1|op~2|'}), Doc("seed architectures for the initial nodes (random cells fill up to K)")
+    ] = field(default_factory=list)
 
 
 @register_strategy("ase_plus", ASEPlusConfig)

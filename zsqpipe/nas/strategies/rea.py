@@ -12,14 +12,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from zsqpipe.config import PosInt
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.strategies.base import SearchContext, register_strategy
 
 
 @dataclass(frozen=True)
 class REAConfig:
-    population: int = 10
-    sample_size: int = 3
+    population: PosInt = 10
+    sample_size: PosInt = 3
 
 
 @register_strategy("rea", REAConfig)

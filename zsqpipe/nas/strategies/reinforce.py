@@ -13,15 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
+from zsqpipe.config import Momentum, NonNegFloat, PosFloat
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, OPS
 from zsqpipe.nas.strategies.base import SearchContext, register_strategy
 
 
 @dataclass(frozen=True)
 class ReinforceConfig:
-    lr: float = 0.001
-    ema_momentum: float = 0.9
-    init_std: float = 0.001
+    lr: PosFloat = 0.001
+    ema_momentum: Momentum = 0.9
+    init_std: NonNegFloat = 0.001
 
 
 class DebiasedEMA:
