@@ -76,8 +76,8 @@ def main() -> None:
     tracking = wd / "results/mlflow/tracking.json"
     out = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     quantize = [sys.executable, "-c", FIRST_EPOCH, "quantize", "--fp", str(fp), "--data",
-                str(wd / "results/data/fashion_mnist/manifest.json"), "--method", "real", "--wbits", "4",
-                "--abits", "4", "--method-params", json.dumps(REAL), "--out-model", str(out / "model.pt"),
+                str(wd / "results/data/fashion_mnist/manifest.json"), "--method", "real", "--weight-bits", "4",
+                "--act-bits", "4", "--method-params", json.dumps(REAL), "--out-model", str(out / "model.pt"),
                 "--out-history", str(out / "history.json"), "--device", "cpu", "--threads", "1", "--no-resume"]  # fmt: skip
     cases = {
         "python -c 'import torch' (plain PyTorch)": ([sys.executable, "-c", "import torch"], None),

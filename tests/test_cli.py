@@ -60,9 +60,9 @@ def quantize(p, method, params, seed=0, bits=4, tag="a"):
         p["manifest"],
         "--method",
         method,
-        "--wbits",
+        "--weight-bits",
         bits,
-        "--abits",
+        "--act-bits",
         bits,
         "--seed",
         seed,
@@ -102,8 +102,8 @@ def test_full_chain_and_table(pipeline):
             "dataset": "fashion_mnist",
             "arch": "resnet20",
             "method": method,
-            "w_bits": 4,
-            "a_bits": 4,
+            "weight_bits": 4,
+            "act_bits": 4,
             "seed": 0,
         }
         r = invoke(
@@ -151,10 +151,10 @@ def test_same_seed_same_metrics(pipeline):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--wbits", "0", "--abits", "4"], "quant.weight_bits"),
-        (["--wbits", "4", "--abits", "4", "--method", "magic"], "unknown method 'magic'"),
-        (["--wbits", "4", "--abits", "4", "--method-params", '{"lrr": 1}'], "methods.real.lrr"),
-        (["--wbits", "4", "--abits", "4", "--method-params", "{not json"], "--method-params: not valid JSON"),
+        (["--weight-bits", "0", "--act-bits", "4"], "quant.weight_bits"),
+        (["--weight-bits", "4", "--act-bits", "4", "--method", "magic"], "unknown method 'magic'"),
+        (["--weight-bits", "4", "--act-bits", "4", "--method-params", '{"lrr": 1}'], "methods.real.lrr"),
+        (["--weight-bits", "4", "--act-bits", "4", "--method-params", "{not json"], "--method-params: not valid JSON"),
     ],
 )
 def test_quantize_bad_input_is_one_line(pipeline, args, needle):
@@ -195,9 +195,9 @@ def test_corrupt_checkpoint_is_reported(pipeline):
             str(p["manifest"]),
             "--method",
             "ptq",
-            "--wbits",
+            "--weight-bits",
             "4",
-            "--abits",
+            "--act-bits",
             "4",
             "--out-model",
             str(p["tmp"] / "m.pt"),
@@ -224,13 +224,13 @@ def test_synthesize_then_quantize_on_shards(pipeline, method):
     else:
         tiny.update(calib_batches=1)
     out = p["tmp"] / f"q-{method}"
-    r = invoke("quantize", "--fp", p["fp"], "--data", p["manifest"], "--method", method, "--wbits", 4, "--abits", 4,
+    r = invoke("quantize", "--fp", p["fp"], "--data", p["manifest"], "--method", method, "--weight-bits", 4, "--act-bits", 4,
                "--method-params", json.dumps(tiny), "--samples", samples, "--out-model", out / "model.pt",
                "--out-history", out / "history.json", "--device", "cpu", "--threads", 1)  # fmt: skip
     assert r.exit_code == 0, r.output
     assert len(json.loads((out / "history.json").read_text())["history"]) == 1
     # without samples the zero-shot method refuses to run
     r = CliRunner().invoke(cli, ["quantize", "--fp", str(p["fp"]), "--data", str(p["manifest"]), "--method", method,
-                                 "--wbits", "4", "--abits", "4", "--out-model", str(out / "m2.pt"),
+                                 "--weight-bits", "4", "--act-bits", "4", "--out-model", str(out / "m2.pt"),
                                  "--out-history", str(out / "h2.json")])  # fmt: skip
     assert r.exit_code == 1 and "--samples" in r.output

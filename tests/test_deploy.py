@@ -288,7 +288,7 @@ def test_export_and_deploy_eval_commands(tmp_path, no_debian_data):
     rep = json.loads((tmp_path / "export.json").read_text())
     assert rep["kernels"]["integer_kernels"] == 22 and rep["kernels"]["float_kernels"] == 0  # ResNet-20: 21 convs + fc
     assert rep["onnx_bytes"] < rep["onnx_fp32_bytes"] / 2
-    cell = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "real", "w_bits": 4, "a_bits": 4, "seed": 0}
+    cell = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "real", "weight_bits": 4, "act_bits": 4, "seed": 0}
     r = CliRunner().invoke(cli, ["deploy-eval", "--model", str(tmp_path / "model.pt"), "--onnx", str(tmp_path / "m.onnx"),
                                  "--data", str(manifest), "--cell", json.dumps(cell), "--out", str(tmp_path / "d.json")])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -307,7 +307,7 @@ def test_deploy_table_from_cells(tmp_path):
 
     deploys, exports = [], []
     for seed, (fake, integer) in enumerate([(80.0, 80.0), (82.0, 81.5)]):
-        d = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "hast", "w_bits": 3, "a_bits": 3,
+        d = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "hast", "weight_bits": 3, "act_bits": 3,
              "seed": seed, "n": 10000, "fake_top1": fake, "int_top1": integer, "disagree_pct": 1.0 * seed,
              "onnx_bytes": 300 * 1024}  # fmt: skip
         e = {"mode": "exact", "kernels": {"integer_kernels": 18, "float_kernels": 2}, "onnx_fp32_bytes": 1000 * 1024}
@@ -315,7 +315,7 @@ def test_deploy_table_from_cells(tmp_path):
         exports.append(tmp_path / f"e{seed}.json")
         deploys[-1].write_text(json.dumps(d))
         exports[-1].write_text(json.dumps(e))
-    lat = {"dataset": "fashion_mnist", "arch": "resnet20", "w_bits": 3, "a_bits": 3,
+    lat = {"dataset": "fashion_mnist", "arch": "resnet20", "weight_bits": 3, "act_bits": 3,
            "latency": [{"batch": 256, "threads": 1, "int_onnx_ms": 30.0, "fp32_onnx_ms": 20.0, "torch_fake_ms": 40.0}]}  # fmt: skip
     (tmp_path / "lat.json").write_text(json.dumps(lat))
     table = run_deploy_table(deploys, exports, [tmp_path / "lat.json"], tmp_path / "t.csv", tmp_path / "t.md")

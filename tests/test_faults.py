@@ -48,7 +48,7 @@ FP = {"epochs": 2, "max_steps_per_epoch": 2, "batch_size": 32, "lr": 0.05, "eval
 REAL = {"epochs": 2, "iters_per_epoch": 2, "batch_size": 32, "calib_batches": 2}
 PTQ = {"calib_images": 64, "batch_size": 32}
 ZEROQ = {"epochs": 2, "iters_per_epoch": 5, "batch_size": 8, "calib_batches": 1}  # >= 1 shard per epoch
-CELL = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "ptq", "w_bits": 4, "a_bits": 4, "seed": 0}
+CELL = {"dataset": "fashion_mnist", "arch": "resnet20", "method": "ptq", "weight_bits": 4, "act_bits": 4, "seed": 0}
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
@@ -93,8 +93,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def quantize_args(p: Path, out: Path, method="ptq", params=PTQ, *extra):
-    return ["quantize", "--fp", p / "fp.pt", "--data", p / "manifest.json", "--method", method, "--wbits", 4,
-            "--abits", 4, "--method-params", json.dumps(params), "--out-model", out / "model.pt",
+    return ["quantize", "--fp", p / "fp.pt", "--data", p / "manifest.json", "--method", method, "--weight-bits", 4,
+            "--act-bits", 4, "--method-params", json.dumps(params), "--out-model", out / "model.pt",
             "--out-history", out / "history.json", "--device", "cpu", "--threads", 1, *extra]  # fmt: skip
 
 

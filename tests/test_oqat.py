@@ -182,7 +182,7 @@ def test_subnet_bitops_by_hand():
     )
     assert (
         b2 == (b4 - 4 * 32 * shortcut) // 4 + 2 * 32 * shortcut
-    )  # w_bits x a_bits: 16 -> 4; shortcut 128 -> 64
+    )  # weight_bits x act_bits: 16 -> 4; shortcut 128 -> 64
 
 
 def test_constrained_search_respects_the_budget():

@@ -23,7 +23,7 @@ def table(methods=("real", "ptq", "hast"), bits=(3, 4, 5), std=1.0, archs=("resn
     for arch in archs:
         for i, m in enumerate(methods):
             for w in bits:
-                rows.append({"dataset": "fashion_mnist", "arch": arch, "method": m, "w_bits": w, "a_bits": w,
+                rows.append({"dataset": "fashion_mnist", "arch": arch, "method": m, "weight_bits": w, "act_bits": w,
                              "bits": f"W{w}A{w}", "fp_top1": 92.0, "last_top1_mean": 70.0 + 5 * w + i,
                              "last_top1_std": std, "best_top1_mean": 71.0 + 5 * w + i,
                              "best_top1_std": std / 2})  # fmt: skip

@@ -79,7 +79,7 @@ def test_quant_setting_reruns_only_affected_cells(smoke):
     jobs = planned_jobs(wd, cfg)
     rules = sorted(r for r, _ in jobs)
     assert rules == ["aggregate", "evaluate", "evaluate", "quantize", "quantize"]
-    assert all("abits=3" in w for r, w in jobs if r in ("quantize", "evaluate"))
+    assert all("act_bits=3" in w for r, w in jobs if r in ("quantize", "evaluate"))
     cfg = write_config(wd / "ptq_change.yaml", methods__ptq__calib_images=256)
     jobs = planned_jobs(wd, cfg)
     assert sorted(r for r, _ in jobs) == ["aggregate", "evaluate", "quantize"]
@@ -192,7 +192,7 @@ def test_main_job_is_a_prefix_of_the_full_table(tmp_path):
     main = planned(tmp_path, REPO / "config" / "main.yaml", "results/tables/hast.csv")
     cells = sorted(w for r, w in main if r == "quantize")
     expected = sorted(
-        f"dataset=fashion_mnist, arch=resnet20, method={m}, wbits={b}, abits={b}, seed={s}"
+        f"dataset=fashion_mnist, arch=resnet20, method={m}, weight_bits={b}, act_bits={b}, seed={s}"
         for m in ("real", "ptq", "zeroq", "gdfq", "hast") for b in (3, 4) for s in (0, 1, 2)
     )  # fmt: skip
     assert cells == expected, cells

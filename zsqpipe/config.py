@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from zsqpipe.errors import ConfigError
 
@@ -97,14 +97,35 @@ def from_dict(cls: type[T], d: dict[str, Any] | None, prefix: str) -> T:
     if errors:
         err = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_error_line(err, prefix))
-    missing = [
-        f.name
-        for f in fields(cls)
-        if f.name not in d and f.default is MISSING and f.default_factory is MISSING
-    ]
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ConfigError(f"{prefix}.{missing[0]}: required key is missing")
-    return cls(**d)
+    from zsqpipe.schema import tuple_fields
+
+    return cls(**{k: tuple(v) if k in tuple_fields(cls) and isinstance(v, list) else v for k, v in d.items()})
+
+
+class ConfigBase:
+    """Base of the config dataclasses: one :meth:`from_dict` (:func:`from_dict`: validated against the class's
+    schema section, JSON lists back to tuples where a field is a tuple) and one :meth:`to_dict` (a plain,
+    JSON-ready dict). ``prefix`` is how the class's own ``__post_init__`` errors name keys; ``from_dict`` with
+    another prefix renames them, so an error names the key as the caller's config spells it."""
+
+    prefix: ClassVar[str] = "config"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None = None, prefix: str | None = None):
+        prefix = prefix or cls.prefix
+        try:
+            return from_dict(cls, d, prefix)
+        except ConfigError as err:
+            msg = str(err)
+            if prefix != cls.prefix and msg.startswith(cls.prefix + "."):
+                msg = prefix + msg[len(cls.prefix) :]
+            raise ConfigError(msg) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _as_json(asdict(self))
 
 
 def _as_json(value: Any) -> Any:
@@ -117,7 +138,8 @@ def _as_json(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(ConfigBase):
+    prefix = "data"  # how its errors name keys (ConfigBase.from_dict renames)
     data_dir: Annotated[str, Doc("Where datasets are looked for first.")] = "data"
     allow_download: Annotated[bool, Doc("Let torchvision download missing data.")] = False
     val_size: Annotated[NonNegInt, Doc("Training images held out for validation.")] = 5000
@@ -129,8 +151,10 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class FPConfig:
+class FPConfig(ConfigBase):
     """Full-precision training recipe (or ``checkpoint``: load a local file instead of training)."""
+
+    prefix = "fp_model"  # how its errors name keys (ConfigBase.from_dict renames)
 
     checkpoint: str | None = None
     epochs: PosInt = 2
@@ -157,9 +181,6 @@ class FPConfig:
         Nested("zsqpipe.gradquant:GradQuantConfig"),
         Doc("LBT gradient quantization (docs/methods/lbt.md), e.g. {bits: 4}; null = FP gradients"),
     ] = None  # zsqpipe.gradquant.GradQuantConfig fields; None = FP gradients
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
 from torch import nn
 
-from zsqpipe.config import OneOf, Range, Schema
+from zsqpipe.config import ConfigBase, OneOf, Range, Schema
 from zsqpipe.errors import ConfigError
 
 INTERVAL_MODES = ("adaptive", "minmax", "fixed")
@@ -38,12 +38,14 @@ _TINY = 1e-20  # keeps the interval > 0 when a gradient is all zeros (then G_hat
 
 
 @dataclass(frozen=True)
-class GradQuantConfig:
+class GradQuantConfig(ConfigBase):
     """bits: gradient bits (None or 32 = FP gradients). interval: ``adaptive`` (LBT), ``minmax`` (gamma = 1)
     or ``fixed`` (gamma constant). alpha: LBT's ``max_ratio_constant`` (target clip-out ratio times 2^b - 1).
     step: gamma change per iteration (official 1 - 0.999). gamma: initial (``adaptive`` without ``search_init``)
     or constant (``fixed``) ratio. search_init: the official first-batch search for gamma. gamma_min: lower
     clamp of gamma (official 0.001)."""
+
+    prefix = "grad_quant"  # how its errors name keys (ConfigBase.from_dict renames)
 
     bits: Annotated[
         int | None, Schema(anyOf=[{'type': 'integer', 'minimum': 2, 'maximum': 16}, {'const': 32}, {'type': 'null'}])
@@ -76,19 +78,6 @@ class GradQuantConfig:
     def target_ratio(self) -> float:
         """alpha / (2^b - 1): the clip-out ratio of the optimal interval."""
         return self.alpha / (2 ** (self.bits or 32) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], prefix: str = "grad_quant") -> GradQuantConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"{prefix}.{unknown[0]}: unknown key")
-        try:
-            return cls(**d)
-        except ConfigError as err:  # name the key as the caller's config spells it
-            raise ConfigError(str(err).replace("grad_quant.", f"{prefix}.", 1)) from None
 
 
 def quantize_grad(g: torch.Tensor, bits: int, clip: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ DEFAULT_STYLE = {"dpi": 120, "width": 6.4, "height": 4.4}
 LAST_LABEL = "last epoch (no selection)"
 BEST_LABEL = "best epoch (test-selected)"
 FP_LABEL = "FP model"
-TABLE_COLUMNS = ("dataset", "arch", "method", "w_bits", "a_bits", "bits", "last_top1_mean", "best_top1_mean")
+TABLE_COLUMNS = ("dataset", "arch", "method", "weight_bits", "act_bits", "bits", "last_top1_mean", "best_top1_mean")
 
 
 def _style(style: dict | None) -> dict:
@@ -109,12 +109,12 @@ def bits_figure(
     fig, axes = _new_figure(len(panels), st)
     colors = {}
     for ax, ((dataset, arch), g) in zip(axes, panels, strict=True):
-        bits = g[["w_bits", "a_bits", "bits"]].drop_duplicates().sort_values(["w_bits", "a_bits"])
+        bits = g[["weight_bits", "act_bits", "bits"]].drop_duplicates().sort_values(["weight_bits", "act_bits"])
         pos = {b: i for i, b in enumerate(bits["bits"])}
         methods = _ordered(g["method"], order)
         n = len(methods)
         for k, method in enumerate(methods):
-            m = g[g["method"] == method].sort_values(["w_bits", "a_bits"])
+            m = g[g["method"] == method].sort_values(["weight_bits", "act_bits"])
             x = np.array([pos[b] for b in m["bits"]], dtype=float)
             dx = 0.06 * (k - (n - 1) / 2) if n > 1 else 0.0  # keep overlapping error bars apart
             color = colors.setdefault(method, f"C{len(colors) % 10}")
@@ -185,7 +185,7 @@ def ablation_figure(
     arch x bit-width."""
     _check_table(table)
     st = _style(style)
-    groups = [(key, g) for key, g in table.groupby(["dataset", "arch", "w_bits", "a_bits"], sort=True)]
+    groups = [(key, g) for key, g in table.groupby(["dataset", "arch", "weight_bits", "act_bits"], sort=True)]
     fig, axes = _new_figure(len(groups), st)
     for ax, ((dataset, arch, _w, _a), g) in zip(axes, groups, strict=True):
         methods = _ordered(g["method"], order)
@@ -225,7 +225,7 @@ def steps_figure(
     if missing:
         raise ConfigError(f"steps plot: no step count for {missing}; expected one per method/variant")
     st = _style(style)
-    groups = [(key, g) for key, g in table.groupby(["dataset", "arch", "w_bits", "a_bits"], sort=True)]
+    groups = [(key, g) for key, g in table.groupby(["dataset", "arch", "weight_bits", "act_bits"], sort=True)]
     fig, axes = _new_figure(len(groups), st)
     colors: dict[str, str] = {}
     for ax, ((dataset, arch, _w, _a), g) in zip(axes, groups, strict=True):

@@ -84,6 +84,21 @@ def field_schema(hint: Any, *, nested_defaults: bool = False) -> dict[str, Any]:
     return schema
 
 
+@cache
+def tuple_fields(cls: type) -> frozenset[str]:
+    """The fields of config dataclass ``cls`` typed as tuples (JSON gives them as lists)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = set()
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        while typing.get_origin(hint) in (typing.Annotated, typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = args[0]
+        if (typing.get_origin(hint) or hint) is tuple:
+            out.add(f.name)
+    return frozenset(out)
+
+
 def _resolve(ref: Any) -> Any:
     if isinstance(ref, str):
         module, _, name = ref.partition(":")

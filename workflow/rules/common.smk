@@ -32,8 +32,8 @@ wildcard_constraints:
     dataset="|".join(DATASET_NAMES),
     arch="|".join(ARCH_NAMES),
     method="|".join(list(METHOD_NAMES) + list(VARIANTS)),
-    wbits=r"\d+",
-    abits=r"\d+",
+    weight_bits=r"\d+",
+    act_bits=r"\d+",
     seed=r"\d+",
     synth="(" + ("|".join(SYNTHESIZER_NAMES) or "none") + ")(@[0-9a-f]{8})?",
     table="|".join(config["tables"]),
@@ -43,7 +43,7 @@ RESULTS = "results"
 LOGS = "results/logs"
 BENCH = "results/benchmarks"
 TRACKING = "results/mlflow/tracking.json"
-QUANT_DIR = "results/quant/{dataset}/{arch}/{method}/w{wbits}a{abits}/seed{seed}"
+QUANT_DIR = "results/quant/{dataset}/{arch}/{method}/w{weight_bits}a{act_bits}/seed{seed}"
 # Epoch checkpoints of fp_model/quantize/oqat_train/supernet_train, outside their outputs (zsqpipe/resume.py): the rules' `resume`
 # resource, like `threads` a run-time setting, not a param, because resuming never changes a result and
 # toggling config `resume` must rerun no job (params and the shell text are rerun triggers).
@@ -168,8 +168,8 @@ def cell_json(wildcards):
             "dataset": wildcards.dataset,
             "arch": wildcards.arch,
             "method": wildcards.method,
-            "w_bits": int(wildcards.wbits),
-            "a_bits": int(wildcards.abits),
+            "weight_bits": int(wildcards.weight_bits),
+            "act_bits": int(wildcards.act_bits),
             "seed": int(wildcards.seed),
         }
     )
@@ -452,13 +452,13 @@ def deploy_latency_files():
 def deploy_latency_inputs(wildcards):
     """The timed cell of a (dataset, arch, bits): config deploy.latency's method and seed."""
     lat = DEPLOY["latency"]
-    bits = f"w{wildcards.wbits}a{wildcards.abits}"
+    bits = f"w{wildcards.weight_bits}a{wildcards.act_bits}"
     cell = os.path.join(RESULTS, "quant", wildcards.dataset, wildcards.arch, lat["method"], bits, f"seed{lat['seed']}")
     return {"model": f"{cell}/model.pt", "onnx": f"{cell}/model.onnx", "fp32": f"{cell}/model_fp32.onnx"}
 
 
 def deploy_latency_key(wildcards):
     lat = DEPLOY["latency"]
-    key = {"dataset": wildcards.dataset, "arch": wildcards.arch, "w_bits": int(wildcards.wbits),
-           "a_bits": int(wildcards.abits), "method": lat["method"], "seed": lat["seed"]}  # fmt: skip
+    key = {"dataset": wildcards.dataset, "arch": wildcards.arch, "weight_bits": int(wildcards.weight_bits),
+           "act_bits": int(wildcards.act_bits), "method": lat["method"], "seed": lat["seed"]}  # fmt: skip
     return canonical_json(key)

@@ -14,9 +14,9 @@ rule export:
         mode=DEPLOY["mode"],
         code=code_version("zsqpipe.stages.deploy"),
     log:
-        f"{LOGS}/export/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.log",
+        f"{LOGS}/export/{{dataset}}/{{arch}}/{{method}}/w{{weight_bits}}a{{act_bits}}/seed{{seed}}.log",
     benchmark:
-        f"{BENCH}/export/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.tsv"
+        f"{BENCH}/export/{{dataset}}/{{arch}}/{{method}}/w{{weight_bits}}a{{act_bits}}/seed{{seed}}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -41,9 +41,9 @@ rule deploy_eval:
         cell=cell_json,
         code=code_version("zsqpipe.stages.deploy"),
     log:
-        f"{LOGS}/deploy_eval/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.log",
+        f"{LOGS}/deploy_eval/{{dataset}}/{{arch}}/{{method}}/w{{weight_bits}}a{{act_bits}}/seed{{seed}}.log",
     benchmark:
-        f"{BENCH}/deploy_eval/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.tsv"
+        f"{BENCH}/deploy_eval/{{dataset}}/{{arch}}/{{method}}/w{{weight_bits}}a{{act_bits}}/seed{{seed}}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -61,7 +61,7 @@ rule deploy_latency:
         unpack(deploy_latency_inputs),
         tracking=ancient(TRACKING),
     output:
-        f"{RESULTS}/deploy/{{dataset}}/{{arch}}/w{{wbits}}a{{abits}}/latency.json",
+        f"{RESULTS}/deploy/{{dataset}}/{{arch}}/w{{weight_bits}}a{{act_bits}}/latency.json",
     params:
         key=deploy_latency_key,
         batch_sizes=",".join(str(b) for b in DEPLOY["latency"]["batch_sizes"]),
@@ -69,9 +69,9 @@ rule deploy_latency:
         runs=DEPLOY["latency"]["runs"],
         code=code_version("zsqpipe.stages.deploy"),
     log:
-        f"{LOGS}/deploy_latency/{{dataset}}/{{arch}}/w{{wbits}}a{{abits}}.log",
+        f"{LOGS}/deploy_latency/{{dataset}}/{{arch}}/w{{weight_bits}}a{{act_bits}}.log",
     benchmark:
-        f"{BENCH}/deploy_latency/{{dataset}}/{{arch}}/w{{wbits}}a{{abits}}.tsv"
+        f"{BENCH}/deploy_latency/{{dataset}}/{{arch}}/w{{weight_bits}}a{{act_bits}}.tsv"
     threads: max(DEPLOY["latency"]["threads"])  # timings at 2 threads need the cores to themselves
     resources:
         mem_mb=4000,

@@ -18,9 +18,9 @@ rule quantize:
         device=config["device"],
         code=quantize_code,
     log:
-        f"{LOGS}/quantize/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.log",
+        f"{LOGS}/quantize/{{dataset}}/{{arch}}/{{method}}/w{{weight_bits}}a{{act_bits}}/seed{{seed}}.log",
     benchmark:
-        f"{BENCH}/quantize/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.tsv"
+        f"{BENCH}/quantize/{{dataset}}/{{arch}}/{{method}}/w{{weight_bits}}a{{act_bits}}/seed{{seed}}.tsv"
     threads: 1  # several small jobs in parallel use a CPU better than one job with many threads
     resources:
         mem_mb=8000,
@@ -31,7 +31,7 @@ rule quantize:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe quantize --fp {input.fp} --data {input.data} --method {params.base}"
-        " --wbits {wildcards.wbits} --abits {wildcards.abits} --seed {wildcards.seed}"
+        " --weight-bits {wildcards.weight_bits} --act-bits {wildcards.act_bits} --seed {wildcards.seed}"
         " --quant-params {params.quant:q} --method-params {params.method:q} {params.samples}"
         " --out-model {output.model} --out-history {output.history} --device {params.device}"
         " --threads {threads} {resources.resume} --tracking {input.tracking} --rule quantize --wildcards '{wildcards}'"
@@ -51,9 +51,9 @@ rule evaluate:
         device=config["device"],
         code=code_version("zsqpipe.stages.evaluate"),
     log:
-        f"{LOGS}/evaluate/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.log",
+        f"{LOGS}/evaluate/{{dataset}}/{{arch}}/{{method}}/w{{weight_bits}}a{{act_bits}}/seed{{seed}}.log",
     benchmark:
-        f"{BENCH}/evaluate/{{dataset}}/{{arch}}/{{method}}/w{{wbits}}a{{abits}}/seed{{seed}}.tsv"
+        f"{BENCH}/evaluate/{{dataset}}/{{arch}}/{{method}}/w{{weight_bits}}a{{act_bits}}/seed{{seed}}.tsv"
     threads: 1
     resources:
         mem_mb=4000,

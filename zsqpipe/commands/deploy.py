@@ -76,7 +76,7 @@ def _int_list(value: str, what: str) -> tuple[int, ...]:
 @options(MODEL, ONNX)
 @click.option("--onnx-fp32", "fp32_path", type=EXISTING, required=True, help="model_fp32.onnx from `export`.")
 @click.option("--key", "key_json", required=True,
-              help='What is timed, as JSON: {"dataset", "arch", "w_bits", "a_bits"}.')  # fmt: skip
+              help='What is timed, as JSON: {"dataset", "arch", "weight_bits", "act_bits"}.')  # fmt: skip
 @click.option("--out", type=PATH, required=True, help="latency.json to write.")
 @click.option("--batch-sizes", default="1,256", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--thread-counts", default="1,2", show_default=True, help="Comma-separated thread counts.")

@@ -84,24 +84,24 @@ def synthesize_cmd(open_job, fp_ckpt, synthesizer, seed, params_json, out):
 @job_command("quantize", resume="out_model")
 @options(FP, MANIFEST)
 @click.option("--method", required=True, help="Method name (real, ptq, ...).")
-@click.option("--wbits", type=int, required=True, help="Weight bits.")
-@click.option("--abits", type=int, required=True, help="Activation bits.")
+@click.option("--weight-bits", type=int, required=True, help="Weight bits.")
+@click.option("--act-bits", type=int, required=True, help="Activation bits.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
-    "--quant-params", default="{}", help="QuantConfig fields as JSON (bits come from --wbits/--abits)."
+    "--quant-params", default="{}", help="QuantConfig fields as JSON (bits come from --weight-bits/--act-bits)."
 )
 @click.option("--method-params", default="{}", help="The method's hyperparameters as JSON.")
 @click.option("--samples", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of synthetic samples from `zsqpipe synthesize` (methods that train on them).")  # fmt: skip
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
-def quantize_cmd(open_job, fp_ckpt, manifest, method, wbits, abits, seed, quant_params, method_params, samples,
+def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, seed, quant_params, method_params, samples,
                  out_model, out_history):  # fmt: skip
     """Quantize the FP model and calibrate / fine-tune it with METHOD."""
     from zsqpipe.quant import QuantConfig
     from zsqpipe.stages.quantize import run_quantize
 
-    q = {**parse_json(quant_params, "--quant-params"), "weight_bits": wbits, "act_bits": abits}
+    q = {**parse_json(quant_params, "--quant-params"), "weight_bits": weight_bits, "act_bits": act_bits}
     mcfg = parse_json(method_params, "--method-params")
     with open_job({"quant": q, "method": method, "cfg": mcfg, "seed": seed}) as job:
         run_quantize(fp_ckpt, manifest, method, mcfg, QuantConfig.from_dict(q), seed, out_model, out_history,
@@ -113,7 +113,7 @@ def quantize_cmd(open_job, fp_ckpt, manifest, method, wbits, abits, seed, quant_
 @click.option("--history", type=EXISTING, required=True, help="history.json from `quantize`.")
 @options(MANIFEST)
 @click.option("--cell", "cell_json", required=True,
-              help='Identity of the result as JSON: {"dataset", "arch", "method", "w_bits", "a_bits", "seed"}.')  # fmt: skip
+              help='Identity of the result as JSON: {"dataset", "arch", "method", "weight_bits", "act_bits", "seed"}.')  # fmt: skip
 @click.option("--out", type=PATH, required=True, help="metrics.json to write.")
 def evaluate_cmd(open_job, model_path, history, manifest, cell_json, out):
     """Test a quantized model; write top-1/top-5, last/best-epoch accuracy, size and BitOPs."""

@@ -185,7 +185,7 @@ class _Exporter:
         bias = shift + (layer.bias.detach().double().numpy() * factor if layer.bias is not None else 0.0)
         quant_layer = self.quantized and isinstance(layer, QuantConv2d | QuantLinear)
         grid = weight_grid(name, layer) if quant_layer else None
-        wbits = layer.weight_quantizer.bits if isinstance(layer, QuantConv2d | QuantLinear) else 32
+        weight_bits = layer.weight_quantizer.bits if isinstance(layer, QuantConv2d | QuantLinear) else 32
         g = self.g
         # an activation quantizer right after (through an optional ReLU/ReLU6): fuse Conv -> Q (QLinearConv)
         act_node, relu = None, None
@@ -259,7 +259,7 @@ class _Exporter:
                 y = g.node("Conv", [x.name, wname, bname], f"{name}.out", **conv_attrs)
             else:
                 y = g.node("Gemm", [x.name, wname, bname], f"{name}.out", transB=1)
-        self.report_layers.append(LayerExport(name, kind, kernel, wbits, reason))
+        self.report_layers.append(LayerExport(name, kind, kernel, weight_bits, reason))
         if act_node is not None:
             self.values[act_node] = self.quantize_act(y, act_node, relu)
         else:

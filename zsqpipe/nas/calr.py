@@ -17,13 +17,12 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
 
-from zsqpipe.config import Doc, Momentum, NonNegFloat, OneOf, PosFloat, PosInt, Range
-from zsqpipe.config import from_dict as _from_dict
+from zsqpipe.config import ConfigBase, Doc, Momentum, NonNegFloat, OneOf, PosFloat, PosInt, Range
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.spaces.nb201 import (
     NUM_ARCHS,
@@ -229,7 +228,7 @@ def sample_arch(rng: random.Random) -> Arch:
 
 
 @dataclass(frozen=True)
-class SupernetConfig:
+class SupernetConfig(ConfigBase):
     """Supernet training (and evaluation) recipe. Defaults are the DYNAS NB201/SPOS ones.
 
     method: ``spos`` (uniform single-path sampling, cosine LR, one optimizer) or ``spos_calr_ms`` (DYNAS:
@@ -247,6 +246,8 @@ class SupernetConfig:
     over ``bn_batches`` training batches before evaluation (SPOS-paper style). zero_grad_to_none: false =
     the official torch-1.8 semantics (inactive ops keep zero gradients and still get weight decay and
     momentum)."""
+
+    prefix = "supernet"  # how its errors name keys (ConfigBase.from_dict renames)
 
     method: str = "spos"
     calr: Annotated[bool | None, Doc("null = as the method says; true/false overrides (ablations)")] = None
@@ -345,16 +346,3 @@ class SupernetConfig:
         if self.calr_complexity == "nb201" or model is None:
             return CaLR(self.gamma_max)
         return CaLR.for_model(model, self.gamma_max)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, prefix: str = "supernet") -> SupernetConfig:
-        try:
-            return _from_dict(cls, d, prefix)
-        except ConfigError as err:  # name the key as the caller's config spells it
-            msg = str(err)
-            if prefix != "supernet" and msg.startswith("supernet."):
-                msg = prefix + msg[len("supernet") :]
-            raise ConfigError(msg) from None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from zsqpipe.config import Doc, Momentum, OneOf, Schema
+from zsqpipe.config import ConfigBase, Doc, Momentum, OneOf, Schema
 from zsqpipe.errors import ConfigError
 
 STE_MODES = ("identity", "clipped")
@@ -27,7 +27,7 @@ def check_bits(key: str, value: Any) -> int:
 
 
 @dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(ConfigBase):
     """How ``quantize_model`` quantizes a network.
 
     weight_bits / act_bits: default bit-widths of every Conv2d/Linear weight and every post-ReLU activation.
@@ -41,6 +41,8 @@ class QuantConfig:
     ste: ``identity`` (GDFQ: gradient passes unchanged, also for clipped values) or ``clipped`` (zero gradient
     outside the range, as PyTorch's fake_quantize ops).
     """
+
+    prefix = "quant"  # how its errors name keys (ConfigBase.from_dict renames)
 
     weight_bits: int = 4
     act_bits: int = 4
@@ -79,14 +81,3 @@ class QuantConfig:
             raise ConfigError(f"quant.ema_mode: expected one of {list(EMA_MODES)}, got {self.ema_mode!r}")
         if not (isinstance(self.ema_momentum, int | float) and 0.0 <= self.ema_momentum < 1.0):
             raise ConfigError(f"quant.ema_momentum: expected a number in [0, 1), got {self.ema_momentum!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], prefix: str = "quant") -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{prefix}.{unknown[0]}: unknown key; expected one of {sorted(known)}")
-        return cls(**d)

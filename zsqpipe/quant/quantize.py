@@ -116,8 +116,8 @@ def count_bitops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerOp
     def count(name):
         def hook(m, inp, out):
             x = inp[0]
-            a_bits = getattr(x, "_zsq_bits", FP_BITS)
-            w_bits = m.weight_quantizer.bits if isinstance(m, _QUANT_LAYERS) else FP_BITS
+            act_bits = getattr(x, "_zsq_bits", FP_BITS)
+            weight_bits = m.weight_quantizer.bits if isinstance(m, _QUANT_LAYERS) else FP_BITS
             if hasattr(m, "active_macs"):  # a dynamic layer running a slice of its weight
                 macs = m.active_macs(out)
             elif isinstance(m, nn.Conv2d):
@@ -130,7 +130,7 @@ def count_bitops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerOp
                 )
             else:
                 macs = out.numel() // out.shape[0] * m.in_features
-            records.append(LayerOps(name, int(macs), min(w_bits, FP_BITS), min(a_bits, FP_BITS)))
+            records.append(LayerOps(name, int(macs), min(weight_bits, FP_BITS), min(act_bits, FP_BITS)))
 
         return hook
 

@@ -16,13 +16,13 @@ wrapped optimizer's step; every other parameter keeps its own (scheduled) learni
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
 from torch import nn
 
-from zsqpipe.config import Milestones, Momentum, OneOf, PosFloat
+from zsqpipe.config import ConfigBase, Milestones, Momentum, OneOf, PosFloat
 from zsqpipe.errors import ConfigError
 from zsqpipe.quant.quantize import quant_layers
 
@@ -32,7 +32,7 @@ _KEY = "talr_layers"  # param-group key listing the layers whose latent weights 
 
 
 @dataclass(frozen=True)
-class TALRConfig:
+class TALRConfig(ConfigBase):
     """scope: ``layer`` (one K and U per quantized layer, the paper's "TR scheduling in a single layer") or
     ``global`` (one K and U over all quantized weights). momentum: m of Eq. 10. eta: step of Eq. 11 (None = the
     initial TALR U^0, which is the wrapped optimizer's learning rate). target_rate: R^0 (None = tr_factor *
@@ -40,6 +40,8 @@ class TALRConfig:
     ``step``: x ``decay`` at each fraction in ``milestones``; ``constant``). freeze_weight_scales: stop training
     the step sizes of weight quantizers (the paper does with TALR: otherwise weights change level without a
     latent update)."""
+
+    prefix = "talr"  # how its errors name keys (ConfigBase.from_dict renames)
 
     scope: Annotated[str, OneOf("layer", "global")] = "layer"
     momentum: Momentum = 0.99
@@ -64,22 +66,6 @@ class TALRConfig:
                 raise ConfigError(f"talr.{key}: expected null or a positive number, got {v!r}")
         if not self.tr_factor > 0:
             raise ConfigError(f"talr.tr_factor: expected a positive number, got {self.tr_factor!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], prefix: str = "talr") -> TALRConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"{prefix}.{unknown[0]}: unknown key")
-        d = dict(d)
-        if "milestones" in d:
-            d["milestones"] = tuple(d["milestones"])
-        try:
-            return cls(**d)
-        except ConfigError as err:  # name the key as the caller's config spells it
-            raise ConfigError(str(err).replace("talr.", f"{prefix}.", 1)) from None
 
     def target(self, r0: float, step: int, total_steps: int) -> float:
         """R^t for step t of ``total_steps``."""

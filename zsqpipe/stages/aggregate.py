@@ -15,7 +15,7 @@ import pandas as pd
 from zsqpipe.errors import IntegrityError
 from zsqpipe.io import markdown_table, mean_pm_std, read_json, write_table
 
-KEYS = ["dataset", "arch", "method", "w_bits", "a_bits"]
+KEYS = ["dataset", "arch", "method", "weight_bits", "act_bits"]
 ACCURACIES = ["last_top1", "best_top1", "val_selected_top1"]
 
 NOTE = (
@@ -42,7 +42,7 @@ def load_metrics(paths: list[Path]) -> pd.DataFrame:
 def paper_value(paper: dict | None, row: dict) -> float:
     """Published top-1 for a row from ``{dataset: {arch: {method: {"w4a4": value}}}}`` (NaN if absent)."""
     try:
-        return float(paper[row["dataset"]][row["arch"]][row["method"]][f"w{row['w_bits']}a{row['a_bits']}"])
+        return float(paper[row["dataset"]][row["arch"]][row["method"]][f"w{row['weight_bits']}a{row['act_bits']}"])
     except (KeyError, TypeError):
         return np.nan
 
@@ -52,7 +52,7 @@ def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
     out = []
     for key, g in df.groupby(KEYS, sort=True):
         row = dict(zip(KEYS, key, strict=True))
-        row["bits"] = f"W{row['w_bits']}A{row['a_bits']}"
+        row["bits"] = f"W{row['weight_bits']}A{row['act_bits']}"
         row["fp_top1"] = float(g["fp_top1"].mean()) if "fp_top1" in g else np.nan
         row["n_seeds"] = len(g)
         row["seeds"] = " ".join(str(s) for s in sorted(g["seed"]))

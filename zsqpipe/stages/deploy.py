@@ -210,7 +210,7 @@ def run_deploy_table(
     for dp, ep in zip(deploy_paths, export_paths, strict=True):
         d, e = read_json(dp), read_json(ep)
         missing = [
-            k for k in ("dataset", "arch", "method", "w_bits", "a_bits", "seed", "int_top1") if k not in d
+            k for k in ("dataset", "arch", "method", "weight_bits", "act_bits", "seed", "int_top1") if k not in d
         ]
         if missing:
             raise IntegrityError(f"{dp}: deploy file lacks {missing}")
@@ -221,12 +221,12 @@ def run_deploy_table(
     lat = {}
     for p in latency_paths:
         r = read_json(p)
-        lat[(r["dataset"], r["arch"], r["w_bits"], r["a_bits"])] = r["latency"]
+        lat[(r["dataset"], r["arch"], r["weight_bits"], r["act_bits"])] = r["latency"]
     out = []
-    keys = ["dataset", "arch", "method", "w_bits", "a_bits"]
+    keys = ["dataset", "arch", "method", "weight_bits", "act_bits"]
     for key, g in df.groupby(keys, sort=True):
         row = dict(zip(keys, key, strict=True))
-        row["bits"] = f"W{row['w_bits']}A{row['a_bits']}"
+        row["bits"] = f"W{row['weight_bits']}A{row['act_bits']}"
         row["mode"] = ",".join(sorted(set(g["mode"])))
         row["n_seeds"], row["seeds"] = len(g), " ".join(str(s) for s in sorted(g["seed"]))
         for col in ("fake_top1", "int_top1"):
@@ -242,7 +242,7 @@ def run_deploy_table(
             g["onnx_bytes"].mean() / 1024,
             g["onnx_fp32_bytes"].mean() / 1024,
         )
-        for r in lat.get((row["dataset"], row["arch"], row["w_bits"], row["a_bits"]), []):
+        for r in lat.get((row["dataset"], row["arch"], row["weight_bits"], row["act_bits"]), []):
             tag = f"b{r['batch']}_t{r['threads']}"
             row[f"int_vs_fp32_{tag}"] = r["int_onnx_ms"] / r["fp32_onnx_ms"]
             row[f"torch_vs_fp32_{tag}"] = r["torch_fake_ms"] / r["fp32_onnx_ms"]

@@ -19,11 +19,21 @@ docs/methods/supernet.md describes the protocol and why it deviates from DYNAS o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from zsqpipe.config import Doc, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, Schema, from_dict
+from zsqpipe.config import (
+    ConfigBase,
+    Doc,
+    Momentum,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Range,
+    Schema,
+)
 from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError
@@ -44,7 +54,7 @@ from zsqpipe.stages.groundtruth_io import first_images
 
 
 @dataclass(frozen=True)
-class GroundTruthConfig:
+class GroundTruthConfig(ConfigBase):
     """Sample and stand-alone training recipe (defaults: the DYNAS sample = all 327 Kendall cells, and
     NB201's 200-epoch recipe; config.yaml sets the CPU budget).
 
@@ -56,6 +66,8 @@ class GroundTruthConfig:
     test_images: the first N images of the validation split / test set (null = all). eval_batch_size:
     evaluation batches (BN uses running statistics). C, N: the supernet's width and cells per stage (the
     workflow passes supernet.train.C/N: same skeleton)."""
+
+    prefix = "supernet.groundtruth"  # how its errors name keys (ConfigBase.from_dict renames)
 
     num_archs: Annotated[
         int | None, Range(ge=2, le=327), Doc("cells drawn from the 327-cell Kendall subset; null = all of them")
@@ -112,15 +124,8 @@ class GroundTruthConfig:
                 f"{p}.seeds: expected a non-empty list of distinct integers >= 0, got {seeds!r}"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def sample_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SAMPLE_KEYS}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> GroundTruthConfig:
-        return from_dict(cls, d, "supernet.groundtruth")
 
 
 def sample_cells(cfg: GroundTruthConfig, benchmark_path: Path | None = None) -> list[int]:

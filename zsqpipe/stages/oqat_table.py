@@ -23,7 +23,7 @@ NOTE = (
     "(W = A bits; the lower bits inherit from the next higher one), searched under a BitOPs budget (fraction "
     "of the largest cell's BitOPs at that bit-width) by validation top-1 after BN recalibration, without "
     "retraining. test top-1 = test accuracy (%) of the found cell, read after the search; mean ± sample std "
-    "over seeds. BitOPs = sum of MACs x w_bits x a_bits over the quantized layers (stem and classifier FP)."
+    "over seeds. BitOPs = sum of MACs x weight_bits x act_bits over the quantized layers (stem and classifier FP)."
 )
 
 

@@ -16,17 +16,16 @@ ranked against in ``supernet.csv``.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import torch
 
-from zsqpipe.config import Doc, PosInt, Schema
-from zsqpipe.config import from_dict as _from_dict
+from zsqpipe.config import ConfigBase, Doc, PosInt, Schema
 from zsqpipe.data import make_loader
 from zsqpipe.engine import Timer, resolve_device, setup_runtime
 from zsqpipe.errors import ConfigError, IntegrityError
@@ -52,12 +51,14 @@ from zsqpipe.stages.model_io import checkpoint_of_kind, load_state_checked
 
 
 @dataclass(frozen=True)
-class SupernetSearchConfig:
+class SupernetSearchConfig(ConfigBase):
     """Config ``supernet.search`` (without ``strategies``). budget: queries per search; seeds: search seeds
     per supernet; bn_batches x batch_size: training images that recalibrate BN before a cell is scored;
     val_images: validation images that score a cell (the search signal); test_images: test images of the
     report (null = all); standalone: train each found cell stand-alone (``supernet.groundtruth`` recipe) for
     its true test accuracy (datasets without NAS-Bench-201 ground truth; CIFAR reads the table)."""
+
+    prefix = "supernet.search"  # how its errors name keys (ConfigBase.from_dict renames)
 
     budget: Annotated[PosInt, Doc("queries per search")] = 30
     seeds: Annotated[
@@ -88,13 +89,6 @@ class SupernetSearchConfig:
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"{p}.seeds: duplicate seed in {list(seeds)}")
         object.__setattr__(self, "seeds", seeds)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "seeds": list(self.seeds)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, prefix: str = "supernet.search") -> SupernetSearchConfig:
-        return _from_dict(cls, d, prefix)
 
 
 def load_nb201_supernet(path: Path, device) -> tuple[torch.nn.Module, dict]:

@@ -18,7 +18,7 @@ unreleased). docs/methods/oqat.md lists the equations, sources, choices and devi
 - **BN recalibration** (:func:`recalibrate_bn`, re-exported from supernet201): reset running statistics,
   forward N training batches in train mode with momentum None (cumulative average), then evaluate.
 - **BitOPs** (:func:`subnet_bitops`): sum over the subnet's quantized conv/linear layers that run of
-  MACs x w_bits x a_bits (a_bits = 32 where the input is not quantized: the ResNet shortcut conv after avg-pool).
+  MACs x weight_bits x act_bits (act_bits = 32 where the input is not quantized: the ResNet shortcut conv after avg-pool).
   FP layers (stem, classifier) are reported as MACs separately and as OQAT's FLOPs = FP MACs + BitOPs / 64.
 - **Search** (:func:`constrained_search`): evolution (mutation + crossover) over cells with BitOPs <= budget,
   ranked by *validation* accuracy after BN recalibration; the function never sees test data.

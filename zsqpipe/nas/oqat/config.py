@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from zsqpipe.config import (
+    ConfigBase,
     Doc,
     Momentum,
     Nested,
@@ -17,7 +18,6 @@ from zsqpipe.config import (
     Range,
     Schema,
 )
-from zsqpipe.config import from_dict as _from_dict
 from zsqpipe.errors import ConfigError
 from zsqpipe.nas.spaces.nb201 import NUM_EDGES, Arch
 from zsqpipe.nas.spaces.ofa import OFASpaceConfig
@@ -45,7 +45,7 @@ def _int(prefix: str, key: str, v: Any, minimum: int = 1, null: bool = False) ->
 
 
 @dataclass(frozen=True)
-class OQATTrainConfig:
+class OQATTrainConfig(ConfigBase):
     """Training recipe of one OQAT supernet (config ``oqat.train``; the inherited lower-bit supernets use
     ``oqat.train`` updated by ``oqat.finetune``). OQAT's recipe is unreleased: the defaults are our assumptions
     (SPOS-style SGD as supernet.train, cosine LR per iteration, uniform single-path sampling).
@@ -66,6 +66,8 @@ class OQATTrainConfig:
     inherited supernet's steps are set (``double``: s_{b'} = 2^(b-b') s_b; ``reinit``: LSQ init again).
     bn_batches, val_images: the after-training sanity check (largest cell's validation top-1 after BN
     recalibration, also measured right after inheritance, before fine-tuning)."""
+
+    prefix = "oqat.train"  # how its errors name keys (ConfigBase.from_dict renames)
 
     bits: int = 4
     space: Annotated[
@@ -147,16 +149,9 @@ class OQATTrainConfig:
         if gc is not None and not (isinstance(gc, int | float) and not isinstance(gc, bool) and gc > 0):
             raise ConfigError(f"{p}.grad_clip: expected null or a positive number, got {gc!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, prefix: str = "oqat.train") -> OQATTrainConfig:
-        return _from_dict(cls, d, prefix)
-
 
 @dataclass(frozen=True)
-class OQATSearchConfig:
+class OQATSearchConfig(ConfigBase):
     """BitOPs-constrained search on one trained supernet (config ``oqat.search``).
 
     budgets: BitOPs budgets as fractions of the largest cell's (all conv3x3) BitOPs *at the supernet's bits*.
@@ -166,6 +161,8 @@ class OQATSearchConfig:
     bn_batches x batch_size: training images that recalibrate BN before each cell is scored (OQAT: 2000 images,
     batch 100). val_images: the validation images that score a cell (the search signal); test_images: the
     test images of the *found* cells' report (null = all), read only after the search."""
+
+    prefix = "oqat.search"  # how its errors name keys (ConfigBase.from_dict renames)
 
     budgets: Annotated[
         list[float], Schema(minItems=1, items={'type': 'number', 'exclusiveMinimum': 0, 'maximum': 1}), Doc("BitOPs budgets as fractions of the largest cell's BitOPs at the supernet's bits")
@@ -199,13 +196,3 @@ class OQATSearchConfig:
             _int(p, key, getattr(self, key), null=True)
         if not (isinstance(self.mutation_prob, int | float) and 0 < self.mutation_prob <= 1):
             raise ConfigError(f"{p}.mutation_prob: expected a number in (0, 1], got {self.mutation_prob!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, prefix: str = "oqat.search") -> OQATSearchConfig:
-        d = dict(d or {})
-        if isinstance(d.get("budgets"), tuple):
-            d["budgets"] = list(d["budgets"])
-        return _from_dict(cls, d, prefix)

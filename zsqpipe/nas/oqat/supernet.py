@@ -238,7 +238,7 @@ def inherit_bits(
 def subnet_bitops(model: Supernet, arch: Arch | str | int, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """Cost of subnet ``arch`` for one input of ``input_shape`` (C, H, W), counted over the layers its
     forward runs (:func:`zsqpipe.quant.count_bitops`): ``bitops`` = sum over quantized conv/linear layers of
-    MACs x w_bits x a_bits (a_bits = 32 for an unquantized input: the ResNet shortcut conv after avg-pool);
+    MACs x weight_bits x act_bits (act_bits = 32 for an unquantized input: the ResNet shortcut conv after avg-pool);
     ``fp_macs`` = MACs of the full-precision layers (stem conv, classifier), not in ``bitops``; ``macs`` = all
     MACs; ``oqat_mflops`` = (fp_macs + bitops / 64) / 1e6, OQAT's ``profile_quant`` cost."""
     saved = model.arch

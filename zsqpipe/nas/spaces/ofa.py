@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from zsqpipe.config import Doc, OneOf, PosInt, Range, Schema
-from zsqpipe.config import from_dict as _from_dict
+from zsqpipe.config import ConfigBase, Doc, OneOf, PosInt, Range, Schema
 from zsqpipe.errors import ConfigError
 
 OFAArch = dict[str, list[int]]
@@ -54,7 +53,7 @@ def _ints(prefix: str, key: str, v: Any, allowed=None, minimum: int = 1) -> tupl
 
 
 @dataclass(frozen=True)
-class OFASpaceConfig:
+class OFASpaceConfig(ConfigBase):
     """The space and the size of its supernet (config ``oqat.train.ofa``, or any stage using this space).
 
     ks_list, expand_list, depth_list: the elastic choices (OFA: {3,5,7}, {3,4,6}, {2,3,4}). widths, strides:
@@ -69,6 +68,8 @@ class OFASpaceConfig:
     All activations are ReLU and there is no squeeze-excitation: MobileNetV3's h-swish outputs are signed
     and our LSQ activation quantizer is unsigned (it follows every ReLU), so the OQAT supernet on this space
     is quantized everywhere it runs (docs/methods/ofa_space.md)."""
+
+    prefix = "ofa"  # how its errors name keys (ConfigBase.from_dict renames)
 
     ks_list: Annotated[
         tuple[int, ...], Schema(minItems=1, items={'type': 'integer', 'minimum': 1}), Doc("depthwise kernel sizes (odd; OFA 3, 5, 7)")
@@ -140,14 +141,6 @@ class OFASpaceConfig:
         """Distinct subnets (canonical strings): per unit sum_d (|ks| |e|)^d, multiplied over units."""
         per_block = len(self.ks_list) * len(self.expand_list)
         return math.prod(sum(per_block**d for d in self.depth_list) for _ in range(self.num_units))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, prefix: str = "ofa") -> OFASpaceConfig:
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in (d or {}).items()}
-        return _from_dict(cls, d, prefix)
 
     # ---- architectures ----
     def validate(self, arch: OFAArch) -> OFAArch:
