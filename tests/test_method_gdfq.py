@@ -1,19 +1,16 @@
 """GDFQ: KD reductions and student loss on fixed tensors, BN-statistics loss, generator/student alternation with
 warm-up, and a tiny end-to-end run (8x8 inputs keep the generator and ResNet-20 cheap)."""
 
-import copy
 import math
 
 import pytest
 import torch
+from method_helpers import quant_context
 from torch import nn
 
 from zsqpipe.data import forbid_real_data
 from zsqpipe.errors import ConfigError
-from zsqpipe.methods.base import QuantContext
 from zsqpipe.methods.gdfq import GDFQ
-from zsqpipe.models import create_model
-from zsqpipe.quant import QuantConfig, quantize_model
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.generator_qat import kd_loss
 
@@ -21,32 +18,7 @@ SHAPE = (1, 8, 8)
 
 
 def tiny_ctx(end_epoch=None, seed=0):
-    torch.manual_seed(seed)
-    teacher = create_model("resnet20", 10, 1, 8).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=4))
-    for p in student.parameters():
-        p.requires_grad_(True)  # as stages/quantize.py does
-    history = []
-
-    def record(epoch, metrics):
-        rec = {"epoch": epoch, **metrics}
-        history.append(rec)
-        return rec
-
-    ctx = QuantContext(
-        teacher=teacher.to(memory_format=torch.channels_last),
-        student=student.to(memory_format=torch.channels_last),
-        device=torch.device("cpu"),
-        seed=seed,
-        num_classes=10,
-        input_shape=SHAPE,
-        train_loader_factory=None,
-        end_epoch=end_epoch or record,
-        log=lambda *_: None,
-    )
-    return ctx, history
+    return quant_context(seed=seed, end_epoch=end_epoch)
 
 
 def act_ranges(model):

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_helpers import quant_context
 from torch import nn
 
 from zsqpipe.data import forbid_real_data, load_dataset
 from zsqpipe.data.shards import ShardSet, write_shards
 from zsqpipe.errors import ConfigError, DataError
-from zsqpipe.methods.base import QuantContext
 from zsqpipe.methods.hast import (
     HAST,
     FeatureHooks,
@@ -239,35 +239,10 @@ def test_intraq_and_hast_share_the_official_generator_calibration_budget():
 
 @pytest.fixture
 def tiny_context(tmp_path):
-    torch.manual_seed(0)
-    teacher = create_model("resnet20", 10, 1, 8).eval()  # 8x8 inputs keep the run tiny
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=4))
-    for p in student.parameters():
-        p.requires_grad_(True)
-    teacher = teacher.to(memory_format=torch.channels_last)
-    student = student.to(memory_format=torch.channels_last)
+    ctx, history = quant_context()  # seeded tiny ResNet-20 (8x8 inputs keep the run tiny), W4A4 student
     images, labels = torch.randn(12, 1, 8, 8), torch.arange(12) % 10
     write_shards(tmp_path / "samples", images, labels, torch.rand(12), "hast", 0, shard_size=8)
-    history = []
-
-    def end_epoch(epoch, metrics):
-        history.append({"epoch": epoch, **metrics})
-        return history[-1]
-
-    ctx = QuantContext(
-        teacher=teacher,
-        student=student,
-        device=torch.device("cpu"),
-        seed=0,
-        num_classes=10,
-        input_shape=(1, 8, 8),
-        train_loader_factory=None,
-        end_epoch=end_epoch,
-        log=lambda _m: None,
-        samples=ShardSet.open(tmp_path / "samples" / "manifest.json"),
-    )
+    ctx.samples = ShardSet.open(tmp_path / "samples" / "manifest.json")
     return ctx, history
 
 

@@ -1,20 +1,17 @@
 """IntraQ: soft-target and cosine-margin losses, BN loss, batched RRC, synthesis without real data, end-to-end."""
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from method_helpers import shard_context
 from torch import nn
 
 from zsqpipe.data import forbid_real_data
-from zsqpipe.data.shards import ShardSet, write_shards
 from zsqpipe.errors import ConfigError
-from zsqpipe.methods.base import QuantContext
 from zsqpipe.methods.intraq import IntraQ
 from zsqpipe.models import create_model
-from zsqpipe.quant import QuantConfig, quantize_model
 from zsqpipe.zsq.augment import random_resized_crop_flip, resized_crop, rrc_params
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.synth_intraq import (
@@ -133,41 +130,7 @@ def test_synthesis_reads_no_real_data_uses_class_centres_and_is_repeatable():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
 
 
-def small_cnn(classes=10):
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
-    )  # fmt: skip
-
-
-def make_ctx(tmp_path, n=8, size=8, seed=0, arch="small"):
-    """A quantize context on a tiny ShardSet; ``arch`` "resnet20" or a small conv net (faster)."""
-    torch.manual_seed(seed)
-    teacher = (create_model("resnet20", 10, 1, size) if arch == "resnet20" else small_cnn()).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=4))
-    for p in student.parameters():
-        p.requires_grad_(True)
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 1, size, size, generator=gen)
-    labels = torch.randint(0, 10, (n,), generator=gen)
-    write_shards(tmp_path / "shards", images, labels, torch.zeros(n), "test", seed, shard_size=n)
-    history = []
-    ctx = QuantContext(
-        teacher=teacher.to(memory_format=torch.channels_last),
-        student=student.to(memory_format=torch.channels_last),
-        device=torch.device("cpu"),
-        seed=seed,
-        num_classes=10,
-        input_shape=(1, size, size),
-        train_loader_factory=None,
-        end_epoch=lambda epoch, extra: history.append((epoch, extra)) or {},
-        log=lambda _m: None,
-        samples=ShardSet.open(tmp_path / "shards" / "manifest.json"),
-    )
-    return ctx, history
+make_ctx = shard_context
 
 
 @pytest.mark.parametrize("calibration", ["shards", "generator"])

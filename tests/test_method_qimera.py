@@ -1,15 +1,14 @@
 """Qimera: soft targets of superposed embeddings and soft-CE on fixed tensors, the generator's input path
 (teacher-initialised embedding, official normalisation axes, DM on/off), alternation, tiny end-to-end runs."""
 
-import copy
 import math
 
 import pytest
 import torch
+from method_helpers import quant_context
 
 from zsqpipe.data import forbid_real_data
 from zsqpipe.errors import ConfigError
-from zsqpipe.methods.base import QuantContext
 from zsqpipe.methods.qimera import (
     Qimera,
     QimeraGenerator,
@@ -18,39 +17,13 @@ from zsqpipe.methods.qimera import (
     soft_cross_entropy,
     soft_targets,
 )
-from zsqpipe.models import create_model
-from zsqpipe.quant import QuantConfig, quantize_model
 from zsqpipe.zsq.bnstats import BNStatistics
 
 SHAPE = (1, 8, 8)
 
 
 def tiny_ctx(end_epoch=None, seed=0):
-    torch.manual_seed(seed)
-    teacher = create_model("resnet20", 10, 1, 8).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=4))
-    for p in student.parameters():
-        p.requires_grad_(True)
-    history = []
-
-    def record(epoch, metrics):
-        history.append({"epoch": epoch, **metrics})
-        return metrics
-
-    ctx = QuantContext(
-        teacher=teacher.to(memory_format=torch.channels_last),
-        student=student.to(memory_format=torch.channels_last),
-        device=torch.device("cpu"),
-        seed=seed,
-        num_classes=10,
-        input_shape=SHAPE,
-        train_loader_factory=None,
-        end_epoch=end_epoch or record,
-        log=lambda *_: None,
-    )
-    return ctx, history
+    return quant_context(seed=seed, end_epoch=end_epoch)
 
 
 def params(model):

@@ -1,15 +1,14 @@
 """The `real` method with the QAT techniques of issue 5: LSQ quantizers, TALR and LBT gradient quantization."""
 
-import copy
 
 import pytest
 import torch
+from method_helpers import quant_context
 from torch import nn
 
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods import get_method
-from zsqpipe.methods.base import QuantContext
-from zsqpipe.quant import QuantConfig, quantize_model
+from zsqpipe.quant import QuantConfig
 
 
 def small_cnn():
@@ -21,16 +20,7 @@ def small_cnn():
 
 
 def make_ctx(weight_quantizer="lsq", act_quantizer="lsq", seed=0):
-    torch.manual_seed(seed)
-    teacher = small_cnn().eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    qcfg = QuantConfig(
-        weight_bits=3, act_bits=3, weight_quantizer=weight_quantizer, act_quantizer=act_quantizer
-    )
-    student = quantize_model(copy.deepcopy(teacher), qcfg)
-    for p in student.parameters():
-        p.requires_grad_(True)
+    qcfg = QuantConfig(weight_bits=3, act_bits=3, weight_quantizer=weight_quantizer, act_quantizer=act_quantizer)
     gen = torch.Generator().manual_seed(seed)
     images, labels = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen)
 
@@ -42,11 +32,8 @@ def make_ctx(weight_quantizer="lsq", act_quantizer="lsq", seed=0):
         ]
 
     history = []
-    ctx = QuantContext(
-        teacher=teacher, student=student, device=torch.device("cpu"), seed=seed, num_classes=10,
-        input_shape=(1, 8, 8), train_loader_factory=loader,
-        end_epoch=lambda epoch, extra: history.append((epoch, extra)) or {}, log=lambda _m: None,
-    )  # fmt: skip
+    ctx, _ = quant_context(small_cnn, seed=seed, quant=qcfg, train_loader_factory=loader,
+                           end_epoch=lambda epoch, extra: history.append((epoch, extra)) or {})  # fmt: skip
     return ctx, history
 
 

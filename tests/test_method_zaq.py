@@ -1,16 +1,15 @@
 """ZAQ: SCRM and the L1 logit discrepancy on fixed tensors, feature hook points, Q/G alternation (each step moves
 only its own model), the generator's adversarial loss, both activation-range modes, a tiny end-to-end run."""
 
-import copy
 import math
 
 import pytest
 import torch
+from method_helpers import quant_context
 from torch import nn
 
 from zsqpipe.data import forbid_real_data
 from zsqpipe.errors import ConfigError
-from zsqpipe.methods.base import QuantContext
 from zsqpipe.methods.zaq import (
     ZAQ,
     FeatureHooks,
@@ -22,7 +21,6 @@ from zsqpipe.methods.zaq import (
     spatial_relation,
 )
 from zsqpipe.models import create_model
-from zsqpipe.quant import QuantConfig, quantize_model
 from zsqpipe.zsq.generators import ZAQGenerator
 
 SHAPE = (1, 8, 8)
@@ -30,31 +28,7 @@ STAGES = ("features.stage1", "features.stage2", "features.stage3")
 
 
 def tiny_ctx(end_epoch=None, seed=0):
-    torch.manual_seed(seed)
-    teacher = create_model("resnet20", 10, 1, 8).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = quantize_model(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=4))
-    for p in student.parameters():
-        p.requires_grad_(True)
-    history = []
-
-    def record(epoch, metrics):
-        history.append({"epoch": epoch, **metrics})
-        return metrics
-
-    ctx = QuantContext(
-        teacher=teacher.to(memory_format=torch.channels_last),
-        student=student.to(memory_format=torch.channels_last),
-        device=torch.device("cpu"),
-        seed=seed,
-        num_classes=10,
-        input_shape=SHAPE,
-        train_loader_factory=None,
-        end_epoch=end_epoch or record,
-        log=lambda *_: None,
-    )
-    return ctx, history
+    return quant_context(seed=seed, end_epoch=end_epoch)
 
 
 def params(model):

@@ -52,6 +52,7 @@ def test_code_version_follows_imports():
     closure = import_closure("zsqpipe.stages.quantize")
     assert "zsqpipe.quant.functional" in closure and "zsqpipe.tracking" not in closure
     assert "zsqpipe.methods.real" not in closure  # methods are hashed per cell
+    assert "zsqpipe.schema" not in closure  # builds the workflow schema from every plug-in; reaches rules as params
     assert "zsqpipe.methods.ptq" not in import_closure("zsqpipe.methods.real")
     assert code_version("zsqpipe.stages.quantize", "zsqpipe.methods.real") != code_version(
         "zsqpipe.stages.quantize", "zsqpipe.methods.ptq"

@@ -16,8 +16,10 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 PACKAGE = "zsqpipe"
 # Modules that cannot change a result (tracking, CLI glue, the Job container, progress bars): left out so editing
 # them reruns nothing. (zsqpipe.commands.* are never imported by a stage; the CLI imports the stages, not back.)
+# zsqpipe.schema builds the workflow schema from the config dataclasses: what it changes reaches the rules as the
+# filled config values in their params (and it imports every plug-in, which would tie each stage to all of them).
 NON_RESULT_MODULES = frozenset(
-    {"zsqpipe.tracking", "zsqpipe.cli", "zsqpipe.job", "zsqpipe.codehash", "zsqpipe.progress"}
+    {"zsqpipe.tracking", "zsqpipe.cli", "zsqpipe.job", "zsqpipe.codehash", "zsqpipe.progress", "zsqpipe.schema"}
 )
 
 

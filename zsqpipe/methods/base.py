@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -28,6 +29,20 @@ def register_method(name: str):
 
 def get_method(name: str) -> type[Method]:
     return METHODS.get(name)
+
+
+def teacher_and_student(fp_model: nn.Module, quant_cfg) -> tuple[nn.Module, nn.Module]:
+    """What every method starts from: the frozen FP teacher (``fp_model`` in eval mode, no gradients) and its
+    fake-quantized, trainable copy (``quant_cfg``: a ``zsqpipe.quant.QuantConfig``), both channels_last."""
+    from zsqpipe.quant import quantize_model
+
+    teacher = fp_model.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = quantize_model(copy.deepcopy(teacher), quant_cfg)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
 
 
 @dataclass

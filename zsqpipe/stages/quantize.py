@@ -11,7 +11,6 @@ uninterrupted run; the checkpoints are removed once the outputs are written.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from zsqpipe.errors import ConfigError, IntegrityError, OutputError
 from zsqpipe.io import atomic_path, json_text, os_reason, save_checkpoint, sha256_file
 from zsqpipe.job import Job
 from zsqpipe.methods import QuantContext, get_method
-from zsqpipe.quant import QuantConfig, quantize_model
+from zsqpipe.methods.base import teacher_and_student
+from zsqpipe.quant import QuantConfig
 from zsqpipe.stages.common import combine, eval_loader, split_test
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.model_io import model_from_checkpoint
@@ -49,13 +49,8 @@ def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str)
 
 def _teacher_and_student(fp_checkpoint: Path, quant_cfg: QuantConfig, dev: torch.device):
     """The frozen FP teacher and its fake-quantized copy (trainable), both channels_last."""
-    teacher, fp_ckpt = model_from_checkpoint(fp_checkpoint, dev)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = quantize_model(copy.deepcopy(teacher), quant_cfg)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    return teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last), fp_ckpt
+    fp_model, fp_ckpt = model_from_checkpoint(fp_checkpoint, dev)
+    return *teacher_and_student(fp_model, quant_cfg), fp_ckpt
 
 
 def _correct(result: dict) -> int:
