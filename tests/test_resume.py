@@ -136,6 +136,8 @@ def test_fp_model_resumed_after_a_kill_equals_an_uninterrupted_run(prepared, tmp
     assert res["resumed_from_epoch"] == 2 and any("resumed from epoch 2" in m for m in logs)
     assert without_times(res["history"]) == without_times(ref["history"])
     assert (res["test_top1"], res["val_top1"]) == (ref["test_top1"], ref["val_top1"])
+    # where it ran is recorded (bit-identical models hold on one machine type, not across CPU kernel sets)
+    assert res["runtime"]["threads"] == 1 and res["runtime"]["cpu_capability"] and res["runtime"]["torch"]
     a = torch.load(tmp_path / "ref" / "fp.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "out" / "fp.pt", weights_only=True)["state_dict"]
     assert same_state(a, b)

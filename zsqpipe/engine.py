@@ -43,6 +43,21 @@ def setup_runtime(threads: int | None, seed: int, deterministic: bool = True) ->
         torch.backends.cudnn.benchmark = True
 
 
+def runtime_info() -> dict[str, object]:
+    """Where a result was computed: torch version, intra-op threads, the CPU kernel set and the CPU model. The same
+    code and seed give bit-identical models on one machine type, not across them (docs/budget.md: the default FP
+    model is 92.23 % on one AMD EPYC, 92.17 % on another, AVX512)."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu or sys.platform,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+
+
 def deterministic_algorithms() -> None:
     """``torch.use_deterministic_algorithms(True, warn_only=True)`` without its import of TorchInductor (and
     with it TorchDynamo: ~2.3 s of every job's start-up on a 2-core CPU) just to set a flag a stage that never

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from zsqpipe.config import FPConfig
-from zsqpipe.engine import Timer, evaluate
+from zsqpipe.engine import Timer, evaluate, runtime_info
 from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.fp_training import train_fp
 from zsqpipe.io import atomic_path, json_text, save_checkpoint, sha256_file, torch_load_checked
@@ -82,7 +82,8 @@ def run_fp_model(
     model = model.to(memory_format=torch.contiguous_format)
     metrics = {"dataset": info.name, "arch": arch, "source": source, "test_top1": test["top1"],
                "test_top5": test["top5"], "val_top1": val["top1"], "wall_time_s": run.timer(), "history": history,
-               "num_params": sum(p.numel() for p in model.parameters()), "resumed_from_epoch": run.resumed_from}  # fmt: skip
+               "num_params": sum(p.numel() for p in model.parameters()), "resumed_from_epoch": run.resumed_from,
+               "runtime": runtime_info()}  # fmt: skip
     ckpt = {"arch": arch, "dataset": info.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
             "image_size": info.image_size, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "quant": None, "config": asdict(cfg), "test_top1": test["top1"]}  # fmt: skip
