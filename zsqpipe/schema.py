@@ -257,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv:
         print("usage: python -m zsqpipe.schema  (prints the full config schema)", file=sys.stderr)
         return 2
-    yaml.safe_dump(build_schema(), sys.stdout, sort_keys=False, width=120)
+    try:
+        yaml.safe_dump(build_schema(), sys.stdout, sort_keys=False, width=120)
+        sys.stdout.flush()
+    except BrokenPipeError:  # piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
