@@ -1,9 +1,9 @@
 """Typed stage configs (dataclasses that serialise to plain dicts) and config validation.
 
 The workflow config (``config/*.yaml``) is validated against the JSON schema that ``zsqpipe.schema`` builds from
-``workflow/schemas/config.schema.yaml`` and the config dataclasses (defaults are filled in). Each rule passes its slice of the config to its stage as JSON through
-``params:``; the stage turns it into one of these dataclasses, which rejects unknown keys again, so a stage
-run by hand is as strict as one run by Snakemake.
+``workflow/schemas/config.schema.yaml`` and the config dataclasses (defaults are filled in). Each rule passes its
+slice of the config to its stage as JSON through ``params:``; the stage turns it into one of these dataclasses,
+validated against the same schema section, so a stage run by hand is as strict as one run by Snakemake.
 """
 
 from __future__ import annotations
@@ -79,9 +79,8 @@ Milestones = Annotated[
     Schema(items={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
            description="schedule 'step': LR x 0.1 at these fractions of training"),
 ]  # fmt: skip
-Augment = Annotated[
-    str, OneOf("rrc", "crop_flip", "none")
-]  # rrc: RandomResizedCrop + flip; crop_flip: pad-crop + flip
+AUGMENTS = ("rrc", "crop_flip", "none")  # rrc: RandomResizedCrop + flip; crop_flip: pad-crop + flip
+Augment = Annotated[str, OneOf(*AUGMENTS)]
 
 
 def from_dict(cls: type[T], d: dict[str, Any] | None, prefix: str) -> T:
@@ -89,19 +88,17 @@ def from_dict(cls: type[T], d: dict[str, Any] | None, prefix: str) -> T:
     types, bounds, choices); an invalid value raises a one-line ConfigError naming ``prefix.<key>``."""
     import jsonschema
 
-    from zsqpipe.schema import dataclass_schema
+    from zsqpipe.schema import dataclass_schema, tuple_fields
 
     d = dict(d or {})
     schema = dataclass_schema(cls, defaults=False)
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(_as_json(d)))
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(as_json(d)))
     if errors:
         err = jsonschema.exceptions.best_match(errors)
         raise ConfigError(_error_line(err, prefix))
     missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ConfigError(f"{prefix}.{missing[0]}: required key is missing")
-    from zsqpipe.schema import tuple_fields
-
     return cls(**{k: tuple(v) if k in tuple_fields(cls) and isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -125,15 +122,15 @@ class ConfigBase:
             raise ConfigError(msg) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return _as_json(asdict(self))
+        return as_json(asdict(self))
 
 
-def _as_json(value: Any) -> Any:
+def as_json(value: Any) -> Any:
     """Tuples as lists (JSON schema's arrays), recursively: what a config dict looks like after a JSON trip."""
     if isinstance(value, dict):
-        return {k: _as_json(v) for k, v in value.items()}
+        return {k: as_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_as_json(v) for v in value]
+        return [as_json(v) for v in value]
     return value
 
 
@@ -147,7 +144,7 @@ class DataConfig(ConfigBase):
     test_subset: Annotated[
         PosInt | None,
         Doc("Evaluate on the first N test images only (smoke tests); null = the full test set."),
-    ] = None  # use only the first N test images (smoke tests); null = the full test set
+    ] = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +157,7 @@ class FPConfig(ConfigBase):
     epochs: PosInt = 2
     max_steps_per_epoch: Annotated[
         PosInt | None, Doc("Cap on optimizer steps per epoch (smoke tests); null = full epochs.")
-    ] = None  # cap on optimizer steps per epoch (smoke tests); null = full epochs
+    ] = None
     batch_size: PosInt = 128
     optimizer: Optimizer = "sgd"
     lr: PosFloat = 0.2
@@ -180,7 +177,7 @@ class FPConfig(ConfigBase):
         dict[str, Any] | None,
         Nested("zsqpipe.gradquant:GradQuantConfig"),
         Doc("LBT gradient quantization (docs/methods/lbt.md), e.g. {bits: 4}; null = FP gradients"),
-    ] = None  # zsqpipe.gradquant.GradQuantConfig fields; None = FP gradients
+    ] = None
 
 
 # ----------------------------------------------------------------------------------------------------------

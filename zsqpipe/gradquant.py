@@ -50,7 +50,7 @@ class GradQuantConfig(ConfigBase):
     bits: Annotated[
         int | None, Schema(anyOf=[{'type': 'integer', 'minimum': 2, 'maximum': 16}, {'const': 32}, {'type': 'null'}])
     ] = None
-    interval: Annotated[str, OneOf("adaptive", "minmax", "fixed")] = "adaptive"
+    interval: Annotated[str, OneOf(*INTERVAL_MODES)] = "adaptive"
     alpha: Annotated[float, Range(gt=0, le=1)] = 1e-3
     step: Annotated[float, Range(gt=0, le=1)] = 1e-3
     gamma: Annotated[float, Range(gt=0, le=1)] = 1.0

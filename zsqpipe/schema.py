@@ -19,7 +19,6 @@ rebuilds it (a few seconds) only after the code changed. ``python -m zsqpipe.sch
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import importlib
@@ -32,18 +31,17 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from zsqpipe.config import SCHEMA_PATH as SKELETON_PATH  # the hand-written part
+from zsqpipe.config import Spec, as_json
+
 PACKAGE_ROOT = Path(__file__).resolve().parent
-from zsqpipe.config import SCHEMA_PATH as SKELETON_PATH  # noqa: E402 - the hand-written part
 
 _JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", dict: "object", list: "array",
                tuple: "array", typing.Any: None}  # fmt: skip
 
 
-def field_schema(hint: Any, *, nested_defaults: bool = False) -> dict[str, Any]:
-    """The JSON schema of one annotated field type: ``int | None`` -> ``{type: [integer, "null"]}``, plus the
-    keywords of its ``Spec`` annotations (bounds, enum, description, raw keywords) and nested dataclasses."""
-    from zsqpipe.config import Spec
-
+def _unwrap(hint: Any) -> tuple[Any, list[Spec], bool]:
+    """``Annotated[X | None, spec, ...]`` (nested any way) -> (X, its Specs outermost last, nullable)."""
     specs: list[Spec] = []
     nullable = False
     while True:
@@ -58,7 +56,14 @@ def field_schema(hint: Any, *, nested_defaults: bool = False) -> dict[str, Any]:
                 raise TypeError(f"unsupported union {hint!r}")
             hint = args[0]
         else:
-            break
+            return hint, specs, nullable
+
+
+def field_schema(hint: Any) -> dict[str, Any]:
+    """The JSON schema of one annotated field type: ``int | None`` -> ``{type: [integer, "null"]}``, plus the
+    keywords of its ``Spec`` annotations (bounds, enum, description, raw keywords) and nested dataclasses (their
+    keys checked, no defaults: the consumer builds them)."""
+    hint, specs, nullable = _unwrap(hint)
     origin = typing.get_origin(hint) or hint
     schema: dict[str, Any] = {}
     json_type = _JSON_TYPES.get(origin)
@@ -72,8 +77,7 @@ def field_schema(hint: Any, *, nested_defaults: bool = False) -> dict[str, Any]:
         schema["type"] = [json_type, "null"] if nullable else json_type
     for spec in specs:
         if spec.nested is not None:
-            schema.update(dataclass_schema(_resolve(spec.nested), defaults=nested_defaults))
-            schema.pop("default", None)
+            schema.update(dataclass_schema(_resolve(spec.nested), defaults=False))
             if nullable:
                 schema["type"] = ["object", "null"]
         schema.update(spec.schema())
@@ -88,15 +92,7 @@ def field_schema(hint: Any, *, nested_defaults: bool = False) -> dict[str, Any]:
 def tuple_fields(cls: type) -> frozenset[str]:
     """The fields of config dataclass ``cls`` typed as tuples (JSON gives them as lists)."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    out = set()
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        while typing.get_origin(hint) in (typing.Annotated, typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(hint) if a is not type(None)]
-            hint = args[0]
-        if (typing.get_origin(hint) or hint) is tuple:
-            out.add(f.name)
-    return frozenset(out)
+    return frozenset(name for name, hint in hints.items() if typing.get_origin(_unwrap(hint)[0]) is tuple)
 
 
 def _resolve(ref: Any) -> Any:
@@ -104,14 +100,6 @@ def _resolve(ref: Any) -> Any:
         module, _, name = ref.partition(":")
         return getattr(importlib.import_module(module), name)
     return ref
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
-    return value
 
 
 @cache
@@ -125,9 +113,9 @@ def _dataclass_schema(
             continue
         prop = field_schema(hints[f.name])
         if defaults and f.default is not dataclasses.MISSING:
-            prop["default"] = _json_value(f.default)
+            prop["default"] = as_json(f.default)
         elif defaults and f.default_factory is not dataclasses.MISSING:
-            prop["default"] = _json_value(f.default_factory())
+            prop["default"] = as_json(f.default_factory())
         props[f.name] = prop
     schema: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
     if defaults:
@@ -246,7 +234,7 @@ def load_schema(skeleton: Path = SKELETON_PATH) -> dict[str, Any]:
         os.replace(tmp, path)
     except OSError:  # a read-only cache folder costs only time
         pass
-    return copy.deepcopy(schema)
+    return schema
 
 
 def main(argv: list[str] | None = None) -> int:

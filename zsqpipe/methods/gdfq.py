@@ -43,7 +43,7 @@ from zsqpipe.config import (
     Schedule,
 )
 from zsqpipe.methods.base import QuantContext, register_method
-from zsqpipe.zsq.generator_qat import GeneratorQAT, kd_loss
+from zsqpipe.zsq.generator_qat import KD_REDUCTIONS, GeneratorQAT, kd_loss
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
 
 
@@ -76,7 +76,7 @@ class GDFQConfig:
     ce_weight: NonNegFloat = 1.0
     # "mean" = official nn.KLDivLoss() (T^2/C x batchmean KL); "batchmean"
     kd_reduction: Annotated[
-        str, OneOf("mean", "batchmean"), Doc("mean = official nn.KLDivLoss() (T^2/C x batchmean KL)")
+        str, OneOf(*KD_REDUCTIONS), Doc("mean = official nn.KLDivLoss() (T^2/C x batchmean KL)")
     ] = "mean"
 
 

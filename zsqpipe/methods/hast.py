@@ -81,7 +81,7 @@ class HASTConfig:
     feature_alignment: bool = True  # FA: the L_FA term
     fgsm_eps: NonNegFloat = 0.01  # official effective (options.py); hocon C100 0.02
     # "difficulty" (paper: 1 - p under S) or "kd_fa" (official code)
-    fgsm_objective: Annotated[str, OneOf("difficulty", "kd_fa")] = "difficulty"
+    fgsm_objective: Annotated[str, OneOf(*FGSM_OBJECTIVES)] = "difficulty"
     # calibration with a GDFQ generator (official: 4 epochs x 200 iterations, batch 16)
     calib_iters: PosInt = 200  # converged at W3A3 (hast_calib: 50 -> 200 +4.0 points, 800 no better)
     calib_batch_size: PosInt = 16

@@ -44,14 +44,14 @@ from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.zsq.calibration import calibrate, calibrate_with_generator
 from zsqpipe.zsq.finetune import ShardStream, check_augment, finetune
 
-CALIBRATIONS = ("shards", "generator")
+CALIBRATIONS = ("generator", "shards")
 
 
 @dataclass(frozen=True)
 class IntraQConfig:
     # generator (official: GDFQ generator, 4 epochs x 200 steps) | shards
     calibration: Annotated[
-        str, OneOf("generator", "shards"), Doc("generator = official GDFQ-generator calibration; shards = the synthetic images")
+        str, OneOf(*CALIBRATIONS), Doc("generator = official GDFQ-generator calibration; shards = the synthetic images")
     ] = "generator"
     calib_batches: PosInt = 4  # calibration "shards": 4 x 128 = two passes over the 256 default samples
     generator_steps: PosInt = 200  # official 800 (4 epochs x 200); 200 = HAST's calib_iters (docs/budget.md)

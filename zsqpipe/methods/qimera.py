@@ -43,7 +43,7 @@ from zsqpipe.config import (
 )
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import QuantContext, register_method
-from zsqpipe.zsq.generator_qat import GeneratorQAT, kd_loss
+from zsqpipe.zsq.generator_qat import KD_REDUCTIONS, GeneratorQAT, kd_loss
 from zsqpipe.zsq.generators import GDFQGenerator
 
 NORM_EPS = 1e-5  # BatchNorm1d's default eps, as in the official embedding normaliser
@@ -51,7 +51,7 @@ NORM_EPS = 1e-5  # BatchNorm1d's default eps, as in the official embedding norma
 
 @dataclass(frozen=True)
 class QimeraConfig:
-    epochs: Annotated[PosInt, Doc("warm-up epochs included")] = 3  # warm-up epochs included
+    epochs: Annotated[PosInt, Doc("warm-up epochs included")] = 3
     warmup_epochs: Annotated[PosInt, Doc("ranges + generator only; at most epochs")] = 1
     # generator steps per warm-up epoch; 0 = iters_per_epoch (official: 200 every epoch)
     warmup_iters: Annotated[NonNegInt, Doc("generator steps per warm-up epoch; 0 = iters_per_epoch")] = 0
@@ -86,7 +86,7 @@ class QimeraConfig:
     ce_weight: NonNegFloat = 1.0
     # "mean" = official nn.KLDivLoss() (T^2/C x batchmean KL); "batchmean"
     kd_reduction: Annotated[
-        str, OneOf("mean", "batchmean"), Doc("mean = official nn.KLDivLoss() (T^2/C x batchmean KL)")
+        str, OneOf(*KD_REDUCTIONS), Doc("mean = official nn.KLDivLoss() (T^2/C x batchmean KL)")
     ] = "mean"
 
 

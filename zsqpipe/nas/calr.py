@@ -253,7 +253,7 @@ class SupernetConfig(ConfigBase):
     calr: Annotated[bool | None, Doc("null = as the method says; true/false overrides (ablations)")] = None
     ms: Annotated[bool | None, Doc("null = as the method says; true/false overrides (ablations)")] = None
     gamma_max: Annotated[float, Range(ge=1), Doc("CaLR's gamma_max (--max_coeff)")] = 4.0
-    calr_complexity: Annotated[str, OneOf("model", "nb201")] = "model"
+    calr_complexity: Annotated[str, OneOf(*COMPLEXITY_SPACES)] = "model"
     epochs: PosInt = 250
     iters: Annotated[
         PosInt | None, Doc("iterations per epoch (T = epochs x iters); null = a full pass over the training split")

@@ -43,12 +43,12 @@ class TALRConfig(ConfigBase):
 
     prefix = "talr"  # how its errors name keys (ConfigBase.from_dict renames)
 
-    scope: Annotated[str, OneOf("layer", "global")] = "layer"
+    scope: Annotated[str, OneOf(*SCOPES)] = "layer"
     momentum: Momentum = 0.99
     eta: PosFloat | None = None
     target_rate: PosFloat | None = None
     tr_factor: PosFloat = 5e-3
-    schedule: Annotated[str, OneOf("cosine", "step", "constant")] = "cosine"
+    schedule: Annotated[str, OneOf(*SCHEDULES)] = "cosine"
     milestones: Milestones = (0.5, 0.75)
     decay: PosFloat = 0.1
     freeze_weight_scales: bool = True

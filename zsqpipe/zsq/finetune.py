@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from zsqpipe.config import AUGMENTS
 from zsqpipe.data.loaders import random_crop_flip
 from zsqpipe.data.shards import ShardCursor, ShardSet
 from zsqpipe.engine import make_optimizer, make_scheduler
@@ -68,7 +69,6 @@ class SyntheticBatches:
             self.cursor.load_state_dict(state["cursor"])
 
 
-AUGMENTS = ("rrc", "crop_flip", "none")
 
 
 def check_augment(cfg, name: str) -> None:

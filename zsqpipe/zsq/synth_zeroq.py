@@ -55,7 +55,7 @@ class ZeroQSynthConfig:
     min_lr: NonNegFloat = 1e-4
     # gaussian | uniform | zeroq_uniform (official code, values ~ +-0.024)
     init: Annotated[
-        str, OneOf("gaussian", "uniform", "zeroq_uniform"), Doc("zeroq_uniform = official init (divides by the variance)")
+        str, OneOf(*ZEROQ_INITS), Doc("zeroq_uniform = official init (divides by the variance)")
     ] = "gaussian"
     input_weight: NonNegFloat = 1.0  # weight of the input-level N(0, 1) term (official: 1)
     eps: NonNegFloat = 1e-6  # the official eps inside the input-level std

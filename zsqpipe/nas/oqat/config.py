@@ -71,7 +71,7 @@ class OQATTrainConfig(ConfigBase):
 
     bits: int = 4
     space: Annotated[
-        str, OneOf("nb201", "ofa_mbv3"), Doc("nb201 = the NB201 cell supernet (C, N); ofa_mbv3 = the OFA / MobileNetV3 space (ofa; docs/methods/ofa_space.md)")
+        str, OneOf(*SPACES), Doc("nb201 = the NB201 cell supernet (C, N); ofa_mbv3 = the OFA / MobileNetV3 space (ofa; docs/methods/ofa_space.md)")
     ] = "nb201"
     C: Annotated[PosInt, Doc("nb201: channels of the first stage (then 2C, 4C)")] = 8
     N: Annotated[PosInt, Doc("nb201: cells per stage")] = 1
@@ -98,7 +98,7 @@ class OQATTrainConfig(ConfigBase):
     augment: bool = False
     init_batches: Annotated[PosInt, Doc("training batches of the LSQ step-size init")] = 2
     inherit_rule: Annotated[
-        str, OneOf("double", "reinit"), Doc("inherited steps: double = s_{b-1} = 2 s_b; reinit = LSQ init 2 mean|x|/sqrt(Q_P) again")
+        str, OneOf(*INHERIT_RULES), Doc("inherited steps: double = s_{b-1} = 2 s_b; reinit = LSQ init 2 mean|x|/sqrt(Q_P) again")
     ] = "double"
     bn_batches: Annotated[PosInt, Doc("BN recalibration batches of the largest-cell sanity check")] = 10
     val_images: PosInt | None = 1000

@@ -56,7 +56,6 @@ class ASEConfig:
     tanh_constant: PosFloat = 1.5
     op_tanh_reduce: PosFloat = 2.5
     init_range: PosFloat = 0.1
-    # official --use_absolute_perf
     absolute_reward: Annotated[bool, Doc("official --use_absolute_perf")] = False
     # true = the official in-place edit of the start node (see module doc)
     inplace_mutation: Annotated[
