@@ -196,7 +196,15 @@ def test_main_job_is_a_prefix_of_the_full_table(tmp_path):
         for m in ("real", "ptq", "zeroq", "gdfq", "hast") for b in (3, 4) for s in (0, 1, 2)
     )  # fmt: skip
     assert cells == expected, cells
-    assert {r for r, _ in main} == {"mlflow_init", "data", "fp_model", "synthesize", "quantize", "evaluate", "aggregate"}
+    assert {r for r, _ in main} == {"mlflow_init", "data", "fp_model", "synthesize", "generator_warmup", "quantize",
+                                    "evaluate", "aggregate"}  # fmt: skip
+    # one generator warm-up per seed for GDFQ and one for HAST's range calibration, shared by W3A3 and W4A4
+    warmups = sorted(w.split("warmup=")[1] for r, w in main if r == "generator_warmup")
+    assert [w.split("@")[0] for w in warmups] == ["calib"] * 3 + ["gdfq"] * 3, warmups
+    for (rule, wildcards), job in main.items():
+        if rule == "quantize":
+            uses = "--warmup results/generators/fashion_mnist/resnet20/" in job["shell"]
+            assert uses == ("method=gdfq" in wildcards or "method=hast" in wildcards), job
     synth = sorted(w for r, w in main if r == "synthesize")
     assert synth == sorted(
         f"dataset=fashion_mnist, arch=resnet20, synth={n}, seed={s}" for n in ("hast", "zeroq") for s in (0, 1, 2)

@@ -36,10 +36,12 @@ def test_registered_names_match_declared_names():
     from zsqpipe.data import DATASETS
     from zsqpipe.methods import get_method
     from zsqpipe.models import available_models
-    from zsqpipe.names import ARCH_NAMES, DATASET_NAMES, METHOD_NAMES
+    from zsqpipe.names import ARCH_NAMES, DATASET_INPUT_SHAPES, DATASET_NAMES, METHOD_NAMES
     from zsqpipe.schema import build_schema
 
     assert set(DATASET_NAMES) == set(DATASETS) and set(ARCH_NAMES) <= set(available_models())
+    infos = {n: DATASETS.get(n) for n in DATASETS}
+    assert {n: (i.in_channels, i.image_size, i.image_size) for n, i in infos.items()} == DATASET_INPUT_SHAPES
     for name in METHOD_NAMES:
         assert get_method(name).name == name
     schema = build_schema()["properties"]  # and the built schema takes its enums from those lists

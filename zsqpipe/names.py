@@ -5,6 +5,9 @@ The Snakefile builds its wildcard constraints from these at parse time; the regi
 """
 
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagenet")
+# (channels, height, width) of each dataset's model input (zsqpipe.data.DatasetInfo; equal by test)
+DATASET_INPUT_SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
+                        "imagenet": (3, 224, 224)}  # fmt: skip
 ARCH_NAMES = ("resnet20", "resnet18", "mobilenet_v2", "mobilenet_v2_small")
 METHOD_NAMES = ("real", "ptq", "zeroq", "intraq", "hast", "gdfq", "qimera", "zaq")
 SYNTHESIZER_NAMES = (

@@ -210,18 +210,18 @@ class ResumeState:
 # ---------------------------------------------------------------------------------------- training loops
 
 
-def _plain(obj: Any) -> Any:
+def plain_state(obj: Any) -> Any:
     """NumPy scalars (e.g. LR values from ``np.cos`` schedules) as Python numbers, the same values: the
     checkpoint must load with ``weights_only=True``."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, dict):
-        out = (OrderedDict if isinstance(obj, OrderedDict) else dict)((k, _plain(v)) for k, v in obj.items())
+        out = (OrderedDict if isinstance(obj, OrderedDict) else dict)((k, plain_state(v)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):  # nn.Module.state_dict's version info
             out._metadata = obj._metadata
         return out
     if isinstance(obj, list | tuple):
-        return type(obj)(_plain(v) for v in obj)
+        return type(obj)(plain_state(v) for v in obj)
     return obj
 
 
@@ -315,7 +315,7 @@ class Checkpoints:
         if self.objects is None:
             return
         self.state.save(
-            _plain(
+            plain_state(
                 {
                     "epoch": int(epoch),
                     "objects": {name: _get_state(obj) for name, obj in self.objects.items()},

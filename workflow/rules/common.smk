@@ -13,7 +13,8 @@ from zsqpipe.nas.benchmark import DATASETS as NAS_DATASETS
 from zsqpipe.nas.benchmark import DEFAULT_PATH as NAS_BENCHMARK
 from zsqpipe.nas.benchmark import SAMPLE_KEYS, TABLE_OF_DATASET, kendall_sample
 from zsqpipe.nas.strategies import STRATEGY_NAMES
-from zsqpipe.names import ARCH_NAMES, DATASET_NAMES, METHOD_NAMES, METHOD_SYNTHESIZER, SYNTHESIZER_NAMES
+from zsqpipe.names import ARCH_NAMES, DATASET_INPUT_SHAPES, DATASET_NAMES, METHOD_NAMES, METHOD_SYNTHESIZER, SYNTHESIZER_NAMES
+from zsqpipe.warmups import WARMUP_KINDS, record_mb, warmup_spec, warmup_tag
 
 
 try:
@@ -36,6 +37,7 @@ wildcard_constraints:
     act_bits=r"\d+",
     seed=r"\d+",
     synth="(" + ("|".join(SYNTHESIZER_NAMES) or "none") + ")(@[0-9a-f]{8})?",
+    warmup="(" + "|".join(WARMUP_KINDS) + ")@[0-9a-f]{8}",
     table="|".join(config["tables"]),
 
 
@@ -142,6 +144,41 @@ def samples_input(wildcards):
 
 def samples_flag(wildcards, input):
     return f"--samples {input.samples}" if input.samples else ""
+
+
+def method_warmup_spec(method):
+    """The generator warm-up a method (or variant) replays (zsqpipe/warmups.py), or None."""
+    return warmup_spec(base_method(method), method_config(method))
+
+
+# every warm-up a configured method or variant can ask for, by folder name (<kind>@<hash of its settings>)
+WARMUP_SPECS = {
+    warmup_tag(spec): spec
+    for spec in map(method_warmup_spec, [*METHOD_NAMES, *VARIANTS])
+    if spec is not None
+}
+
+
+def warmup_input(wildcards):
+    """The recorded generator warm-up of a cell (same dataset, arch and seed), if its method has one and it
+    is small enough to share (config generator_warmup_max_mb); else the cell trains its generator itself."""
+    spec = method_warmup_spec(wildcards.method)
+    if spec is None or record_mb(spec, DATASET_INPUT_SHAPES[wildcards.dataset]) > config["generator_warmup_max_mb"]:
+        return []
+    return [f"{RESULTS}/generators/{wildcards.dataset}/{wildcards.arch}/{warmup_tag(spec)}/seed{wildcards.seed}.pt"]
+
+
+def warmup_flag(wildcards, input):
+    return f"--warmup {input.warmup}" if input.warmup else ""
+
+
+def warmup_params(wildcards):
+    return canonical_json(WARMUP_SPECS[wildcards.warmup])
+
+
+def warmup_code(wildcards):
+    kind = wildcards.warmup.split("@")[0]
+    return code_version("zsqpipe.stages.warmup", *([f"zsqpipe.methods.{kind}"] if kind != "calib" else []))
 
 
 def synthesizer(wildcards):

@@ -7,6 +7,7 @@ rule quantize:
         data=f"{RESULTS}/data/{{dataset}}/manifest.json",
         tracking=ancient(TRACKING),
         samples=samples_input,
+        warmup=warmup_input,
     output:
         model=f"{QUANT_DIR}/model.pt",
         history=f"{QUANT_DIR}/history.json",
@@ -15,6 +16,7 @@ rule quantize:
         base=method_base,
         method=method_params,
         samples=samples_flag,
+        warmup=warmup_flag,
         device=config["device"],
         code=quantize_code,
     log:
@@ -32,7 +34,7 @@ rule quantize:
     shell:
         "python3 -m zsqpipe quantize --fp {input.fp} --data {input.data} --method {params.base}"
         " --weight-bits {wildcards.weight_bits} --act-bits {wildcards.act_bits} --seed {wildcards.seed}"
-        " --quant-params {params.quant:q} --method-params {params.method:q} {params.samples}"
+        " --quant-params {params.quant:q} --method-params {params.method:q} {params.samples} {params.warmup}"
         " --out-model {output.model} --out-history {output.history} --device {params.device}"
         " --threads {threads} {resources.resume} --tracking {input.tracking} --rule quantize --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"

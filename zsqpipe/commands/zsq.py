@@ -81,6 +81,21 @@ def synthesize_cmd(open_job, fp_ckpt, synthesizer, seed, params_json, out):
         run_synthesize(fp_ckpt, synthesizer, params, seed, out, job)
 
 
+@job_command("generator-warmup")
+@options(FP)
+@click.option("--spec", "spec_json", required=True,
+              help="The warm-up's settings as JSON (zsqpipe.warmups.warmup_spec: kind + the method's generator settings).")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=PATH, required=True, help="The recorded warm-up (.pt): batches + generator state.")
+def generator_warmup_cmd(open_job, fp_ckpt, spec_json, seed, out):
+    """Train a generator on the FP model alone (GDFQ/Qimera warm-up, HAST/IntraQ calibration) and record it."""
+    from zsqpipe.stages.warmup import run_generator_warmup
+
+    spec = parse_json(spec_json, "--spec")
+    with open_job({"spec": spec, "seed": seed}) as job:
+        run_generator_warmup(fp_ckpt, spec, seed, out, job)
+
+
 @job_command("quantize", resume="out_model")
 @options(FP, MANIFEST)
 @click.option("--method", required=True, help="Method name (real, ptq, ...).")
@@ -93,10 +108,13 @@ def synthesize_cmd(open_job, fp_ckpt, synthesizer, seed, params_json, out):
 @click.option("--method-params", default="{}", help="The method's hyperparameters as JSON.")
 @click.option("--samples", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of synthetic samples from `zsqpipe synthesize` (methods that train on them).")  # fmt: skip
+@click.option("--warmup", type=EXISTING, default=None,
+              help="Generator warm-up from `zsqpipe generator-warmup` to replay (gdfq, qimera, hast, intraq); "
+                   "without it the method trains its generator itself, with the same result.")  # fmt: skip
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
 def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, seed, quant_params, method_params, samples,
-                 out_model, out_history):  # fmt: skip
+                 warmup, out_model, out_history):  # fmt: skip
     """Quantize the FP model and calibrate / fine-tune it with METHOD."""
     from zsqpipe.quant import QuantConfig
     from zsqpipe.stages.quantize import run_quantize
@@ -105,7 +123,7 @@ def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, see
     mcfg = parse_json(method_params, "--method-params")
     with open_job({"quant": q, "method": method, "cfg": mcfg, "seed": seed}) as job:
         run_quantize(fp_ckpt, manifest, method, mcfg, QuantConfig.from_dict(q), seed, out_model, out_history,
-                     samples=samples, job=job)  # fmt: skip
+                     samples=samples, job=job, warmup=warmup)  # fmt: skip
 
 
 @job_command("evaluate")

@@ -36,13 +36,16 @@ def teacher_and_student(fp_model: nn.Module, quant_cfg) -> tuple[nn.Module, nn.M
     fake-quantized, trainable copy (``quant_cfg``: a ``zsqpipe.quant.QuantConfig``), both channels_last."""
     from zsqpipe.quant import quantize_model
 
-    teacher = fp_model.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = fp_model.eval().requires_grad_(False)
     student = quantize_model(copy.deepcopy(teacher), quant_cfg)
     for p in student.parameters():
         p.requires_grad_(True)
-    return teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
+    return frozen_teacher(teacher), student.to(memory_format=torch.channels_last)
+
+
+def frozen_teacher(fp_model: nn.Module) -> nn.Module:
+    """``fp_model`` as every method's teacher: eval mode, no gradients, channels_last."""
+    return fp_model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
 @dataclass
@@ -65,6 +68,9 @@ class QuantContext:
     end_epoch: Callable[[int, dict[str, float]], dict[str, float]]
     log: Callable[[str], None] = print
     samples: Any = None  # zsqpipe.data.shards.ShardSet of the method's synthesizer, if it has one
+    # zsqpipe.zsq.warmup.WarmupRecord: the method's generator warm-up, recorded once for every bit width
+    # (zsqpipe/warmups.py); None: the method trains its generator itself
+    warmup: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
     resume: Any = None  # zsqpipe.resume.Checkpoints of the job (stages/quantize.py); None: no checkpoints
 
@@ -97,6 +103,13 @@ class Method:
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.cfg)
+
+    def warmup_spec(self) -> dict[str, Any] | None:
+        """The settings of this method's generator warm-up, shared across bit widths (``zsqpipe/warmups.py``);
+        None if it has none."""
+        from zsqpipe.warmups import warmup_spec
+
+        return warmup_spec(self.name, self.config_dict())
 
     def run(self, ctx: QuantContext) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -208,6 +208,7 @@ class HAST(Method):
         calibrate_with_generator(
             ctx.student, ctx.teacher, ctx.num_classes, ctx.input_shape, c.calib_iters, c.calib_batch_size,
             ctx.seed, ctx.device, c.generator_lr, c.generator_latent_dim, c.generator_bns_weight, ctx.log, "hast",
+            warmup=ctx.warmup,
         )
 
         hooks_s = hooks_t = None

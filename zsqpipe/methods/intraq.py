@@ -95,6 +95,7 @@ class IntraQ(Method):
             calibrate_with_generator(
                 student, teacher, ctx.num_classes, ctx.input_shape, c.generator_steps, c.generator_batch_size,
                 ctx.seed, ctx.device, c.generator_lr, c.generator_latent_dim, c.bns_weight, ctx.log, "intraq",
+                warmup=ctx.warmup,
             )
         else:
             calibrate(student, ShardStream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)

@@ -29,6 +29,7 @@ from zsqpipe.stages.common import combine, eval_loader, split_test
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.model_io import model_from_checkpoint
 from zsqpipe.stages.training import TrainingRun
+from zsqpipe.zsq.warmup import WarmupRecord
 
 EVAL_BATCH = 1000
 
@@ -45,6 +46,17 @@ def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str)
     if shard_set.manifest.get("fp_checkpoint_sha256") != fp_sha256:
         raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
     return shard_set
+
+
+def _open_warmup(method: str, method_obj, warmup: Path | None, fp_sha256: str, seed: int) -> WarmupRecord | None:
+    """The recorded generator warm-up a cell replays (``zsqpipe generator-warmup``), checked against the
+    method's settings, the FP checkpoint and the seed; None: the method trains its generator itself."""
+    if warmup is None:
+        return None
+    spec = method_obj.warmup_spec()
+    if spec is None:
+        raise ConfigError(f"--warmup: method {method!r} with these settings trains no generator on the teacher alone")
+    return WarmupRecord.load(warmup, spec, fp_sha256, seed)
 
 
 def _teacher_and_student(fp_checkpoint: Path, quant_cfg: QuantConfig, dev: torch.device):
@@ -108,14 +120,17 @@ def run_quantize(
     out_history: Path,
     samples: Path | None = None,
     job: Job | None = None,
+    warmup: Path | None = None,
 ) -> dict:
     job = job or Job()
     method_obj = get_method(method)(method_cfg)
     fp_sha256 = sha256_file(fp_checkpoint)
     shard_set = _open_samples(method, method_obj, samples, fp_sha256)
+    recorded = _open_warmup(method, method_obj, warmup, fp_sha256, seed)
     key = {"method": method, "method_cfg": method_obj.config_dict(), "quant": quant_cfg.to_dict(), "seed": seed,
            "fp_checkpoint_sha256": fp_sha256, "data_manifest_sha256": sha256_file(dataset_manifest),
-           "samples_manifest_sha256": sha256_file(shard_set.manifest_path) if shard_set is not None else None}  # fmt: skip
+           "samples_manifest_sha256": sha256_file(shard_set.manifest_path) if shard_set is not None else None,
+           "warmup_sha256": sha256_file(warmup) if recorded is not None else None}  # fmt: skip
     run = TrainingRun(job, "quantize", key, out_model, seed, code=(f"zsqpipe.methods.{method}",))
     dev = run.device
     data = load_prepared(dataset_manifest)
@@ -135,7 +150,7 @@ def run_quantize(
         teacher=teacher, student=student, device=dev, seed=seed, num_classes=info.num_classes,
         input_shape=(info.in_channels, info.image_size, info.image_size),
         train_loader_factory=train_loader_factory if method_obj.uses_real_data else None,
-        end_epoch=end_epoch, log=job.log, samples=shard_set, resume=run.checkpoints,
+        end_epoch=end_epoch, log=job.log, samples=shard_set, resume=run.checkpoints, warmup=recorded,
     )  # fmt: skip
     method_obj.run(ctx)
     history = run.history

@@ -4,11 +4,14 @@ only (each method's code version is the import closure of its own module, ``zsqp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
+from zsqpipe.zsq.warmup import WarmupRecord, seeded_init
 
 OFFICIAL_EMA_MIN_STEPS = 200
 
@@ -35,6 +38,34 @@ def calibrate(student, batches, calib_batches: int, log=print) -> None:
     set_quant_state(student, update_ranges=False)
 
 
+def calibration_generator_run(
+    teacher,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    steps: int,
+    batch_size: int,
+    seed: int,
+    device,
+    lr: float = 1e-3,
+    latent_dim: int = 100,
+    bns_weight: float = 0.1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """The IntraQ/HAST official calibration generator (``main_direct.py`` epochs 0-3): a GDFQ generator trained
+    on the teacher alone, L_G = CE(T(G(z, y)), y) + ``bns_weight`` * BNS (Adam ``lr``, betas (0.5, 0.999)).
+    Yields each step's detached batch, its labels and L_G; the generator sees no student."""
+    with seeded_init(seed):
+        generator = GDFQGenerator(num_classes, tuple(input_shape), latent_dim)
+    generator = generator.to(device).train()
+    opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
+    rng = torch.Generator().manual_seed(seed)
+    bn_stats = BNStatistics(teacher)
+    try:
+        for _ in range(steps):
+            yield gdfq_generator_step(generator, teacher, bn_stats, opt, batch_size, rng, device, bns_weight)
+    finally:
+        bn_stats.remove()
+
+
 def calibrate_with_generator(
     student,
     teacher,
@@ -49,30 +80,33 @@ def calibrate_with_generator(
     bns_weight: float = 0.1,
     log=print,
     name: str = "calibration",
+    warmup: WarmupRecord | None = None,
 ) -> float:
-    """The IntraQ/HAST official calibration epochs (``main_direct.py`` epochs 0-3): train a GDFQ generator on
-    the teacher, L_G = CE(T(G(z, y)), y) + ``bns_weight`` * BNS (Adam ``lr``, betas (0.5, 0.999)), while the
-    quantized student, in eval mode, forwards each detached batch with activation ranges updating (no student
-    step); then freeze the ranges and discard the generator. Returns the mean L_G over the ``steps``."""
+    """Calibrate the activation ranges on the batches of :func:`calibration_generator_run`: the quantized
+    student, in eval mode, forwards each batch with range updates on (no student step); then the ranges are
+    frozen and the generator discarded. ``warmup``: the same run recorded by the ``generator_warmup`` job,
+    replayed instead of trained here (same ranges). Returns the mean L_G over the ``steps``."""
     warn_short_official_calibration(student, steps, log)
-    generator = GDFQGenerator(num_classes, tuple(input_shape), latent_dim).to(device)
-    generator.train()
-    opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
-    rng = torch.Generator().manual_seed(seed)
-    bn_stats = BNStatistics(teacher)
+    if warmup is not None and (warmup.steps, warmup.images.shape[1]) != (steps, batch_size):
+        raise ValueError(f"{name}: the warm-up has {warmup.steps} batches of {warmup.images.shape[1]}, "
+                         f"the calibration needs {steps} of {batch_size}")  # fmt: skip
+    if warmup is None:
+        run = calibration_generator_run(teacher, num_classes, input_shape, steps, batch_size, seed, device, lr,
+                                        latent_dim, bns_weight)  # fmt: skip
+    else:
+        run = (warmup.batch(i, device) for i in range(steps))
     student.eval()
     set_quant_state(student, enabled=True, update_ranges=True)
     total = 0.0
     try:
-        for _ in range(steps):
-            x, _, loss = gdfq_generator_step(generator, teacher, bn_stats, opt, batch_size, rng, device, bns_weight)
+        for x, _, loss in run:
             total += loss
             with torch.no_grad():
                 student(x.contiguous(memory_format=torch.channels_last))
     finally:
-        bn_stats.remove()
         set_quant_state(student, update_ranges=False)
     mean_loss = total / max(steps, 1)
-    log(f"{name}: calibrated activation ranges on {steps} generator batches of {batch_size} "
+    source = "generator" if warmup is None else "recorded generator"
+    log(f"{name}: calibrated activation ranges on {steps} {source} batches of {batch_size} "
         f"(mean L_G {mean_loss:.4f}); generator discarded")  # fmt: skip
     return mean_loss

@@ -19,6 +19,7 @@ from zsqpipe.methods.base import Method, QuantContext
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.calibration import warn_short_official_calibration
+from zsqpipe.zsq.warmup import seeded_init
 
 KD_REDUCTIONS = ("mean", "batchmean")
 
@@ -90,25 +91,57 @@ class GeneratorQAT(Method):
         params = [p for p in generator.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.cfg.lr_g, betas=(self.cfg.g_beta1, self.cfg.g_beta2))
 
+    def _generator_parts(self, ctx) -> tuple[nn.Module, torch.optim.Optimizer, object, torch.Generator]:
+        """The generator (initial weights drawn from the seed), its Adam, its LR schedule over every generator
+        step (warm-up and fine-tuning) and the ``torch.Generator`` of its latents and labels."""
+        c = self.cfg
+        with seeded_init(ctx.seed):
+            generator = self.build_generator(ctx)
+        generator = generator.to(ctx.device).train()
+        opt_g = self.make_generator_optimizer(generator)
+        total_g = c.warmup_epochs * self.warmup_iters + (c.epochs - c.warmup_epochs) * c.iters_per_epoch
+        sched_g = make_scheduler(opt_g, c.schedule, total_g, milestones=c.milestones)
+        return generator, opt_g, sched_g, torch.Generator().manual_seed(ctx.seed)
+
+    @property
+    def warmup_iters(self) -> int:
+        """Generator steps per warm-up epoch."""
+        return self.cfg.warmup_iters or self.cfg.iters_per_epoch
+
+    def record_warmup(self, ctx, recorder) -> dict:
+        """Train the generator through every warm-up step on the teacher alone (``ctx``: teacher, seed,
+        device, num_classes, input_shape), handing each batch to ``recorder.add``; returns the generator's
+        state after the last step (what :meth:`run` loads when it replays a recorded warm-up)."""
+        generator, opt_g, sched_g, rng = self._generator_parts(ctx)
+        bn_stats = BNStatistics(ctx.teacher)
+        try:
+            for _ in range(self.cfg.warmup_epochs * self.warmup_iters):
+                x, target, _, g_loss = self.generator_step(generator, ctx.teacher, bn_stats, opt_g, rng, ctx.device)
+                sched_g.step()
+                recorder.add(x, target, g_loss)
+        finally:
+            bn_stats.remove()
+        return {"generator": generator.state_dict(), "optimizer": opt_g.state_dict(),
+                "scheduler": sched_g.state_dict(), "rng": rng.get_state()}  # fmt: skip
+
     def run(self, ctx: QuantContext) -> None:
         c = self.cfg
         teacher, student = ctx.teacher, ctx.student
         teacher.eval()
         student.eval()  # BN running statistics fixed, affine trained (GDFQ-family trainers)
-        generator = self.build_generator(ctx).to(ctx.device)
-        generator.train()
+        generator, opt_g, sched_g, rng = self._generator_parts(ctx)
         self.generator = generator  # kept for inspection (tests)
-        opt_g = self.make_generator_optimizer(generator)
-        warm_iters = c.warmup_iters or c.iters_per_epoch  # generator steps per warm-up epoch
-        total_g = c.warmup_epochs * warm_iters + (c.epochs - c.warmup_epochs) * c.iters_per_epoch
-        sched_g = make_scheduler(opt_g, c.schedule, total_g, milestones=c.milestones)
+        warm_iters = self.warmup_iters
         opt_s = make_optimizer(
             student.parameters(), c.optimizer, c.lr, c.momentum, c.weight_decay, c.nesterov
         )
         student_steps = (c.epochs - c.warmup_epochs) * c.iters_per_epoch
         sched_s = make_scheduler(opt_s, c.schedule, max(student_steps, 1), milestones=c.milestones)
         warn_short_official_calibration(student, c.warmup_epochs * warm_iters, ctx.log)
-        rng = torch.Generator().manual_seed(ctx.seed)
+        recorded = ctx.warmup  # the warm-up recorded by the generator_warmup job: replayed, not trained
+        if recorded is not None and recorded.steps != c.warmup_epochs * warm_iters:
+            raise ValueError(f"{self.name}: the recorded warm-up has {recorded.steps} steps, "
+                             f"the config needs {c.warmup_epochs * warm_iters}")  # fmt: skip
         start = ctx.resumable(generator=generator, generator_optimizer=opt_g, generator_scheduler=sched_g,
                               optimizer=opt_s, scheduler=sched_s, rng=rng)  # fmt: skip
         bn_stats = BNStatistics(teacher)
@@ -118,11 +151,15 @@ class GeneratorQAT(Method):
                 set_quant_state(student, update_ranges=warm)
                 sums = {"train_loss": 0.0, "g_loss": 0.0}
                 n_iters = warm_iters if warm else c.iters_per_epoch
-                for _ in range(n_iters):
-                    x, target, t_logits, g_loss = self.generator_step(
-                        generator, teacher, bn_stats, opt_g, rng, ctx.device
-                    )
-                    sched_g.step()
+                for i in range(n_iters):
+                    if warm and recorded is not None:
+                        x, target, g_loss = recorded.batch(epoch * warm_iters + i, ctx.device)
+                        t_logits = None
+                    else:
+                        x, target, t_logits, g_loss = self.generator_step(
+                            generator, teacher, bn_stats, opt_g, rng, ctx.device
+                        )
+                        sched_g.step()
                     x = x.contiguous(memory_format=torch.channels_last)
                     if t_logits is None:
                         with torch.no_grad():
@@ -139,6 +176,11 @@ class GeneratorQAT(Method):
                     sums["train_loss"] += float(loss.detach())
                     sums["g_loss"] += float(g_loss)
                 set_quant_state(student, update_ranges=False)  # frozen for evaluation and after warm-up
+                if recorded is not None and epoch == c.warmup_epochs - 1:  # the generator as the warm-up left it
+                    generator.load_state_dict(recorded.state["generator"])
+                    opt_g.load_state_dict(recorded.state["optimizer"])
+                    sched_g.load_state_dict(recorded.state["scheduler"])
+                    rng.set_state(recorded.state["rng"])
                 metrics = {k: v / n_iters for k, v in sums.items()}
                 metrics.update(
                     lr=opt_s.param_groups[0]["lr"], lr_g=opt_g.param_groups[0]["lr"], warmup=float(warm)
