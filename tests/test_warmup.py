@@ -34,13 +34,15 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _record(method, ctx) -> WarmupRecord:
-    """What the generator_warmup job does: the method rebuilt from its warm-up spec alone (every other
-    setting at its default), run on the teacher alone."""
+    """What the generator_warmup job does, from the cell's RNG state: the method rebuilt from its warm-up spec
+    alone (every other setting at its default), run on the teacher alone (the cell's RNG left as it was)."""
     spec = method.warmup_spec()
     recorder = WarmupRecorder()
     teacher_ctx = SimpleNamespace(teacher=ctx.teacher, seed=ctx.seed, device=ctx.device,
                                   num_classes=ctx.num_classes, input_shape=ctx.input_shape)  # fmt: skip
-    state = get_method(spec["kind"])({k: v for k, v in spec.items() if k != "kind"}).record_warmup(teacher_ctx, recorder)
+    with torch.random.fork_rng(devices=[]):
+        settings = {k: v for k, v in spec.items() if k != "kind"}
+        state = get_method(spec["kind"])(settings).record_warmup(teacher_ctx, recorder)
     return recorder.record(spec, ctx.seed, "sha", state)
 
 
@@ -80,28 +82,32 @@ def test_replayed_calibration_sets_the_same_ranges(name):
         record = None
         if replay:
             recorder = WarmupRecorder()
-            for x, y, loss in calibration_generator_run(ctx.teacher, 10, (1, SIZE, SIZE), 6, 4, ctx.seed, ctx.device):
-                recorder.add(x, y, loss)
+            with torch.random.fork_rng(devices=[]):
+                for x, y, loss in calibration_generator_run(ctx.teacher, 10, (1, SIZE, SIZE), 6, 4, ctx.seed,
+                                                            ctx.device, recorder=recorder):  # fmt: skip
+                    recorder.add(x, y, loss)
             record = recorder.record(spec, ctx.seed, "sha")
         loss = calibrate_with_generator(*args, log=lambda *_: None, warmup=record)
-        students.append((_state(ctx.student), loss))
+        students.append((_state(ctx.student), loss, torch.get_rng_state()))
     _assert_same_state(students[0][0], students[1][0])
     assert students[0][1] == students[1][1]
+    assert torch.equal(students[0][2], students[1][2])  # later random draws of the cell are the same too
 
 
-def test_generator_init_leaves_the_global_rng_alone():
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    run = calibration_generator_run(quant_context(size=SIZE)[0].teacher, 10, (1, SIZE, SIZE), 1, 4, 0, "cpu")
-    torch.manual_seed(0)
-    next(run)
-    assert torch.equal(torch.rand(3), expected)
+def test_a_cell_whose_rng_differs_from_the_warmups_is_refused():
+    ctx, _ = quant_context(seed=3, size=SIZE)
+    method = get_method("gdfq")({"epochs": 2, "warmup_iters": 2, "iters_per_epoch": 1, "batch_size": 4})
+    ctx.warmup = _record(method, ctx)
+    torch.rand(1)  # the cell drew a random number the warm-up job did not
+    with pytest.raises(IntegrityError, match="global RNG differs"):
+        method.run(ctx)
 
 
 def test_record_round_trip_and_checks(tmp_path):
     spec = {"kind": "calib", "steps": 2, "batch_size": 3, "lr": 1e-3, "latent_dim": 100, "bns_weight": 0.1}
     recorder = WarmupRecorder()
+    with recorder.generator_init():
+        pass
     for i in range(2):
         recorder.add(torch.full((3, 1, 4, 4), float(i)), torch.arange(3), 0.5 + i)
     recorder.record(spec, 7, "abc").save(tmp_path / "w.pt")

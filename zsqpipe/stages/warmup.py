@@ -45,7 +45,7 @@ def run_generator_warmup(fp_checkpoint: Path, spec: dict, seed: int, out: Path, 
             for x, y, loss in calibration_generator_run(ctx.teacher, ctx.num_classes, ctx.input_shape,
                                                         settings["steps"], settings["batch_size"], seed, dev,
                                                         settings["lr"], settings["latent_dim"],
-                                                        settings["bns_weight"]):  # fmt: skip
+                                                        settings["bns_weight"], recorder):  # fmt: skip
                 recorder.add(x, y, loss)
         else:
             method = get_method(kind)(settings)

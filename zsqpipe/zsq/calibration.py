@@ -4,6 +4,7 @@ only (each method's code version is the import closure of its own module, ``zsqp
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.generators import GDFQGenerator, gdfq_generator_step
-from zsqpipe.zsq.warmup import WarmupRecord, seeded_init
+from zsqpipe.zsq.warmup import WarmupRecord, WarmupRecorder, check_init_rng
 
 OFFICIAL_EMA_MIN_STEPS = 200
 
@@ -49,13 +50,15 @@ def calibration_generator_run(
     lr: float = 1e-3,
     latent_dim: int = 100,
     bns_weight: float = 0.1,
+    recorder: WarmupRecorder | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
-    """The IntraQ/HAST official calibration generator (``main_direct.py`` epochs 0-3): a GDFQ generator trained
-    on the teacher alone, L_G = CE(T(G(z, y)), y) + ``bns_weight`` * BNS (Adam ``lr``, betas (0.5, 0.999)).
-    Yields each step's detached batch, its labels and L_G; the generator sees no student."""
-    with seeded_init(seed):
-        generator = GDFQGenerator(num_classes, tuple(input_shape), latent_dim)
-    generator = generator.to(device).train()
+    """The IntraQ/HAST official calibration generator (``main_direct.py`` epochs 0-3): a GDFQ generator (initial
+    weights from the global RNG) trained on the teacher alone, L_G = CE(T(G(z, y)), y) + ``bns_weight`` * BNS
+    (Adam ``lr``, betas (0.5, 0.999)). Yields each step's detached batch, its labels and L_G; the generator sees
+    no student. ``recorder``: notes the RNG state around the generator's construction (generator_warmup job)."""
+    with recorder.generator_init() if recorder is not None else contextlib.nullcontext():
+        generator = GDFQGenerator(num_classes, tuple(input_shape), latent_dim).to(device)
+    generator.train()
     opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
     rng = torch.Generator().manual_seed(seed)
     bn_stats = BNStatistics(teacher)
@@ -64,6 +67,14 @@ def calibration_generator_run(
             yield gdfq_generator_step(generator, teacher, bn_stats, opt, batch_size, rng, device, bns_weight)
     finally:
         bn_stats.remove()
+
+
+def _replay(warmup: WarmupRecord, steps: int, device, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """The recorded calibration batches, with the global RNG moved on as building the generator would."""
+    check_init_rng(warmup, name)
+    torch.set_rng_state(warmup.after_init_rng)
+    for i in range(steps):
+        yield warmup.batch(i, device)
 
 
 def calibrate_with_generator(
@@ -94,7 +105,7 @@ def calibrate_with_generator(
         run = calibration_generator_run(teacher, num_classes, input_shape, steps, batch_size, seed, device, lr,
                                         latent_dim, bns_weight)  # fmt: skip
     else:
-        run = (warmup.batch(i, device) for i in range(steps))
+        run = _replay(warmup, steps, device, name)
     student.eval()
     set_quant_state(student, enabled=True, update_ranges=True)
     total = 0.0

@@ -9,6 +9,8 @@ Kept out of the method plug-ins so that editing ``methods/gdfq.py`` reruns GDFQ'
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +21,7 @@ from zsqpipe.methods.base import Method, QuantContext
 from zsqpipe.quant import set_quant_state
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.calibration import warn_short_official_calibration
-from zsqpipe.zsq.warmup import seeded_init
+from zsqpipe.zsq.warmup import check_init_rng
 
 KD_REDUCTIONS = ("mean", "batchmean")
 
@@ -91,13 +93,14 @@ class GeneratorQAT(Method):
         params = [p for p in generator.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.cfg.lr_g, betas=(self.cfg.g_beta1, self.cfg.g_beta2))
 
-    def _generator_parts(self, ctx) -> tuple[nn.Module, torch.optim.Optimizer, object, torch.Generator]:
-        """The generator (initial weights drawn from the seed), its Adam, its LR schedule over every generator
-        step (warm-up and fine-tuning) and the ``torch.Generator`` of its latents and labels."""
+    def _generator_parts(self, ctx, recorder=None) -> tuple[nn.Module, torch.optim.Optimizer, object, torch.Generator]:
+        """The generator (initial weights from the global RNG), its Adam, its LR schedule over every generator
+        step (warm-up and fine-tuning) and the ``torch.Generator`` of its latents and labels. ``recorder``:
+        notes the RNG state around the generator's construction (generator_warmup job)."""
         c = self.cfg
-        with seeded_init(ctx.seed):
-            generator = self.build_generator(ctx)
-        generator = generator.to(ctx.device).train()
+        with recorder.generator_init() if recorder is not None else contextlib.nullcontext():
+            generator = self.build_generator(ctx).to(ctx.device)
+        generator.train()
         opt_g = self.make_generator_optimizer(generator)
         total_g = c.warmup_epochs * self.warmup_iters + (c.epochs - c.warmup_epochs) * c.iters_per_epoch
         sched_g = make_scheduler(opt_g, c.schedule, total_g, milestones=c.milestones)
@@ -112,7 +115,7 @@ class GeneratorQAT(Method):
         """Train the generator through every warm-up step on the teacher alone (``ctx``: teacher, seed,
         device, num_classes, input_shape), handing each batch to ``recorder.add``; returns the generator's
         state after the last step (what :meth:`run` loads when it replays a recorded warm-up)."""
-        generator, opt_g, sched_g, rng = self._generator_parts(ctx)
+        generator, opt_g, sched_g, rng = self._generator_parts(ctx, recorder)
         bn_stats = BNStatistics(ctx.teacher)
         try:
             for _ in range(self.cfg.warmup_epochs * self.warmup_iters):
@@ -129,6 +132,9 @@ class GeneratorQAT(Method):
         teacher, student = ctx.teacher, ctx.student
         teacher.eval()
         student.eval()  # BN running statistics fixed, affine trained (GDFQ-family trainers)
+        recorded = ctx.warmup  # the warm-up recorded by the generator_warmup job: replayed, not trained
+        if recorded is not None:
+            check_init_rng(recorded, self.name)
         generator, opt_g, sched_g, rng = self._generator_parts(ctx)
         self.generator = generator  # kept for inspection (tests)
         warm_iters = self.warmup_iters
@@ -138,7 +144,6 @@ class GeneratorQAT(Method):
         student_steps = (c.epochs - c.warmup_epochs) * c.iters_per_epoch
         sched_s = make_scheduler(opt_s, c.schedule, max(student_steps, 1), milestones=c.milestones)
         warn_short_official_calibration(student, c.warmup_epochs * warm_iters, ctx.log)
-        recorded = ctx.warmup  # the warm-up recorded by the generator_warmup job: replayed, not trained
         if recorded is not None and recorded.steps != c.warmup_epochs * warm_iters:
             raise ValueError(f"{self.name}: the recorded warm-up has {recorded.steps} steps, "
                              f"the config needs {c.warmup_epochs * warm_iters}")  # fmt: skip

@@ -5,8 +5,9 @@ The record holds every batch the generator produced, in order (images and target
 for GDFQ/Qimera, the generator, its optimizer, its LR scheduler and its ``torch.Generator`` after the last
 warm-up step. Replaying the batches through a student with range updates on, then loading that state, leaves
 the cell exactly where training the generator inside the cell would (tests/test_warmup.py). The generator's
-initial weights are drawn from ``seed`` in a forked RNG (:func:`seeded_init`), so neither path depends on, or
-changes, the global RNG of the cell.
+initial weights come from the global RNG, as when the cell trains it itself: the record keeps the RNG state
+before and after the generator was built, the cell checks that its own state is the same before it would
+build it (:func:`check_init_rng`) and continues from the state after, so no later random draw changes either.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from zsqpipe.resume import plain_state
 FORMAT = "zsqpipe.generator_warmup/1"
 
 
-@contextlib.contextmanager
-def seeded_init(seed: int) -> Iterator[None]:
-    """Draw a generator's initial weights from ``seed`` without touching the caller's global CPU RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+def check_init_rng(record: WarmupRecord, what: str) -> None:
+    """The cell is about to build the generator the record was trained from: its global RNG must be where the
+    ``generator_warmup`` job's was, so that both draw the same initial weights (the stages set up the RNG
+    alike: seed, then the FP model; tests/test_warmup.py)."""
+    if not torch.equal(torch.get_rng_state(), record.init_rng):
+        raise IntegrityError(
+            f"{what}: the global RNG differs from the one the warm-up's generator was initialised from (the "
+            "quantize and generator-warmup stages must seed and build the FP model alike); run without --warmup"
+        )
 
 
 @dataclass
@@ -47,6 +51,8 @@ class WarmupRecord:
     targets: torch.Tensor
     g_loss: torch.Tensor
     state: dict[str, Any] | None = None
+    init_rng: torch.Tensor | None = None  # global CPU RNG state right before the generator was built ...
+    after_init_rng: torch.Tensor | None = None  # ... and right after
     wall_time_s: float = 0.0
 
     @property
@@ -90,6 +96,14 @@ class WarmupRecorder:
         self.images: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.losses: list[float] = []
+        self.init_rng: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def generator_init(self) -> Iterator[None]:
+        """Wrap the generator's construction: records the global RNG state before and after it."""
+        before = torch.get_rng_state()
+        yield
+        self.init_rng = (before, torch.get_rng_state())
 
     def add(self, x: torch.Tensor, target: torch.Tensor, g_loss: float) -> None:
         self.images.append(x.detach().to("cpu", memory_format=torch.contiguous_format))
@@ -97,6 +111,8 @@ class WarmupRecorder:
         self.losses.append(float(g_loss))
 
     def record(self, spec: dict, seed: int, fp_sha256: str, state: dict | None = None) -> WarmupRecord:
+        if self.init_rng is None:
+            raise RuntimeError("WarmupRecorder: the generator was not built inside generator_init()")
         return WarmupRecord(spec=spec, seed=seed, fp_checkpoint_sha256=fp_sha256, images=torch.stack(self.images),
                             targets=torch.stack(self.targets), g_loss=torch.tensor(self.losses, dtype=torch.float64),
-                            state=state)  # fmt: skip
+                            state=state, init_rng=self.init_rng[0], after_init_rng=self.init_rng[1])  # fmt: skip
