@@ -7,6 +7,7 @@ and their wall / CPU seconds (sum, mean, max) as Snakemake's `benchmark:` direct
     python benchmarks/bench_workflow.py                                   # the smoke DAG (tests' config)
     python benchmarks/bench_workflow.py --configfile config/main.yaml     # the README main job (`make run`)
     python benchmarks/bench_workflow.py --configfile config/main.yaml --workdir /tmp/main --json main.json
+    python benchmarks/bench_workflow.py --configfile config/main.yaml config/main_w3a3.yaml   # W3A3 only
 
 Note the load of the machine with the result: a busy machine is slower (a second job on 2 cores ~1.3-2x).
 """
@@ -52,7 +53,8 @@ def rule_times(workdir: Path) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configfile", default=str(REPO / "config" / "smoke.yaml"))
+    ap.add_argument("--configfile", nargs="+", default=[str(REPO / "config" / "smoke.yaml")],
+                    help="one or more config files, later ones overlaying earlier ones (as snakemake's)")
     ap.add_argument("--target", default="results/tables/hast.csv")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--workdir", help="run here (must not hold results yet); default: a temp folder")
@@ -63,7 +65,7 @@ def main() -> None:
     if (workdir / "results").exists():
         sys.exit(f"bench_workflow: error: {workdir / 'results'} exists; give an empty --workdir")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
-           "--cores", str(args.cores), args.target, "--configfile", str(Path(args.configfile).resolve())]  # fmt: skip
+           "--cores", str(args.cores), args.target, "--configfile", *(str(Path(c).resolve()) for c in args.configfile)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -72,7 +74,7 @@ def main() -> None:
     if r.returncode != 0:
         sys.exit(f"bench_workflow: error: snakemake failed ({r.returncode}):\n{r.stderr[-3000:]}")
     rules = rule_times(workdir)
-    print(f"{Path(args.configfile).name} -> {args.target}: {wall:.1f} s wall ({wall / 60:.1f} min), "
+    print(f"{' + '.join(Path(c).name for c in args.configfile)} -> {args.target}: {wall:.1f} s wall ({wall / 60:.1f} min), "
           f"{sum(v['jobs'] for v in rules.values())} jobs, --cores {args.cores}, load before {load:.2f}")  # fmt: skip
     print(f"{'rule':<16} {'jobs':>4} {'wall sum':>9} {'mean':>7} {'max':>7} {'cpu sum':>8}")
     for rule, v in sorted(rules.items(), key=lambda kv: -kv[1]["wall_s_sum"]):
