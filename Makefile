@@ -1,6 +1,6 @@
 # The two README commands: `make run` (main job on the embedded default) and `make test` (test suite).
 # `make run` builds results/tables/hast.csv: real, ptq, zeroq, gdfq, hast at W3A3/W4A4, 3 seeds (config/main.yaml,
-# 46.2 min on 2 idle cores, measured on a fresh clone at 9d3d3cf); `make run-full` the whole HAST table of config/config.yaml, reusing what `make run` made.
+# 26.1 min on 2 idle cores, measured in session 15; W3A3 alone: config/main_w3a3.yaml); `make run-full` the whole HAST table of config/config.yaml, reusing what `make run` made.
 PYTHON ?= python3
 CORES ?= 2
 

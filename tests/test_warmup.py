@@ -17,7 +17,7 @@ from zsqpipe.errors import ConfigError, IntegrityError
 from zsqpipe.methods import get_method
 from zsqpipe.quant import QuantConfig
 from zsqpipe.warmups import CALIBRATION_FIELDS, GENERATOR_QAT_FIELDS, warmup_spec, warmup_tag
-from zsqpipe.zsq.calibration import calibrate_with_generator, calibration_generator_run
+from zsqpipe.zsq.calibration import CalibrationGenerator, calibrate_with_generator, calibration_generator_run
 from zsqpipe.zsq.warmup import WarmupRecord, WarmupRecorder
 
 SIZE = 8
@@ -78,12 +78,13 @@ def test_replayed_calibration_sets_the_same_ranges(name):
     students = []
     for replay in (False, True):
         ctx, _ = quant_context(seed=1, size=SIZE)
-        args = (ctx.student, ctx.teacher, 10, (1, SIZE, SIZE), 6, 4, ctx.seed, ctx.device)
+        gen = CalibrationGenerator(steps=6, batch_size=4)
+        args = (ctx.student, ctx.teacher, 10, (1, SIZE, SIZE), gen, ctx.seed, ctx.device)
         record = None
         if replay:
             recorder = WarmupRecorder()
             with torch.random.fork_rng(devices=[]):
-                for x, y, loss in calibration_generator_run(ctx.teacher, 10, (1, SIZE, SIZE), 6, 4, ctx.seed,
+                for x, y, loss in calibration_generator_run(ctx.teacher, 10, (1, SIZE, SIZE), gen, ctx.seed,
                                                             ctx.device, recorder=recorder):  # fmt: skip
                     recorder.add(x, y, loss)
             record = recorder.record(spec, ctx.seed, "sha")

@@ -48,7 +48,7 @@ from zsqpipe.config import (
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.zsq.calibration import calibrate_with_generator
+from zsqpipe.zsq.calibration import CalibrationGenerator, calibrate_with_generator
 from zsqpipe.zsq.finetune import ShardStream, check_augment, finetune
 
 FGSM_OBJECTIVES = ("difficulty", "kd_fa")
@@ -205,11 +205,10 @@ class HAST(Method):
             raise ValueError("hast: no synthetic samples (ctx.samples) to fine-tune on")
         student, teacher = ctx.student, ctx.teacher
         teacher.eval()
-        calibrate_with_generator(
-            ctx.student, ctx.teacher, ctx.num_classes, ctx.input_shape, c.calib_iters, c.calib_batch_size,
-            ctx.seed, ctx.device, c.generator_lr, c.generator_latent_dim, c.generator_bns_weight, ctx.log, "hast",
-            warmup=ctx.warmup,
-        )
+        gen = CalibrationGenerator(c.calib_iters, c.calib_batch_size, c.generator_lr, c.generator_latent_dim,
+                                   c.generator_bns_weight)  # fmt: skip
+        calibrate_with_generator(ctx.student, ctx.teacher, ctx.num_classes, ctx.input_shape, gen, ctx.seed, ctx.device,
+                                 ctx.log, "hast", warmup=ctx.warmup)  # fmt: skip
 
         hooks_s = hooks_t = None
         if c.feature_alignment:

@@ -41,7 +41,7 @@ from zsqpipe.config import (
 from zsqpipe.engine import kd_kl
 from zsqpipe.errors import ConfigError
 from zsqpipe.methods.base import Method, QuantContext, register_method
-from zsqpipe.zsq.calibration import calibrate, calibrate_with_generator
+from zsqpipe.zsq.calibration import CalibrationGenerator, calibrate, calibrate_with_generator
 from zsqpipe.zsq.finetune import ShardStream, check_augment, finetune
 
 CALIBRATIONS = ("generator", "shards")
@@ -92,11 +92,10 @@ class IntraQ(Method):
         student, teacher = ctx.student, ctx.teacher
         student.eval()
         if c.calibration == "generator":
-            calibrate_with_generator(
-                student, teacher, ctx.num_classes, ctx.input_shape, c.generator_steps, c.generator_batch_size,
-                ctx.seed, ctx.device, c.generator_lr, c.generator_latent_dim, c.bns_weight, ctx.log, "intraq",
-                warmup=ctx.warmup,
-            )
+            gen = CalibrationGenerator(c.generator_steps, c.generator_batch_size, c.generator_lr,
+                                       c.generator_latent_dim, c.bns_weight)  # fmt: skip
+            calibrate_with_generator(student, teacher, ctx.num_classes, ctx.input_shape, gen, ctx.seed, ctx.device,
+                                     ctx.log, "intraq", warmup=ctx.warmup)  # fmt: skip
         else:
             calibrate(student, ShardStream(ctx, c.batch_size, ctx.seed), c.calib_batches, ctx.log)
         batches = ShardStream(ctx, c.batch_size, ctx.seed + 1, c.augment, c.aug_margin)

@@ -20,7 +20,7 @@ from zsqpipe.job import Job
 from zsqpipe.methods.base import frozen_teacher, get_method
 from zsqpipe.stages.model_io import model_from_checkpoint
 from zsqpipe.warmups import CALIBRATION_FIELDS, WARMUP_KINDS
-from zsqpipe.zsq.calibration import calibration_generator_run
+from zsqpipe.zsq.calibration import CalibrationGenerator, calibration_generator_run
 from zsqpipe.zsq.warmup import WarmupRecorder
 
 
@@ -42,10 +42,9 @@ def run_generator_warmup(fp_checkpoint: Path, spec: dict, seed: int, out: Path, 
         if kind == "calib":
             if set(settings) != set(CALIBRATION_FIELDS["hast"]):
                 raise ConfigError(f"--spec: a calib warm-up needs exactly {sorted(CALIBRATION_FIELDS['hast'])}")
-            for x, y, loss in calibration_generator_run(ctx.teacher, ctx.num_classes, ctx.input_shape,
-                                                        settings["steps"], settings["batch_size"], seed, dev,
-                                                        settings["lr"], settings["latent_dim"],
-                                                        settings["bns_weight"], recorder):  # fmt: skip
+            gen = CalibrationGenerator(**settings)
+            for x, y, loss in calibration_generator_run(ctx.teacher, ctx.num_classes, ctx.input_shape, gen, seed, dev,
+                                                        recorder):  # fmt: skip
                 recorder.add(x, y, loss)
         else:
             method = get_method(kind)(settings)

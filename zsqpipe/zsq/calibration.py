@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -39,32 +40,35 @@ def calibrate(student, batches, calib_batches: int, log=print) -> None:
     set_quant_state(student, update_ranges=False)
 
 
+@dataclass(frozen=True)
+class CalibrationGenerator:
+    """The settings of the IntraQ/HAST calibration generator (``zsqpipe.warmups``' ``calib`` spec, less its kind)."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    latent_dim: int = 100
+    bns_weight: float = 0.1
+
+
 def calibration_generator_run(
-    teacher,
-    num_classes: int,
-    input_shape: tuple[int, ...],
-    steps: int,
-    batch_size: int,
-    seed: int,
-    device,
-    lr: float = 1e-3,
-    latent_dim: int = 100,
-    bns_weight: float = 0.1,
+    teacher, num_classes: int, input_shape: tuple[int, ...], gen: CalibrationGenerator, seed: int, device,
     recorder: WarmupRecorder | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:  # fmt: skip
     """The IntraQ/HAST official calibration generator (``main_direct.py`` epochs 0-3): a GDFQ generator (initial
-    weights from the global RNG) trained on the teacher alone, L_G = CE(T(G(z, y)), y) + ``bns_weight`` * BNS
-    (Adam ``lr``, betas (0.5, 0.999)). Yields each step's detached batch, its labels and L_G; the generator sees
-    no student. ``recorder``: notes the RNG state around the generator's construction (generator_warmup job)."""
+    weights from the global RNG) trained on the teacher alone for ``gen.steps`` steps of ``gen.batch_size``,
+    L_G = CE(T(G(z, y)), y) + ``gen.bns_weight`` * BNS (Adam ``gen.lr``, betas (0.5, 0.999)). Yields each step's
+    detached batch, its labels and L_G; the generator sees no student. ``recorder``: notes the RNG state around
+    the generator's construction (generator_warmup job)."""
     with recorder.generator_init() if recorder is not None else contextlib.nullcontext():
-        generator = GDFQGenerator(num_classes, tuple(input_shape), latent_dim).to(device)
+        generator = GDFQGenerator(num_classes, tuple(input_shape), gen.latent_dim).to(device)
     generator.train()
-    opt = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
+    opt = torch.optim.Adam(generator.parameters(), lr=gen.lr, betas=(0.5, 0.999))
     rng = torch.Generator().manual_seed(seed)
     bn_stats = BNStatistics(teacher)
     try:
-        for _ in range(steps):
-            yield gdfq_generator_step(generator, teacher, bn_stats, opt, batch_size, rng, device, bns_weight)
+        for _ in range(gen.steps):
+            yield gdfq_generator_step(generator, teacher, bn_stats, opt, gen.batch_size, rng, device, gen.bns_weight)
     finally:
         bn_stats.remove()
 
@@ -78,32 +82,20 @@ def _replay(warmup: WarmupRecord, steps: int, device, name: str) -> Iterator[tup
 
 
 def calibrate_with_generator(
-    student,
-    teacher,
-    num_classes: int,
-    input_shape: tuple[int, ...],
-    steps: int,
-    batch_size: int,
-    seed: int,
-    device,
-    lr: float = 1e-3,
-    latent_dim: int = 100,
-    bns_weight: float = 0.1,
-    log=print,
-    name: str = "calibration",
-    warmup: WarmupRecord | None = None,
-) -> float:
+    student, teacher, num_classes: int, input_shape: tuple[int, ...], gen: CalibrationGenerator, seed: int, device,
+    log=print, name: str = "calibration", warmup: WarmupRecord | None = None,
+) -> float:  # fmt: skip
     """Calibrate the activation ranges on the batches of :func:`calibration_generator_run`: the quantized
     student, in eval mode, forwards each batch with range updates on (no student step); then the ranges are
     frozen and the generator discarded. ``warmup``: the same run recorded by the ``generator_warmup`` job,
-    replayed instead of trained here (same ranges). Returns the mean L_G over the ``steps``."""
+    replayed instead of trained here (same ranges). Returns the mean L_G over the steps."""
+    steps, batch_size = gen.steps, gen.batch_size
     warn_short_official_calibration(student, steps, log)
     if warmup is not None and (warmup.steps, warmup.images.shape[1]) != (steps, batch_size):
         raise ValueError(f"{name}: the warm-up has {warmup.steps} batches of {warmup.images.shape[1]}, "
                          f"the calibration needs {steps} of {batch_size}")  # fmt: skip
     if warmup is None:
-        run = calibration_generator_run(teacher, num_classes, input_shape, steps, batch_size, seed, device, lr,
-                                        latent_dim, bns_weight)  # fmt: skip
+        run = calibration_generator_run(teacher, num_classes, input_shape, gen, seed, device)
     else:
         run = _replay(warmup, steps, device, name)
     student.eval()
