@@ -7,7 +7,8 @@ the main job. Measured in fresh processes (median of --reps):
   (torch.optim's first optimizer imports TorchDynamo, ~1.5 s here; the plain baselines);
 - `zsqpipe quantize --method real` up to the start of its first epoch (after quantizing the FP model and
   calibrating ranges on 2 batches), tracking off and tracking on (SQLite store, as the workflow's default);
-- the tracking part alone: `Tracker.run` start (MLflow import + run creation) in a fresh process.
+- the tracking part alone: a fresh process that opens and closes a `Tracker.run` (the side process that logs
+  it imports MLflow, creates and ends the run; the stage only starts it and waits for it at the end).
 
 Needs a finished smoke run's data and FP model; one is made with Snakemake when --workdir has none:
 
@@ -86,7 +87,7 @@ def main() -> None:
         "zsqpipe quantize to its first epoch, tracking off": (quantize, "FIRST_EPOCH"),
         "zsqpipe quantize to its first epoch, tracking on (SQLite)": (
             [*quantize, "--tracking", str(tracking)], "FIRST_EPOCH"),
-        "Tracker.run start alone (MLflow import + run), SQLite": (
+        "Tracker.run opened and closed (worker: MLflow import, run), SQLite": (
             [sys.executable, "-c", TRACKER_START, str(tracking)], None),
     }  # fmt: skip
     base = None

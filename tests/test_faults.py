@@ -518,12 +518,19 @@ from zsqpipe.tracking import init_tracking
 
 gate, tracking = Path(sys.argv.pop(1)), sys.argv.pop(1)
 init_tracking(tracking, True, "zsqpipe")  # what `zsqpipe tracking-init` does, without a second interpreter
+from zsqpipe.tracking import Tracker
+trackers = []
+log_metrics = Tracker.log_metrics
+def remember(self, *args, **kwargs):
+    trackers.append(self)
+    log_metrics(self, *args, **kwargs)
+Tracker.log_metrics = remember
 log = commands.echo
 def paused_log(msg):
     log(msg)
     if msg.startswith("epoch 0"):
         import mlflow
-        run = mlflow.get_run(mlflow.active_run().info.run_id)  # tracking works until the server dies
+        run = mlflow.MlflowClient().get_run(trackers[-1].flush())  # tracking works until the server dies
         print("PAUSED", run.info.status, *sorted(run.data.metrics), flush=True)
         while not gate.exists():
             time.sleep(0.05)
