@@ -13,6 +13,7 @@ from zsqpipe.errors import ConfigError
 from zsqpipe.methods.zaq import (
     ZAQ,
     FeatureHooks,
+    NonFiniteWatch,
     RunningMinMax,
     channel_normalise,
     channel_relation,
@@ -211,6 +212,7 @@ def test_run_end_to_end_range_modes(range_mode):
     assert all(
         math.isfinite(v) for v in (met0["train_loss"], met0["g_loss"], met1["train_loss"], met1["g_loss"])
     )
+    assert not [k for k in (*met0, *met1) if k.startswith("first_nonfinite")]  # only when a loss was not finite
     if range_mode == "ema":
         assert r0 == r1  # calibrated in epoch 0, frozen afterwards
     else:
@@ -224,3 +226,16 @@ def test_run_end_to_end_range_modes(range_mode):
 def test_bad_config_is_rejected(cfg):
     with pytest.raises(ConfigError):
         ZAQ(cfg)
+
+
+def test_non_finite_watch_reports_the_first_iteration_once():
+    lines = []
+    watch = NonFiniteWatch(lines.append)
+    for it, (q, g) in enumerate([(1.0, -2.0), (0.5, float("nan")), (float("inf"), float("nan")), (float("nan"), 1.0)]):
+        watch.see("student", q, it)
+        watch.see("generator", g, it)
+    assert watch.metrics() == {"first_nonfinite_generator_iter": 1, "first_nonfinite_student_iter": 2}
+    assert lines == [
+        "zaq: generator loss not finite from iteration 1 on (last finite -2)",
+        "zaq: student loss not finite from iteration 2 on (last finite 0.5)",
+    ]

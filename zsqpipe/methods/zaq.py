@@ -29,6 +29,7 @@ every *training* forward of Q; never on evaluation data).
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -238,6 +239,26 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
+class NonFiniteWatch:
+    """Where a run's losses first stop being finite (the iteration, for the student's and the generator's loss;
+    per-step losses are not otherwise kept): logged once and put in the epoch's history."""
+
+    def __init__(self, log):
+        self.log, self.first, self.last_finite = log, {}, {}
+
+    def see(self, which: str, loss: float, iteration: int) -> None:
+        if math.isfinite(loss):
+            self.last_finite[which] = loss
+        elif which not in self.first:
+            self.first[which] = iteration
+            self.log(f"zaq: {which} loss not finite from iteration {iteration} on (last finite "
+                     f"{self.last_finite.get(which, float('nan')):.4g})")  # fmt: skip
+
+    def metrics(self) -> dict[str, int]:
+        """``first_nonfinite_<student|generator>_iter``: the run's iteration (from 0, over all epochs)."""
+        return {f"first_nonfinite_{which}_iter": it for which, it in self.first.items()}
+
+
 @register_method("zaq")
 class ZAQ(Method):
     uses_real_data = False
@@ -325,21 +346,27 @@ class ZAQ(Method):
         try:
             start = ctx.resumable(generator=generator, generator_optimizer=opt_g, generator_scheduler=sched_g,
                                   optimizer=opt_q, scheduler=sched_q, rng=rng)  # fmt: skip
+            watch = NonFiniteWatch(ctx.log)
             for epoch in range(start, c.epochs):
                 self._track_ranges(student, minmax, minmax is not None or epoch < c.calib_epochs)
                 q_sum = g_sum = 0.0
-                for _ in range(c.iters_per_epoch):
+                for it in range(c.iters_per_epoch):
                     for _ in range(c.q_steps):
-                        q_sum += self.q_step(*args, opt_q, rng, ctx.device)
+                        q_loss = self.q_step(*args, opt_q, rng, ctx.device)
+                        q_sum += q_loss
                         sched_q.step()
-                    g_sum += self.g_step(*args, opt_g, rng, ctx.device)
+                        watch.see("student", q_loss, epoch * c.iters_per_epoch + it)
+                    g_loss = self.g_step(*args, opt_g, rng, ctx.device)
+                    g_sum += g_loss
                     sched_g.step()
+                    watch.see("generator", g_loss, epoch * c.iters_per_epoch + it)
                 self._track_ranges(student, minmax, False)  # never on evaluation data
                 metrics = {
                     "train_loss": q_sum / (c.iters_per_epoch * c.q_steps),
                     "g_loss": g_sum / c.iters_per_epoch,
                     "lr": opt_q.param_groups[0]["lr"],
                     "lr_g": opt_g.param_groups[0]["lr"],
+                    **watch.metrics(),
                 }
                 ctx.end_epoch(epoch, metrics)
                 student.train(c.bn_train)
