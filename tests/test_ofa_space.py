@@ -29,7 +29,8 @@ from zsqpipe.nas.spaces.ofa import OFASpaceConfig, make_divisible
 from zsqpipe.nas.supernet_ofa import DynamicBatchNorm2d, DynamicConv2d, OFASupernet
 from zsqpipe.quant import count_bitops
 
-TINY = {"widths": [16, 24], "strides": [2, 2], "depth_list": [1, 2], "width_mult": 0.5, "stem_width": 16}
+TINY = {"widths": [16, 24], "strides": [2, 2], "depth_list": [1, 2], "width_mult": 0.5, "stem_width": 16,
+        "activations": ["relu", "h_swish"], "se": [False, True]}  # unit 2: h-swish and SE, as MBV3's later units
 
 
 def tiny_space(**kw) -> OFASpaceConfig:
@@ -42,6 +43,8 @@ def tiny_space(**kw) -> OFASpaceConfig:
 def test_default_space_is_ofa_choices_and_counts_subnets():
     sp = OFASpaceConfig()
     assert (sp.ks_list, sp.expand_list, sp.depth_list) == ((3, 5, 7), (3, 4, 6), (2, 3, 4))
+    assert sp.activations == ("relu", "relu", "h_swish", "h_swish", "h_swish")  # OFA's act_stages[1:]
+    assert sp.se == (False, True, False, True, True) and sp.stem_activation == sp.final_activation == "h_swish"
     assert sp.num_blocks == 20 and sp.num_units == 5
     assert sp.num_archs == (9**2 + 9**3 + 9**4) ** 5  # OFA's ~2e19 subnets
 
@@ -86,7 +89,9 @@ def test_bad_arch_names_the_key(arch, key):
 @pytest.mark.parametrize(
     "d, key",
     [({"ks_list": [3, 4]}, "ofa.ks_list.1"), ({"strides": [2, 2]}, "ofa.strides"), ({"bogus": 1}, "ofa.bogus"),
-     ({"stem_stride": 3}, "ofa.stem_stride"), ({"width_mult": 0}, "ofa.width_mult")],
+     ({"stem_stride": 3}, "ofa.stem_stride"), ({"width_mult": 0}, "ofa.width_mult"),
+     ({"widths": [16, 24], "strides": [2, 2]}, "ofa.activations"), ({"activations": ["relu"] * 4 + ["gelu"]},
+     "ofa.activations.4"), ({"se": [True] * 4}, "ofa.se"), ({"final_activation": "swish"}, "ofa.final_activation")],
 )  # fmt: skip
 def test_bad_space_config_names_the_key(d, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -241,15 +246,19 @@ def test_quantized_ofa_supernet_shares_one_step_per_layer_and_counts_bitops():
     recs = count_bitops(model.set_active_subnet(space.largest), (1, 28, 28))
     assert all(r.act_bits == 4 for r in recs if r.weight_bits == 4)
     assert big["bitops"] == 16 * sum(r.macs for r in recs if r.weight_bits == 4)
-    assert [(r.name, r.weight_bits) for r in recs if r.weight_bits == 32] == [
-        ("stem.0", 32),
-        ("classifier", 32),
-    ]
+    assert [r.name for r in recs if r.weight_bits == 32] == [  # FP: the stem conv, the SE convs, the classifier
+        "stem.0", *[f"blocks.{b}.depthwise.3.{c}" for b in (2, 3) for c in ("reduce", "expand")], "classifier",
+    ]  # fmt: skip
     assert model.blocks[0].input_quant.quantizer.q_n < 0  # signed
+    se = model.blocks[2].depthwise[3]
+    assert se.out_quant.quantizer.q_n < 0 and model.blocks[2].expand[2][1].quantizer.q_n < 0  # after h-swish
+    assert model.blocks[0].expand[2][1].quantizer.q_n == 0  # after ReLU: unsigned (quantize_model)
+    assert not isinstance(model.blocks[2].depthwise[2], nn.Sequential)  # the SE input has no quantizer
     with pytest.raises(ValueError, match="quantized"):
         model.get_active_subnet()
     official = build_oqat_supernet(ofa_cfg(block_input_quant="unsigned"), 1, 10)
     assert official.blocks[0].input_quant.quantizer.q_n == 0  # OQA's lsq_conv.py: every conv input unsigned
+    assert official.blocks[2].depthwise[3].out_quant.quantizer.q_n == 0
     steps = step_sizes(model)
     model.set_active_subnet(space.cfg.to_str(space.cfg.smallest))
     model(x[0])
@@ -321,3 +330,23 @@ def test_workflow_builds_oqat_table_on_the_ofa_space(tmp_path):
     jobs = planned_jobs(tmp_path, cfg2, "results/tables/oqat.csv")
     assert sorted({r for r, _ in jobs}) == ["oqat_search", "oqat_table", "oqat_train"]
     assert sum(r == "oqat_train" for r, _ in jobs) == 2
+
+
+def test_se_is_ofa_dynamic_se_on_the_active_channels():
+    """DynamicSE on C active channels = a plain SE (reduce to make_divisible(C / 4), ReLU, expand, h-sigmoid)
+    built from the leading slices of its weights; channels outside the slice get no gradient."""
+    torch.manual_seed(0)
+    from zsqpipe.nas.supernet_ofa import DynamicSE
+
+    se = DynamicSE(48)
+    x = torch.randn(2, 24, 5, 5, requires_grad=True)
+    mid = make_divisible(24 // 4)
+    y = x.mean((2, 3), keepdim=True)
+    y = torch.relu(nn.functional.conv2d(y, se.reduce.weight[:mid, :24], se.reduce.bias[:mid]))
+    y = nn.functional.conv2d(y, se.expand.weight[:24, :mid], se.expand.bias[:24])
+    ref = x * torch.clamp(y + 3, 0, 6) / 6
+    out = se(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert se.reduce.weight.grad[mid:].abs().sum() == 0 and se.expand.weight.grad[24:].abs().sum() == 0
+    assert se.reduce.weight.grad[:mid, :24].abs().sum() > 0

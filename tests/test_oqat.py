@@ -348,7 +348,8 @@ def test_oqat_train_resumed_after_a_kill_equals_an_uninterrupted_run(trained, tm
     if space == "nb201":
         base, parent = {**TINY.to_dict(), "bits": 3, "epochs": 3}, trained["tmp"] / "w4" / "supernet.pt"
     else:
-        ofa = {"widths": [16, 24], "strides": [2, 2], "depth_list": [1, 2], "width_mult": 0.5}
+        ofa = {"widths": [16, 24], "strides": [2, 2], "depth_list": [1, 2], "width_mult": 0.5,
+               "activations": ["relu", "h_swish"], "se": [False, True]}  # fmt: skip
         base = {**TINY.to_dict(), "space": "ofa_mbv3", "ofa": ofa, "C": 8, "N": 1, "epochs": 3, "bits": 4}
         parent = None
     cfg = OQATTrainConfig.from_dict(base)

@@ -11,6 +11,12 @@ layer definitions:
   progressive-shrinking channel sorting is not done here: every subnet is trained from the start);
 - **elastic depth**: the first ``d`` blocks of every unit run.
 
+MobileNetV3's activations and squeeze-and-excitation (per unit, ``OFASpaceConfig.activations`` / ``se``):
+h-swish (``nn.Hardswish``) and :class:`DynamicSE` (OFA's ``DynamicSE``: global pool, 1x1 reduce to
+``make_divisible(C / 4)`` with bias, ReLU, 1x1 expand with bias, h-sigmoid, times the input; its convs slice the
+active channels and stay full precision, as in OQAT). The activation before an SE module has no quantizer of
+its own: the SE output, which the projection conv reads, is quantized instead (:meth:`OFASupernet.attach_input_quantizers`).
+
 :class:`DynamicConv2d` is a :class:`~zsqpipe.quant.QuantConv2d`: ``quantize_model`` attaches a weight
 quantizer to it (instead of replacing it) that quantizes the *sliced* weight, so every subnet shares one
 weight step per layer (OQAT). ``count_bitops`` asks it for the MACs of the active slice.
@@ -144,20 +150,80 @@ class DynamicBatchNorm2d(nn.BatchNorm2d):
         )
 
 
-class DynamicMBConv(nn.Module):
-    """Inverted residual block: 1x1 expand -> BN -> ReLU -> k x k depthwise (stride) -> BN -> ReLU -> 1x1
-    project -> BN, plus the identity when ``residual``. Elastic kernel and expand ratio."""
+def activation(kind: str) -> nn.Module:
+    """``relu`` -> ``nn.ReLU`` (``quantize_model`` puts an unsigned quantizer after it), ``h_swish`` ->
+    ``nn.Hardswish`` (x * ReLU6(x + 3) / 6, MobileNetV3; OQAT puts a signed quantizer after it)."""
+    return nn.ReLU() if kind == "relu" else nn.Hardswish()
 
-    def __init__(self, cin: int, cout: int, stride: int, space: OFASpaceConfig, residual: bool):
+
+class PreSEActivation(nn.Module):
+    """The activation in front of an SE module: the same function, but no quantizer follows it (the SE
+    output is quantized instead, where the projection conv reads it)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        return F.relu(x) if self.kind == "relu" else F.hardswish(x)
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+class DynamicSEConv(nn.Conv2d):
+    """A 1x1 conv with bias that runs its first ``active_out`` x ``active_in`` weights (the SE's two convs:
+    full precision, so ``quantize_model`` leaves it alone; ``count_bitops`` counts its active MACs)."""
+
+    def __init__(self, in_max: int, out_max: int):
+        super().__init__(in_max, out_max, 1, bias=True)
+        self.active_in, self.active_out = in_max, out_max
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight[: self.active_out, : self.active_in], self.bias[: self.active_out])
+
+    def active_macs(self, out: torch.Tensor) -> int:
+        return int(out.numel() // out.shape[0] * self.active_in)
+
+
+class DynamicSE(nn.Module):
+    """Squeeze-and-excitation over the first C channels of its input (OFA's ``DynamicSE``, reduction 4):
+    y = h_sigmoid(W_e ReLU(W_r pool(x) + b_r) + b_e), output x * y; W_r is (make_divisible(C / 4), C)."""
+
+    reduction = 4
+
+    def __init__(self, channels_max: int):
+        super().__init__()
+        mid = make_divisible(channels_max // self.reduction)
+        self.reduce, self.expand = DynamicSEConv(channels_max, mid), DynamicSEConv(mid, channels_max)
+        self.out_quant: nn.Module = nn.Identity()  # OQAT: the quantizer of the projection conv's input
+
+    def forward(self, x):
+        c = x.shape[1]
+        self.reduce.active_in = self.expand.active_out = c
+        self.reduce.active_out = self.expand.active_in = make_divisible(c // self.reduction)
+        y = F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))
+        return self.out_quant(x * F.hardsigmoid(self.expand(y)))
+
+
+class DynamicMBConv(nn.Module):
+    """Inverted residual block: 1x1 expand -> BN -> act -> k x k depthwise (stride) -> BN -> act [-> SE] ->
+    1x1 project -> BN, plus the identity when ``residual``; act is ReLU or h-swish. Elastic kernel and expand
+    ratio."""
+
+    def __init__(self, cin: int, cout: int, stride: int, space: OFASpaceConfig, residual: bool,
+                 act: str = "relu", se: bool = False):  # fmt: skip
         super().__init__()
         self.cin, self.cout, self.stride, self.residual = cin, cout, stride, residual
+        self.act, self.use_se = act, se
         mid = make_divisible(cin * max(space.expand_list))
         kmax = max(space.ks_list)
-        self.expand = nn.Sequential(DynamicConv2d(cin, mid), DynamicBatchNorm2d(mid), nn.ReLU())
+        self.expand = nn.Sequential(DynamicConv2d(cin, mid), DynamicBatchNorm2d(mid), activation(act))
         self.depthwise = nn.Sequential(
             DynamicConv2d(mid, mid, kmax, stride, True, space.ks_list, space.kernel_transform),
             DynamicBatchNorm2d(mid),
-            nn.ReLU(),
+            PreSEActivation(act) if se else activation(act),
+            *([DynamicSE(mid)] if se else []),
         )
         self.project = nn.Sequential(DynamicConv2d(mid, cout), DynamicBatchNorm2d(cout))
         self.input_quant: nn.Module = (
@@ -206,16 +272,36 @@ def _static_bn(bn: nn.BatchNorm2d, c: int) -> nn.BatchNorm2d:
     return out
 
 
+class StaticSE(nn.Module):
+    """:class:`DynamicSE` at one width, with plain ``nn.Conv2d`` layers."""
+
+    def __init__(self, se: DynamicSE, channels: int):
+        super().__init__()
+        mid = make_divisible(channels // se.reduction)
+        self.reduce, self.expand = nn.Conv2d(channels, mid, 1), nn.Conv2d(mid, channels, 1)
+        for static, dynamic in ((self.reduce, se.reduce), (self.expand, se.expand)):
+            o, i = static.weight.shape[:2]
+            static.weight.data.copy_(dynamic.weight.data[:o, :i])
+            static.bias.data.copy_(dynamic.bias.data[:o])
+
+    def forward(self, x):
+        y = F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))
+        return x * F.hardsigmoid(self.expand(y))
+
+
 class StaticMBConv(nn.Module):
     def __init__(self, block: DynamicMBConv):
         super().__init__()
         mid = block.expand[0].active_out
         self.residual = block.residual
         self.expand = nn.Sequential(
-            _static_conv(block.expand[0]), _static_bn(block.expand[1], mid), nn.ReLU()
+            _static_conv(block.expand[0]), _static_bn(block.expand[1], mid), activation(block.act)
         )
         self.depthwise = nn.Sequential(
-            _static_conv(block.depthwise[0]), _static_bn(block.depthwise[1], mid), nn.ReLU()
+            _static_conv(block.depthwise[0]),
+            _static_bn(block.depthwise[1], mid),
+            activation(block.act),
+            *([StaticSE(block.depthwise[3], mid)] if block.use_se else []),
         )
         self.project = nn.Sequential(_static_conv(block.project[0]), _static_bn(block.project[1], block.cout))
 
@@ -234,7 +320,9 @@ class OFASupernet(nn.Module):
         self.space, self.in_channels, self.num_classes = space, in_channels, num_classes
         stem = space.channels(space.stem_width)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, stem, 3, space.stem_stride, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU()
+            nn.Conv2d(in_channels, stem, 3, space.stem_stride, 1, bias=False),
+            nn.BatchNorm2d(stem),
+            activation(space.stem_activation),
         )
         self.first_block = nn.Sequential(
             nn.Conv2d(stem, stem, 3, 1, 1, groups=stem, bias=False),
@@ -245,10 +333,10 @@ class OFASupernet(nn.Module):
         )
         blocks: list[DynamicMBConv] = []
         cin = stem
-        for width, stride in zip(space.widths, space.strides, strict=True):
+        for width, stride, act, se in zip(space.widths, space.strides, space.activations, space.se, strict=True):
             cout = space.channels(width)
             for j in range(space.max_depth):
-                blocks.append(DynamicMBConv(cin, cout, stride if j == 0 else 1, space, residual=j > 0))
+                blocks.append(DynamicMBConv(cin, cout, stride if j == 0 else 1, space, j > 0, act, se))
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
         final = cin * space.final_expand
@@ -256,7 +344,7 @@ class OFASupernet(nn.Module):
             nn.Identity()
         )  # input quantizer of the final expansion (see attach_input_quantizers)
         self.final_expand = nn.Sequential(
-            nn.Conv2d(cin, final, 1, bias=False), nn.BatchNorm2d(final), nn.ReLU()
+            nn.Conv2d(cin, final, 1, bias=False), nn.BatchNorm2d(final), activation(space.final_activation)
         )
         self.classifier = nn.Linear(final, num_classes)
         self.arch: OFAArch = space.largest
@@ -276,14 +364,26 @@ class OFASupernet(nn.Module):
         self.set_active_subnet(arch)
         return arch
 
-    def attach_input_quantizers(self, make: Callable[[], nn.Module]) -> None:
-        """Put ``make()`` (an activation quantizer) on the input of every elastic block and of the final
-        expansion: those inputs are linear-bottleneck BN outputs or residual sums (signed), which no ReLU
-        precedes, so ``quantize_model`` (which quantizes after each ReLU) would leave the first 1x1 conv of
-        every block with full-precision inputs. The residual path itself stays unquantized."""
+    def attach_input_quantizers(
+        self, make: Callable[[], nn.Module], make_act: Callable[[bool], nn.Module] | None = None
+    ) -> None:
+        """Quantize every conv input that ``quantize_model`` (a quantizer after each ``nn.ReLU``) leaves in
+        full precision. ``make()`` (an activation quantizer) goes on the input of every elastic block and of
+        the final expansion: linear-bottleneck BN outputs or residual sums (signed), which no ReLU precedes
+        (the residual path itself stays unquantized). ``make_act(signed)`` goes after every h-swish (signed:
+        its output reaches -3/8) but the final expansion's (it feeds only the full-precision classifier,
+        like the head ReLU OQAT leaves unquantized) and on every SE output (signed in h-swish blocks), the
+        projection conv's input; without ``make_act`` both use ``make()``."""
+        make_act = make_act or (lambda _signed: make())
         for block in self.blocks:
             block.input_quant = make()
+            if block.use_se:
+                block.depthwise[3].out_quant = make_act(block.act == "h_swish")
         self.head_quant = make()
+        for parent in [m for m in self.modules() if m is not self.final_expand]:
+            for key, child in list(parent.named_children()):
+                if type(child) is nn.Hardswish:
+                    setattr(parent, key, nn.Sequential(child, make_act(True)))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_expand(self.head_quant(h))

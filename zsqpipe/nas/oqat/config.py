@@ -55,9 +55,10 @@ class OQATTrainConfig(ConfigBase):
     :mod:`zsqpipe.nas.spaces.ofa`, sized by ``ofa``: an :class:`OFASpaceConfig` dict, null = its defaults;
     OQAT's own space). weight_quantizer: ``lsq_tensor`` (one weight step per layer, OQAT) or ``lsq`` (per
     output channel; nb201 only: an elastic layer's channel count varies). block_input_quant (ofa_mbv3): the LSQ
-    quantizer on each block's input (a linear-bottleneck output or residual sum, signed): ``signed`` (default)
-    or ``unsigned``, which clips its negative part to 0 as the official OQA code does (``lsq_conv.py`` quantizes
-    every conv input unsigned).
+    quantizers on the activations that can be negative (each block's input, a linear-bottleneck output or
+    residual sum; every h-swish output; the SE output of h-swish blocks): ``signed`` (default) or ``unsigned``,
+    which clips their negative part to 0 as the official OQA code does (``lsq_conv.py`` quantizes every conv
+    input unsigned).
     bn_affine: BN with affine parameters (NB201 supernets: false). epochs x iters: schedule length (iters null
     = one pass over the training split per epoch). lr, momentum, nesterov, wd, grad_clip: SGD; step sizes get no
     weight decay. init_batches: training batches that initialise the LSQ steps (2 mean|x| / sqrt(Q_P), averaged;
@@ -79,7 +80,7 @@ class OQATTrainConfig(ConfigBase):
         dict | None, Nested("zsqpipe.nas.spaces.ofa:OFASpaceConfig"), Doc("ofa_mbv3: OFASpaceConfig (zsqpipe/nas/spaces/ofa.py); null = its CPU defaults")
     ] = None
     block_input_quant: Annotated[
-        str, OneOf("signed", "unsigned"), Doc("ofa_mbv3: LSQ on each block's (signed) input; unsigned = the official OQA code (clips negatives to 0)")
+        str, OneOf("signed", "unsigned"), Doc("ofa_mbv3: LSQ on the signed activations (block inputs, h-swish and its SE outputs); unsigned = the official OQA code (clips negatives to 0)")
     ] = "signed"
     weight_quantizer: Annotated[
         str, OneOf("lsq_tensor", "lsq"), Doc("lsq_tensor = one weight step per layer (OQAT); lsq = per output channel (nb201 only)")

@@ -30,15 +30,18 @@ from zsqpipe.quant.quantizers import LSQQuantizer, create_quantizer
 HEAD_ACT = {"nb201": "lastact.1", "ofa_mbv3": "final_expand.2"}  # the ReLU that only feeds the FP classifier
 
 
-def oqat_quant_config(bits: int, weight_quantizer: str = "lsq_tensor", space: str = "nb201") -> QuantConfig:
+def oqat_quant_config(
+    bits: int, weight_quantizer: str = "lsq_tensor", space: str = "nb201", head_relu: bool = True
+) -> QuantConfig:
     """W = A = ``bits`` LSQ everywhere except the stem conv, the classifier and the head's ReLU (which only
-    feeds the FP classifier): OQAT leaves the first conv and the classifier in full precision."""
+    feeds the FP classifier): OQAT leaves the first conv and the classifier in full precision. ``head_relu``
+    false: the head's activation is no ReLU (OFA's h-swish), which ``quantize_model`` does not quantize anyway."""
     return QuantConfig(
         weight_bits=bits,
         act_bits=bits,
         first_layer_bits=FP_BITS,
         last_layer_bits=FP_BITS,
-        layer_bits={HEAD_ACT[space]: FP_BITS},
+        layer_bits={HEAD_ACT[space]: FP_BITS} if head_relu else {},
         weight_quantizer=weight_quantizer,
         act_quantizer="lsq",
     )
@@ -128,10 +131,15 @@ def build_oqat_supernet(
             track_running_stats=True,
         )
     bits = cfg.bits if bits is None else bits
-    quantize_model(model, oqat_quant_config(bits, cfg.weight_quantizer, cfg.space))
-    if isinstance(model, OFASupernet):  # LSQ on the block inputs (linear-bottleneck outputs, signed)
+    head_relu = not isinstance(model, OFASupernet) or type(model.final_expand[2]) is nn.ReLU
+    quantize_model(model, oqat_quant_config(bits, cfg.weight_quantizer, cfg.space, head_relu))
+    if isinstance(model, OFASupernet):  # LSQ on the block inputs, after h-swish and on the SE outputs
         signed = cfg.block_input_quant == "signed"
-        model.attach_input_quantizers(lambda: QuantAct(create_quantizer("lsq", "act", bits, signed=signed)))
+
+        def lsq(negative: bool) -> QuantAct:
+            return QuantAct(create_quantizer("lsq", "act", bits, signed=signed and negative))
+
+        model.attach_input_quantizers(lambda: lsq(True), lsq)
     model.oqat_bits = bits
     return model
 
@@ -239,7 +247,7 @@ def subnet_bitops(model: Supernet, arch: Arch | str | int, input_shape: tuple[in
     """Cost of subnet ``arch`` for one input of ``input_shape`` (C, H, W), counted over the layers its
     forward runs (:func:`zsqpipe.quant.count_bitops`): ``bitops`` = sum over quantized conv/linear layers of
     MACs x weight_bits x act_bits (act_bits = 32 for an unquantized input: the ResNet shortcut conv after avg-pool);
-    ``fp_macs`` = MACs of the full-precision layers (stem conv, classifier), not in ``bitops``; ``macs`` = all
+    ``fp_macs`` = MACs of the full-precision layers (stem conv, OFA's SE convs, classifier), not in ``bitops``; ``macs`` = all
     MACs; ``oqat_mflops`` = (fp_macs + bitops / 64) / 1e6, OQAT's ``profile_quant`` cost."""
     saved = model.arch
     model.set_active_subnet(arch)

@@ -29,6 +29,11 @@ OFAArch = dict[str, list[int]]
 # final expansion 960 (6 x 160), feature mix 1280
 MBV3_WIDTHS = (24, 40, 80, 112, 160)
 MBV3_STRIDES = (2, 2, 2, 1, 2)
+# its activations and squeeze-and-excitation per unit (OFA's act_stages / se_stages after the first block);
+# the stem and the final expansion use h-swish, the first block ReLU
+ACTIVATIONS = ("relu", "h_swish")
+MBV3_ACTIVATIONS = ("relu", "relu", "h_swish", "h_swish", "h_swish")
+MBV3_SE = (False, True, False, True, True)
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -62,12 +67,11 @@ class OFASpaceConfig(ConfigBase):
     width_mult: scales every width (``make_divisible`` by 8). final_expand: the 1x1 conv before pooling has
     ``final_expand x`` the last width (MBV3: 6). kernel_transform: OFA's kernel transformation (a smaller kernel
     is the centre of the larger one times a learned (k^2 x k^2) matrix per layer and size, initialised to the
-    identity); false = plain centre crop. The CPU default: width 0.5, stem stride 1 and strides 2, 2, 2, 1, 1
-    (28x28 -> 4x4; 19.8 M MACs for the largest subnet, 3.7 M for the smallest), OFA's elastic choices.
-
-    All activations are ReLU and there is no squeeze-excitation: MobileNetV3's h-swish outputs are signed
-    and our LSQ activation quantizer is unsigned (it follows every ReLU), so the OQAT supernet on this space
-    is quantized everywhere it runs (docs/methods/ofa_space.md)."""
+    identity); false = plain centre crop. activations, se: per unit, the blocks' activation (``relu`` or
+    ``h_swish``) and whether they squeeze-and-excite (MobileNetV3: ReLU in units 1-2, h-swish after; SE in
+    units 2, 4, 5); stem_activation, final_activation: the stem's and the final expansion's (MBV3: h-swish).
+    The CPU default: width 0.5, stem stride 1 and strides 2, 2, 2, 1, 1 (28x28 -> 4x4), OFA's elastic choices
+    and MobileNetV3's activations and SE (docs/methods/ofa_space.md: the quantizers after h-swish are signed)."""
 
     prefix = "ofa"  # how its errors name keys (ConfigBase.from_dict renames)
 
@@ -93,6 +97,20 @@ class OFASpaceConfig(ConfigBase):
     kernel_transform: Annotated[
         bool, Doc("OFA's learned kernel transformation matrices (false = centre crop)")
     ] = True
+    activations: Annotated[
+        tuple[str, ...],
+        Schema(minItems=1, items={"enum": list(ACTIVATIONS)}),
+        Doc("activation of each unit's blocks (MBV3: relu, relu, h_swish, h_swish, h_swish)"),
+    ] = MBV3_ACTIVATIONS
+    se: Annotated[
+        tuple[bool, ...],
+        Schema(minItems=1, items={"type": "boolean"}),
+        Doc("squeeze-and-excitation in each unit's blocks (MBV3: false, true, false, true, true)"),
+    ] = MBV3_SE
+    stem_activation: Annotated[str, OneOf(*ACTIVATIONS), Doc("the stem's activation (MBV3: h_swish)")] = "h_swish"
+    final_activation: Annotated[
+        str, OneOf(*ACTIVATIONS), Doc("the final 1x1 expansion's activation (MBV3: h_swish)")
+    ] = "h_swish"
 
     def __post_init__(self):
         p = "ofa"
@@ -110,6 +128,17 @@ class OFASpaceConfig(ConfigBase):
             )
         object.__setattr__(self, "widths", widths)
         object.__setattr__(self, "strides", strides)
+        for key, allowed in (("activations", ACTIVATIONS), ("se", (False, True))):
+            v = getattr(self, key)
+            if not (isinstance(v, list | tuple) and len(v) == len(widths)):
+                raise ConfigError(f"{p}.{key}: expected {len(widths)} entries (one per unit of widths), got {v!r}")
+            for i, x in enumerate(v):
+                if x not in allowed or type(x) is not type(allowed[0]):
+                    raise ConfigError(f"{p}.{key}.{i}: expected one of {list(allowed)}, got {x!r}")
+            object.__setattr__(self, key, tuple(v))
+        for key in ("stem_activation", "final_activation"):
+            if getattr(self, key) not in ACTIVATIONS:
+                raise ConfigError(f"{p}.{key}: expected one of {list(ACTIVATIONS)}, got {getattr(self, key)!r}")
         for key in ("stem_width", "final_expand"):
             v = getattr(self, key)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
