@@ -16,6 +16,7 @@ from zsqpipe.nas.calr import (
     SupernetConfig,
     as_arch,
     calr_factor,
+    calr_matched_scale,
     cosine_factor,
     sample_arch,
     subnet_complexity,
@@ -176,6 +177,27 @@ def test_train_supernet_uses_ms_groups_and_calr():
     assert model.track_running_stats and model.C == 4 and len(model.cells) == 5
     assert SupernetConfig(method="spos_calr_ms", seed=3).resolved_split_edge() in range(6)
     assert SupernetConfig(method="spos").resolved_split_edge() is None
+
+
+def test_summed_lr_matched_control_gives_spos_calrs_lr_sum_on_the_same_subnets():
+    """summed_lr: calr: the SPOS run's cosine LR is scaled so that its sum over the run equals what CaLR gives
+    the same subnet sequence; its subnets and momentum stay SPOS's."""
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))), batch_size=8)
+    cfg = SupernetConfig(epochs=2, iters=5, C=4, N=1, summed_lr="calr", lr=0.1)
+    model = tiny()
+    hist = train_supernet(model, loader, cfg, log=None)
+    rng = random.Random(cfg.seed)
+    archs = [sample_arch(rng) for _ in range(10)]
+    calr = CaLR.for_model(model, cfg.gamma_max)
+    want = cfg.lr * sum(calr.factor(a, t, 10) for t, a in enumerate(archs))
+    assert sum(h["lr_mean"] * 5 for h in hist) == pytest.approx(want)
+    assert calr_matched_scale(calr, archs) * sum(cosine_factor(t, 10) for t in range(10)) == pytest.approx(want / cfg.lr)
+    plain = train_supernet(tiny(), loader, SupernetConfig(epochs=2, iters=5, C=4, N=1, lr=0.1), log=None)
+    assert sum(h["lr_mean"] for h in plain) == pytest.approx(sum(h["lr_mean"] for h in hist) / calr_matched_scale(calr, archs))
+    assert list(hist[0]["group_steps"]) == ["shared"]
+    with pytest.raises(ConfigError, match="supernet.summed_lr"):
+        SupernetConfig(method="spos_calr_ms", summed_lr="calr")
 
 
 # ---- supernet -----------------------------------------------------------------------------------------

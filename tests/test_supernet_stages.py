@@ -3,11 +3,12 @@ their CLI, config errors and the workflow (tiny settings on the 240-image Fashio
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from workflow_helpers import planned_jobs, snakemake, write_config
+from workflow_helpers import planned, planned_jobs, snakemake, write_config
 
 from zsqpipe.cli import cli
 from zsqpipe.config import validate_config
@@ -16,6 +17,7 @@ from zsqpipe.io import load_checkpoint, read_json
 from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import TABLE_OF_DATASET, kendall_sample, kendall_subset, table_ground_truth
 from zsqpipe.nas.calr import SupernetConfig
+from zsqpipe.nas.ranking import kendall_tau
 from zsqpipe.nas.spaces.nb201 import index_to_arch, is_connected
 from zsqpipe.nas.standalone import standalone_network
 from zsqpipe.nas.supernet201 import NB201Supernet
@@ -194,8 +196,8 @@ def test_supernet_train_against_every_nb201_truth(tiny, monkeypatch):
 # ---- supernet-table -------------------------------------------------------------------------------------
 
 
-def fake_metrics(path, method, seed, tau, top1):
-    m = {"dataset": "fashion_mnist", "method": method, "seed": seed, "n_archs": 30, "train_time_s": 60.0,
+def fake_metrics(path, method, seed, tau, top1, subnets=()):
+    m = {"dataset": "fashion_mnist", "method": method, "seed": seed, "n_archs": 30, "train_time_s": 60.0, "subnets": list(subnets),
          "wall_time_s": 90.0, "groundtruth": {"source": "trained", "truth": "fashion_mnist", "wall_time_s": 600.0},
          "truths": {"fashion_mnist": {"tau": tau, "tau_valid": tau - 0.1, "top1": top1,
                                       "sample_best_test": 90.0}}}  # fmt: skip
@@ -217,6 +219,37 @@ def test_supernet_table_rows(tmp_path):
     assert pd.read_csv(tmp_path / "t.csv")["seeds"].tolist() == ["0 1", "0"]
     with pytest.raises(IntegrityError, match="duplicate"):
         run_supernet_table(paths + paths[:1], tmp_path / "x.csv", tmp_path / "x.md")
+
+
+def _subnets(estimates, truth):
+    return [{"arch": f"cell{i}", "supernet_valid_acc": e, "gt_test_acc": t}
+            for i, (e, t) in enumerate(zip(estimates, truth, strict=True))]  # fmt: skip
+
+
+def test_supernet_table_bootstrap_intervals_and_paired_difference(tmp_path, monkeypatch):
+    """A variant that ranks the cells perfectly on every seed: tau 1 with the interval [1, 1]; SPOS ranks them
+    with noise: its interval covers its mean, and the variant's paired difference to it is > 0 with an interval
+    above 0. Variant names get their labels and the table's order."""
+    monkeypatch.setattr("zsqpipe.stages.supernet_table.BOOTSTRAP", 400)
+    rng = np.random.default_rng(1)
+    truth = np.linspace(80, 90, 20)
+    paths = []
+    for seed in range(4):
+        noisy = truth + rng.normal(0, 3, truth.size)
+        paths.append(fake_metrics(tmp_path / f"s{seed}.json", "spos", seed, 0, 85, _subnets(noisy, truth)))
+        paths.append(fake_metrics(tmp_path / f"c{seed}.json", "spos_calr", seed, 1, 85, _subnets(truth, truth)))
+    t = run_supernet_table(paths, tmp_path / "t.csv", tmp_path / "t.md")
+    spos, calr = t.iloc[0], t.iloc[1]
+    assert list(t["method"]) == ["spos", "spos_calr"] and calr["label"] == "SPOS+CaLR"
+    assert calr["tau_ci_low"] == pytest.approx(1) and calr["tau_ci_high"] == pytest.approx(1)
+    taus = [kendall_tau(m["supernet_valid_acc"], m["gt_test_acc"]) for m in
+            (pd.DataFrame(json.loads(p.read_text())["subnets"]) for p in paths[::2])]  # fmt: skip
+    assert spos["tau_ci_low"] < np.mean(taus) < spos["tau_ci_high"] < 1 and np.isnan(spos["dtau_mean"])
+    assert calr["dtau_mean"] == pytest.approx(1 - np.mean(taus)) and 0 < calr["dtau_ci_low"] < calr["dtau_ci_high"]
+    md = (tmp_path / "t.md").read_text()
+    assert f"[{spos['tau_ci_low']:.3f}, {spos['tau_ci_high']:.3f}]" in md and f"{calr['dtau_mean']:+.3f} [" in md
+    again = run_supernet_table(paths, tmp_path / "u.csv", tmp_path / "u.md")
+    pd.testing.assert_frame_equal(t, again)  # seeded: the same intervals every time
 
 
 # ---- CLI and config ------------------------------------------------------------------------------------
@@ -253,7 +286,10 @@ def test_cli_help_and_one_line_errors(tiny):
 @pytest.mark.parametrize(
     "supernet, key",
     [
-        ({"methods": ["fairnas"]}, "supernet.methods.0"),
+        ({"methods": ["Fair-NAS"]}, "supernet.methods.0"),
+        ({"variants": {"spos_x": {"method": "darts"}}}, "supernet.variants.spos_x.method"),
+        ({"variants": {"spos_x": {"method": "spos", "epochs": 3}}}, "supernet.variants.spos_x.epochs"),
+        ({"train": {"summed_lr": "linear"}}, "supernet.train.summed_lr"),
         ({"datasets": ["imagenet"]}, "supernet.datasets.0"),
         ({"train": {"C": 0}}, "supernet.train.C"),
         ({"train": {"method": "spos"}}, "supernet.train.method"),
@@ -384,3 +420,22 @@ def test_supernet_search_uses_the_supernet_and_never_the_test_split(tiny, tmp_pa
     with pytest.raises(ConfigError, match=r"supernet\.search\.seeds"):
         SupernetSearchConfig(seeds=(0, 0))
 
+
+
+def test_workflow_runs_supernet_variants_as_named_runs(tmp_path):
+    """supernet.variants: a name in supernet.methods trains its base method with the variant's settings and
+    carries the name to its metrics and tables (dry run); an unknown name is one line at parse time."""
+    cfg = write_config(tmp_path / "v.yaml", tracking=False, supernet__methods=["spos", "spos_lr_matched", "spos_calr"])
+    jobs = planned(tmp_path, cfg, "results/tables/supernet.csv")
+    shells = {w: info["shell"] for (rule, w), info in jobs.items() if rule == "supernet_train"}
+    assert sorted(w.split("method=")[1].split(",")[0] for w in shells) == ["spos", "spos_calr", "spos_lr_matched"]
+    matched = next(sh for w, sh in shells.items() if "spos_lr_matched" in w)
+    assert "--method spos --label spos_lr_matched" in matched and '"summed_lr":"calr"' in matched
+    calr = next(sh for w, sh in shells.items() if "method=spos_calr," in w or w.endswith("method=spos_calr"))
+    assert '"calr":true' in calr and "--method spos " in calr
+    plain = next(sh for w, sh in shells.items() if "method=spos," in w or w.endswith("method=spos"))
+    assert '"summed_lr":"cosine"' in plain and '"calr":null' in plain
+    bad = write_config(tmp_path / "b.yaml", tracking=False, supernet__methods=["spos", "fairnas"])
+    r = snakemake(tmp_path, bad, "-n", "results/tables/supernet.csv", check=False)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "invalid config" in ln]
+    assert r.returncode != 0 and len(lines) == 1 and "'fairnas'" in lines[0] and "supernet.variants" in lines[0]

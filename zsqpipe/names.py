@@ -10,6 +10,7 @@ DATASET_INPUT_SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "c
                         "imagenet": (3, 224, 224)}  # fmt: skip
 ARCH_NAMES = ("resnet20", "resnet18", "mobilenet_v2", "mobilenet_v2_small")
 METHOD_NAMES = ("real", "ptq", "zeroq", "intraq", "hast", "gdfq", "qimera", "zaq")
+SUPERNET_METHOD_NAMES = ("spos", "spos_calr_ms")  # zsqpipe.nas.calr.METHODS (supernet.variants build on them)
 SYNTHESIZER_NAMES = (
     "zeroq",
     "intraq",

@@ -13,7 +13,7 @@ from zsqpipe.nas.benchmark import DATASETS as NAS_DATASETS
 from zsqpipe.nas.benchmark import DEFAULT_PATH as NAS_BENCHMARK
 from zsqpipe.nas.benchmark import SAMPLE_KEYS, TABLE_OF_DATASET, kendall_sample
 from zsqpipe.nas.strategies import STRATEGY_NAMES
-from zsqpipe.names import ARCH_NAMES, DATASET_INPUT_SHAPES, DATASET_NAMES, METHOD_NAMES, METHOD_SYNTHESIZER, SYNTHESIZER_NAMES
+from zsqpipe.names import ARCH_NAMES, DATASET_INPUT_SHAPES, DATASET_NAMES, METHOD_NAMES, METHOD_SYNTHESIZER, SUPERNET_METHOD_NAMES, SYNTHESIZER_NAMES
 from zsqpipe.warmups import WARMUP_KINDS, record_mb, warmup_spec, warmup_tag
 
 
@@ -370,8 +370,32 @@ def groundtruth_files(wildcards):
     ]
 
 
+def supernet_variant(name):
+    """(base method, SupernetConfig overrides) of a supernet.methods entry: spos / spos_calr_ms, or a name of
+    supernet.variants."""
+    if name in SUPERNET_METHOD_NAMES:
+        return name, {}
+    if name not in SUPERNET["variants"]:
+        raise ConfigError(f"config key 'supernet.methods': {name!r} is neither {list(SUPERNET_METHOD_NAMES)} "
+                          f"nor a supernet.variants name {sorted(SUPERNET['variants'])}")  # fmt: skip
+    v = SUPERNET["variants"][name]
+    return v["method"], {k: x for k, x in v.items() if k != "method"}
+
+
+try:
+    for _name in SUPERNET["methods"]:
+        supernet_variant(_name)
+except ConfigError as _err:
+    sys.exit(f"zsqpipe: invalid config: {_err}")
+SUPERNET_METHODS = "|".join(list(SUPERNET_METHOD_NAMES) + sorted(SUPERNET["variants"]))  # wildcard constraint
+
+
 def supernet_params(wildcards):
-    return canonical_json(SUPERNET["train"])
+    return canonical_json({**SUPERNET["train"], **supernet_variant(wildcards.method)[1]})
+
+
+def supernet_base_method(wildcards):
+    return supernet_variant(wildcards.method)[0]
 
 
 SUPERNET_SEARCH = f"{RESULTS}/nas/supernet_search/{{dataset}}/{{method}}/seed{{seed}}/{{strategy}}.json"

@@ -47,10 +47,11 @@ rule supernet_train:
         metrics=f"{SUPERNET_DIR}/metrics.json",
     wildcard_constraints:
         dataset="fashion_mnist|cifar10|cifar100",
-        method="spos|spos_calr_ms",
+        method=SUPERNET_METHODS,
         seed=r"\d+",
     params:
         cfg=supernet_params,
+        base=supernet_base_method,
         device=config["device"],
         code=code_version("zsqpipe.stages.supernet_train"),
     log:
@@ -66,7 +67,8 @@ rule supernet_train:
     conda:
         "../envs/zsqpipe.yaml"
     shell:
-        "python3 -m zsqpipe supernet-train {input.groundtruth} --data {input.data} --method {wildcards.method}"
+        "python3 -m zsqpipe supernet-train {input.groundtruth} --data {input.data} --method {params.base}"
+        " --label {wildcards.method}"
         " --seed {wildcards.seed} --params {params.cfg:q} --out-model {output.model}"
         " --out-history {output.history} --out-metrics {output.metrics} --device {params.device}"
         " --threads {threads} {resources.resume} --tracking {input.tracking} --rule supernet_train"
@@ -107,7 +109,7 @@ rule supernet_search:
         SUPERNET_SEARCH,
     wildcard_constraints:
         dataset="fashion_mnist|cifar10|cifar100",
-        method="spos|spos_calr_ms",
+        method=SUPERNET_METHODS,
         seed=r"\d+",
         strategy="random|rea|reinforce|ase",
     params:

@@ -134,12 +134,13 @@ def groundtruth_cmd(open_job, dataset, chunk, manifest, params_json, benchmark_p
 @click.argument("groundtruth", nargs=-1, type=EXISTING, required=True)
 @options(MANIFEST)
 @click.option("--method", required=True, help="spos or spos_calr_ms (SPOS + CaLR + momentum separation).")
+@click.option("--label", default=None, help="The run's name in tables (a supernet.variants name; default: --method).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--params", "params_json", default="{}", help="Supernet recipe as JSON (config supernet.train)."
 )
 @options(*TRAIN_OUTPUTS, out_metrics("Ranking metrics"))
-def supernet_train_cmd(open_job, groundtruth, manifest, method, seed, params_json, out_model, out_history,
+def supernet_train_cmd(open_job, groundtruth, manifest, method, label, seed, params_json, out_model, out_history,
                        out_metrics):  # fmt: skip
     """Train the NB201 supernet, then rank the GROUNDTRUTH cells (files from `zsqpipe groundtruth`) with it:
     Kendall-tau and the top-1 of the best-ranked cell."""
@@ -149,8 +150,8 @@ def supernet_train_cmd(open_job, groundtruth, manifest, method, seed, params_jso
     cfg = _config(
         SupernetConfig, parse_json(params_json, "--params"), "supernet.train", method=method, seed=seed
     )
-    with open_job(cfg.to_dict()) as job:
-        run_supernet_train(manifest, list(groundtruth), cfg, out_model, out_history, out_metrics, job)
+    with open_job({**cfg.to_dict(), "label": label or method}) as job:
+        run_supernet_train(manifest, list(groundtruth), cfg, out_model, out_history, out_metrics, job, label)
 
 
 @job_command("supernet-search")

@@ -24,6 +24,7 @@ import torch
 
 from zsqpipe.config import ConfigBase, Doc, Momentum, NonNegFloat, OneOf, PosFloat, PosInt, Range
 from zsqpipe.errors import ConfigError
+from zsqpipe.names import SUPERNET_METHOD_NAMES
 from zsqpipe.nas.spaces.nb201 import (
     NUM_ARCHS,
     NUM_EDGES,
@@ -34,8 +35,9 @@ from zsqpipe.nas.spaces.nb201 import (
     validate_arch,
 )
 
-METHODS = ("spos", "spos_calr_ms")
+METHODS = SUPERNET_METHOD_NAMES
 COMPLEXITY_SPACES = ("model", "nb201")
+SUMMED_LR = ("cosine", "calr")  # the baseline's LR sum: its own, or matched to CaLR's (SupernetConfig.summed_lr)
 SHARED = "shared"  # the single optimizer group when momentum separation is off
 
 
@@ -130,6 +132,14 @@ class CaLR:
 
     def factor(self, arch: Arch | str | int, t: int, total: int) -> float:
         return calr_factor(t, total, self.gamma(arch))
+
+
+def calr_matched_scale(calr: CaLR, archs: Sequence[Arch]) -> float:
+    """The constant c for which sum_t c * cosine(t) = sum_t CaLR(alpha_t, t) over the subnets ``archs`` of a
+    run (one per iteration, T = len(archs)): the summed-LR-matched baseline (``summed_lr: calr``)."""
+    total = len(archs)
+    calr_sum = sum(calr.factor(a, t, total) for t, a in enumerate(archs))
+    return calr_sum / sum(cosine_factor(t, total) for t in range(total))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,7 +243,10 @@ class SupernetConfig(ConfigBase):
 
     method: ``spos`` (uniform single-path sampling, cosine LR, one optimizer) or ``spos_calr_ms`` (DYNAS:
     SPOS + CaLR + MS). ``calr`` / ``ms``: null = as ``method`` says; true/false overrides it (ablations,
-    e.g. CaLR only). gamma_max: CaLR's gamma_max (``--max_coeff``, default 4). calr_complexity: ``model``
+    e.g. CaLR only). summed_lr (without CaLR): ``cosine`` = the plain cosine schedule; ``calr`` = the cosine
+    schedule scaled by one constant so that the LR summed over the run equals what CaLR gives the same subnet
+    sequence (:func:`calr_matched_scale`): a control that separates CaLR's per-subnet shaping from its smaller
+    total step. gamma_max: CaLR's gamma_max (``--max_coeff``, default 4). calr_complexity: ``model``
     = C(alpha) counted in the trained supernet (its C, N, input channels, classes); ``nb201`` = the official
     constants (C=16, N=5, 3 channels, 10 classes) whatever the supernet's size. epochs x iters = T, the
     schedule length (iters null = the loader's length per epoch; DYNAS: 391). lr, momentum, nesterov, wd,
@@ -252,6 +265,11 @@ class SupernetConfig(ConfigBase):
     method: str = "spos"
     calr: Annotated[bool | None, Doc("null = as the method says; true/false overrides (ablations)")] = None
     ms: Annotated[bool | None, Doc("null = as the method says; true/false overrides (ablations)")] = None
+    summed_lr: Annotated[
+        str,
+        OneOf(*SUMMED_LR),
+        Doc("without CaLR: 'calr' scales the cosine LR so its sum over the run equals CaLR's for the same subnets (a control)"),
+    ] = "cosine"
     gamma_max: Annotated[float, Range(ge=1), Doc("CaLR's gamma_max (--max_coeff)")] = 4.0
     calr_complexity: Annotated[str, OneOf(*COMPLEXITY_SPACES)] = "model"
     epochs: PosInt = 250
@@ -305,6 +323,10 @@ class SupernetConfig(ConfigBase):
             raise ConfigError(f"{p}.momentum: expected a number in [0, 1), got {self.momentum!r}")
         if not self.wd >= 0:
             raise ConfigError(f"{p}.wd: expected a number >= 0, got {self.wd!r}")
+        if self.summed_lr not in SUMMED_LR:
+            raise ConfigError(f"{p}.summed_lr: expected one of {list(SUMMED_LR)}, got {self.summed_lr!r}")
+        if self.summed_lr == "calr" and self.use_calr:
+            raise ConfigError(f"{p}.summed_lr: 'calr' is a control for runs without CaLR (calr is on)")
         for key in ("calr", "ms"):
             v = getattr(self, key)
             if v is not None and not isinstance(v, bool):
@@ -339,9 +361,10 @@ class SupernetConfig(ConfigBase):
             return self.split_edge
         return random.Random(f"split-edge-{self.seed}").randrange(NUM_EDGES)
 
-    def make_calr(self, model=None) -> CaLR | None:
-        """The CaLR exponents for ``model`` (None when CaLR is off)."""
-        if not self.use_calr:
+    def make_calr(self, model=None, matched: bool = False) -> CaLR | None:
+        """The CaLR exponents for ``model`` (None when CaLR is off; with ``matched``, also those the
+        ``summed_lr: calr`` control matches)."""
+        if not (self.use_calr or (matched and self.summed_lr == "calr")):
             return None
         if self.calr_complexity == "nb201" or model is None:
             return CaLR(self.gamma_max)

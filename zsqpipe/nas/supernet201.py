@@ -31,6 +31,7 @@ from zsqpipe.nas.calr import (
     GroupedSGD,
     SupernetConfig,
     as_arch,
+    calr_matched_scale,
     cosine_factor,
     group_of,
     ms_groups,
@@ -364,11 +365,16 @@ def train_supernet(
         nesterov=cfg.nesterov,
     )
     rng = random.Random(cfg.seed)
+    scale = 1.0  # summed_lr: calr -> the cosine LR scaled to CaLR's sum over the same subnet sequence
+    if calr is None and cfg.summed_lr == "calr":
+        replay = random.Random(cfg.seed)
+        scale = calr_matched_scale(cfg.make_calr(model, matched=True), [sample_arch(replay) for _ in range(total)])
     data = endless(loader)  # the batches of cycle_batches(loader), with a position that can be saved
     if log is not None:
         log(
             f"supernet {cfg.method}: calr={cfg.use_calr} ms={cfg.use_ms} split_edge={split_edge} "
             f"T={total} ({cfg.epochs} epochs x {iters} iters)"
+            + (f", cosine LR x {scale:.4f} (summed LR matched to CaLR)" if scale != 1.0 else "")
         )
     history: list[dict] = []
     timer = Timer()
@@ -380,7 +386,7 @@ def train_supernet(
     def step(t: int, x: torch.Tensor, y: torch.Tensor):
         arch = sample_arch(rng)
         group = group_of(arch, split_edge)
-        lr = cfg.lr * (calr.factor(arch, t, total) if calr is not None else cosine_factor(t, total))
+        lr = cfg.lr * (calr.factor(arch, t, total) if calr is not None else scale * cosine_factor(t, total))
         opt.set_lr(group, lr)
         model.set_active_subnet(arch)
         opt.zero_grad(set_to_none=cfg.zero_grad_to_none)

@@ -10,6 +10,7 @@ stand-alone training (``truth`` = the dataset, ``truth_source`` = trained).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,12 @@ import pandas as pd
 from zsqpipe.errors import IntegrityError
 from zsqpipe.io import markdown_table, mean_pm_std, read_json, write_table
 from zsqpipe.nas.benchmark import DATASETS as NB201_DATASETS
-from zsqpipe.nas.calr import METHODS
+from zsqpipe.nas.ranking import kendall_tau
 
-LABELS = {"spos": "SPOS", "spos_calr_ms": "SPOS+CaLR+MS"}
+LABELS = {"spos": "SPOS", "spos_calr": "SPOS+CaLR", "spos_ms": "SPOS+MS", "spos_calr_ms": "SPOS+CaLR+MS",
+          "spos_lr_matched": "SPOS, LR sum = CaLR's"}  # the default supernet.variants and the two methods
+ORDER = list(LABELS)
+BOOTSTRAP = 2000  # resamples of the 95 % intervals on tau (seeded: the table is reproducible)
 REQUIRED = ["dataset", "method", "seed", "n_archs", "truths", "groundtruth", "train_time_s", "wall_time_s"]
 
 NOTE = (
@@ -29,7 +33,10 @@ NOTE = (
     "ground-truth test accuracy (%) of the cell the supernet ranks best; sample best = best ground-truth test "
     "accuracy in the sample; mean ± sample std over seeds. Ground truth: NAS-Bench-201 (200 epochs) for "
     "CIFAR; otherwise our own short stand-alone training of each cell in the supernet's skeleton "
-    "(docs/methods/supernet.md). paper = DYNAS (CVPR 2025), NB201 supernet trained on CIFAR-10, 3 runs."
+    "(docs/methods/supernet.md). paper = DYNAS (CVPR 2025), NB201 supernet trained on CIFAR-10, 3 runs. "
+    "95 % CI = percentile bootstrap of the mean tau over seeds and cells (own ground truth; cells resampled "
+    "jointly across seeds, as every seed ranks the same sample); vs SPOS = the paired difference of mean tau to "
+    "SPOS on the same seeds and resampled cells."
 )
 
 
@@ -42,6 +49,7 @@ def load_metrics(paths: list[Path]) -> pd.DataFrame:
         if missing:
             raise IntegrityError(f"{p}: supernet metrics lack {missing}")
         own = m["groundtruth"].get("truth", m["dataset"])
+        cells = {c["arch"]: (c["supernet_valid_acc"], c["gt_test_acc"]) for c in m.get("subnets", [])}
         for truth, t in m["truths"].items():
             rows.append(
                 {
@@ -59,6 +67,7 @@ def load_metrics(paths: list[Path]) -> pd.DataFrame:
                     "train_time_s": m["train_time_s"],
                     "wall_time_s": m["wall_time_s"],
                     "gt_wall_time_s": m["groundtruth"].get("wall_time_s", np.nan),
+                    "cells": cells if truth == own else {},
                 }
             )
     if not rows:
@@ -89,6 +98,49 @@ def _stats(g: pd.Series) -> tuple[float, float]:
     return float(g.mean()), float(g.std(ddof=1)) if len(g) > 1 else np.nan
 
 
+def _taus(runs: list[tuple[np.ndarray, np.ndarray]], cells: np.ndarray) -> np.ndarray:
+    return np.array([kendall_tau(est[cells], truth[cells]) for est, truth in runs])
+
+
+def bootstrap_tau(
+    runs: dict[int, dict], base: dict[int, dict] | None = None, n: int | None = None, seed: int = 0
+) -> dict[str, float]:
+    """95 % percentile intervals of the mean Kendall tau over seeds, resampling seeds and cells (the cells
+    jointly across seeds: every seed ranks the same sample), and of its paired difference to ``base`` (the
+    same seeds and resampled cells). ``runs``: seed -> {arch: (supernet estimate, ground truth)}."""
+    nan = {"tau_ci_low": np.nan, "tau_ci_high": np.nan, "dtau_mean": np.nan, "dtau_ci_low": np.nan,
+           "dtau_ci_high": np.nan}  # fmt: skip
+    archs = sorted(set.intersection(*(set(c) for c in runs.values()))) if runs else []
+    if len(archs) < 3:
+        return nan
+    seeds = sorted(runs)
+    paired = [s for s in seeds if base and s in base and set(archs) <= set(base[s])]
+
+    def arrays(source, keep):
+        return [tuple(np.array([source[s][a][i] for a in archs], dtype=float) for i in (0, 1)) for s in keep]
+
+    own, ref = arrays(runs, seeds), arrays(base, paired) if paired else None
+    own_p = [own[seeds.index(s)] for s in paired]
+    rng = np.random.default_rng(seed)
+    means, diffs = [], []
+    with warnings.catch_warnings():  # a draw of one repeated cell: tau NaN, its mean warns
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+        for _ in range(n or BOOTSTRAP):
+            cells = rng.integers(0, len(archs), len(archs))
+            pick = rng.integers(0, len(seeds), len(seeds))
+            means.append(np.nanmean(_taus(own, cells)[pick]))
+            if ref:
+                pick = rng.integers(0, len(paired), len(paired))
+                diffs.append(np.nanmean((_taus(own_p, cells) - _taus(ref, cells))[pick]))
+    out = dict(nan, tau_ci_low=float(np.nanpercentile(means, 2.5)), tau_ci_high=float(np.nanpercentile(means, 97.5)))
+    if ref:
+        full = np.arange(len(archs))
+        out.update(dtau_mean=float(np.nanmean(_taus(own_p, full) - _taus(ref, full))),
+                   dtau_ci_low=float(np.nanpercentile(diffs, 2.5)),
+                   dtau_ci_high=float(np.nanpercentile(diffs, 97.5)))  # fmt: skip
+    return out
+
+
 def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
     out = []
     for dataset in sorted(df["dataset"].unique()):
@@ -97,10 +149,14 @@ def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
         others = [t for t in d["truth"].unique() if t not in own]
         truths = sorted(own) + _order(others, list(NB201_DATASETS))  # own ground truth first
         for truth in truths:
-            for method in _order(d["method"].unique(), list(METHODS)):
+            base = d[(d["truth"] == truth) & (d["method"] == "spos")]
+            base_runs = {r.seed: r.cells for r in base.itertuples() if r.cells}
+            for method in _order(d["method"].unique(), ORDER):
                 g = d[(d["truth"] == truth) & (d["method"] == method)]
                 if g.empty:
                     continue
+                runs = {r.seed: r.cells for r in g.itertuples() if r.cells}
+                ci = bootstrap_tau(runs, base_runs if method != "spos" else None)
                 tau, tau_sd = _stats(g["tau"])
                 tv, tv_sd = _stats(g["tau_valid"])
                 top, top_sd = _stats(g["top1"])
@@ -118,6 +174,7 @@ def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
                         "n_archs": int(g["n_archs"].iloc[0]),
                         "tau_mean": tau,
                         "tau_std": tau_sd,
+                        **ci,
                         "tau_valid_mean": tv,
                         "tau_valid_std": tv_sd,
                         "top1_mean": top,
@@ -136,8 +193,8 @@ def summarize(df: pd.DataFrame, paper: dict | None = None) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:
-    cols = ["method", "dataset", "ground truth", "seeds", "cells", "tau", "tau (valid)", "top-1", "sample best",
-            "paper tau", "paper top-1", "supernet job (min)"]  # fmt: skip
+    cols = ["method", "dataset", "ground truth", "seeds", "cells", "tau", "tau 95 % CI", "tau − SPOS [95 % CI]",
+            "tau (valid)", "top-1", "sample best", "paper tau", "paper top-1", "supernet job (min)"]  # fmt: skip
     rows = []
     for _, r in table.iterrows():
         truth = r["truth"] + (" (NB201)" if r["truth_source"] == "nasbench201" else " (ours)")
@@ -148,6 +205,9 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
             str(r["n_seeds"]),
             str(r["n_archs"]),
             mean_pm_std(r["tau_mean"], r["tau_std"], 3),
+            "" if np.isnan(r["tau_ci_low"]) else f"[{r['tau_ci_low']:.3f}, {r['tau_ci_high']:.3f}]",
+            "" if np.isnan(r["dtau_mean"]) else
+            f"{r['dtau_mean']:+.3f} [{r['dtau_ci_low']:+.3f}, {r['dtau_ci_high']:+.3f}]",
             mean_pm_std(r["tau_valid_mean"], r["tau_valid_std"], 3),
             mean_pm_std(r["top1_mean"], r["top1_std"], 2),
             f"{r['sample_best_test']:.2f}",

@@ -89,8 +89,8 @@ def _rank_groundtruth(model, gt: dict, data, cfg: SupernetConfig, dev, log) -> t
     return archs, estimated, truths, own
 
 
-def _save_supernet(out_model: Path, model, cfg: SupernetConfig, info) -> None:
-    save_checkpoint(out_model, {"kind": "nb201_supernet", "dataset": info.name, "in_channels": info.in_channels,
+def _save_supernet(out_model: Path, model, cfg: SupernetConfig, info, label: str) -> None:
+    save_checkpoint(out_model, {"kind": "nb201_supernet", "label": label, "dataset": info.name, "in_channels": info.in_channels,
                                 "num_classes": info.num_classes, "image_size": info.image_size,
                                 "config": cfg.to_dict(), "split_edge": cfg.resolved_split_edge(),
                                 "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}})  # fmt: skip
@@ -104,9 +104,13 @@ def run_supernet_train(
     out_history: Path,
     out_metrics: Path,
     job: Job | None = None,
+    label: str | None = None,
 ) -> dict:
+    """Train the supernet of ``cfg``, then rank the ground-truth cells with it. ``label``: the name the run has
+    in tables (a supernet.variants name; default the method)."""
     job = job or Job()
     log = job.log
+    label = label or cfg.method
     if cfg.method not in METHODS:
         raise ConfigError(f"supernet.methods: {cfg.method!r} is not one of {list(METHODS)}")
     timer = Timer()
@@ -126,7 +130,7 @@ def run_supernet_train(
     history = train_supernet(model, loader, cfg, dev, log, run.log_epoch, run.checkpoints)
     run.add_restored_time(history)
     train_time = timer()
-    _save_supernet(out_model, model, cfg, info)
+    _save_supernet(out_model, model, cfg, info, label)
     write_json(out_history, {"dataset": info.name, "config": cfg.to_dict(), "history": history})
 
     t_eval = Timer()
@@ -135,7 +139,7 @@ def run_supernet_train(
     subnets = [{"arch": a, "index": r["index"], "supernet_valid_acc": e, "gt_valid_acc": r["valid_acc"],
                 "gt_test_acc": r["test_acc"]} for a, e, r in zip(archs, estimated, gt["records"], strict=True)]  # fmt: skip
     metrics = {
-        "dataset": info.name, "method": cfg.method, "seed": cfg.seed, "config": cfg.to_dict(),
+        "dataset": info.name, "method": label, "base_method": cfg.method, "seed": cfg.seed, "config": cfg.to_dict(),
         "split_edge": cfg.resolved_split_edge(), "n_archs": len(archs),
         "groundtruth": {"source": gt["source"], "truth": own, "sample": gt["sample"], "config": gt["config"],
                         "wall_time_s": gt["wall_time_s"]},
@@ -152,7 +156,7 @@ def run_supernet_train(
             if t[k] is not None:
                 summary[k if d == own else f"{k}_{d}"] = t[k]
     run.finish(summary, [(out_metrics, None), (out_history, None), (out_model, "checkpoint")])
-    log(f"supernet {cfg.method} seed {cfg.seed} on {info.name}: Kendall tau {_fmt(metrics['tau'])} "
+    log(f"supernet {label} seed {cfg.seed} on {info.name}: Kendall tau {_fmt(metrics['tau'])} "
         f"(vs valid {_fmt(metrics['tau_valid'])}), top-1 of the best-ranked cell {metrics['top1']:.2f} "
         f"({len(archs)} cells; train {train_time:.0f}s, eval {eval_time:.0f}s)")  # fmt: skip
     return metrics
