@@ -21,7 +21,7 @@ from zsqpipe.nas.calr import (
     sample_arch,
     subnet_complexity,
 )
-from zsqpipe.nas.ranking import kendall_tau, subset_kendall
+from zsqpipe.nas.ranking import kendall_tau, seed_agreement, subset_kendall
 from zsqpipe.nas.spaces.nb201 import OPS, arch_to_str
 from zsqpipe.nas.supernet201 import (
     NB201Supernet,
@@ -325,3 +325,14 @@ def test_config_round_trip_and_errors():
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"^nas\.supernet\.method"):
         SupernetConfig.from_dict({"method": "x"}, prefix="nas.supernet")
+
+
+def test_seed_agreement_is_the_ground_truths_own_ceiling():
+    """Kendall tau between the stand-alone runs of the same cells, averaged over seed pairs; None without two
+    runs per cell (one seed, or the NAS-Bench-201 table)."""
+    runs = [(1.0, 1.0, 3.0), (2.0, 3.0, 1.0), (3.0, 2.0, 2.0), (4.0, 4.0, 4.0)]
+    records = [{"runs": [{"test_acc": a} for a in r]} for r in runs]
+    pairs = [kendall_tau([r[i] for r in runs], [r[j] for r in runs]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert seed_agreement(records) == pytest.approx(sum(pairs) / 3)
+    assert seed_agreement([{"runs": [{"test_acc": 1.0}]}, {"runs": [{"test_acc": 2.0}]}]) is None
+    assert seed_agreement([{"test_acc": 1.0}, {"test_acc": 2.0}]) is None

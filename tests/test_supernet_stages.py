@@ -248,6 +248,7 @@ def test_supernet_table_bootstrap_intervals_and_paired_difference(tmp_path, monk
     assert calr["dtau_mean"] == pytest.approx(1 - np.mean(taus)) and 0 < calr["dtau_ci_low"] < calr["dtau_ci_high"]
     md = (tmp_path / "t.md").read_text()
     assert f"[{spos['tau_ci_low']:.3f}, {spos['tau_ci_high']:.3f}]" in md and f"{calr['dtau_mean']:+.3f} [" in md
+    assert t["gt_seed_tau"].isna().all() and "own ceiling" not in md  # one stand-alone run per cell
     again = run_supernet_table(paths, tmp_path / "u.csv", tmp_path / "u.md")
     pd.testing.assert_frame_equal(t, again)  # seeded: the same intervals every time
 

@@ -59,3 +59,17 @@ def subset_kendall(
         "n": len(cells),
         "top1_true": g[best] if cells else math.nan,
     }
+
+
+def seed_agreement(records: Sequence[dict]) -> float | None:
+    """The ground truth's own ceiling: Kendall tau between the test accuracies of two stand-alone trainings of
+    the same cells (``records[i]["runs"]``, one per ``groundtruth.seeds``), averaged over pairs of seeds. None
+    with fewer than two runs per cell (a single run, or NAS-Bench-201's table)."""
+    runs = [r.get("runs") or [] for r in records]
+    k = min((len(x) for x in runs), default=0)
+    if k < 2:
+        return None
+    taus = [kendall_tau([x[i]["test_acc"] for x in runs], [x[j]["test_acc"] for x in runs])
+            for i in range(k) for j in range(i + 1, k)]  # fmt: skip
+    finite = [t for t in taus if np.isfinite(t)]
+    return float(np.mean(finite)) if finite else None

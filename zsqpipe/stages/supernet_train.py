@@ -26,7 +26,7 @@ from zsqpipe.io import save_checkpoint, sha256_file, write_json
 from zsqpipe.job import Job
 from zsqpipe.nas.benchmark import DATASETS as NB201_DATASETS
 from zsqpipe.nas.calr import METHODS, SupernetConfig
-from zsqpipe.nas.ranking import kendall_tau, subset_kendall
+from zsqpipe.nas.ranking import kendall_tau, seed_agreement, subset_kendall
 from zsqpipe.nas.supernet201 import build_supernet, evaluate_subnets, train_supernet
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.groundtruth_io import first_images, load_groundtruth
@@ -142,7 +142,7 @@ def run_supernet_train(
         "dataset": info.name, "method": label, "base_method": cfg.method, "seed": cfg.seed, "config": cfg.to_dict(),
         "split_edge": cfg.resolved_split_edge(), "n_archs": len(archs),
         "groundtruth": {"source": gt["source"], "truth": own, "sample": gt["sample"], "config": gt["config"],
-                        "wall_time_s": gt["wall_time_s"]},
+                        "wall_time_s": gt["wall_time_s"], "seed_tau": seed_agreement(gt["records"])},
         "tau": truths[own]["tau"], "tau_valid": truths[own]["tau_valid"], "top1": truths[own]["top1"],
         "truths": truths, "subnets": subnets, "eval_images": len(first_images(data.val, cfg.eval_images)),
         "final_train_loss": history[-1]["train_loss"], "final_train_top1": history[-1]["train_top1"],
