@@ -364,17 +364,14 @@ class OFASupernet(nn.Module):
         self.set_active_subnet(arch)
         return arch
 
-    def attach_input_quantizers(
-        self, make: Callable[[], nn.Module], make_act: Callable[[bool], nn.Module] | None = None
-    ) -> None:
+    def attach_input_quantizers(self, make: Callable[[], nn.Module], make_act: Callable[[bool], nn.Module]) -> None:
         """Quantize every conv input that ``quantize_model`` (a quantizer after each ``nn.ReLU``) leaves in
         full precision. ``make()`` (an activation quantizer) goes on the input of every elastic block and of
         the final expansion: linear-bottleneck BN outputs or residual sums (signed), which no ReLU precedes
         (the residual path itself stays unquantized). ``make_act(signed)`` goes after every h-swish (signed:
         its output reaches -3/8) but the final expansion's (it feeds only the full-precision classifier,
         like the head ReLU OQAT leaves unquantized) and on every SE output (signed in h-swish blocks), the
-        projection conv's input; without ``make_act`` both use ``make()``."""
-        make_act = make_act or (lambda _signed: make())
+        projection conv's input."""
         for block in self.blocks:
             block.input_quant = make()
             if block.use_se:

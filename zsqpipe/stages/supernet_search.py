@@ -153,8 +153,9 @@ def run_supernet_search(
             f"supernet-search: {supernet} was trained on {ck['dataset']!r}, the data is {info.name!r}"
         )
     params = dict(strategy_params or {})
+    label = ck.get("label", ck["config"]["method"])  # the supernet.variants name (older checkpoints: the method)
     tracker.log_params({"dataset": info.name, "strategy": strategy, "search": cfg.to_dict(), "params": params,
-                        "supernet_method": ck.get("label", ck["config"]["method"]), "supernet_seed": ck["config"]["seed"]})  # fmt: skip
+                        "supernet_method": label, "supernet_seed": ck["config"]["seed"]})  # fmt: skip
     bn_loader = make_loader(
         data.train, info, cfg.batch_size, train=True, seed=10_000, device=dev, augment=False
     )
@@ -188,7 +189,7 @@ def run_supernet_search(
     content = {
         "dataset": info.name, "strategy": strategy, "params": params, "config": cfg.to_dict(),
         "groundtruth_config": groundtruth.to_dict() if groundtruth is not None and table is None else None,
-        "supernet": {"path": str(supernet), "sha256": sha256_file(supernet), "method": ck.get("label", ck["config"]["method"]),
+        "supernet": {"path": str(supernet), "sha256": sha256_file(supernet), "method": label,
                      "seed": ck["config"]["seed"], "config": ck["config"]},
         "records": records, "n_scored": len(evaluator.scores), "bn_images": sum(len(y) for _, y in bn),
         "val_images": sum(len(y) for _, y in val), "test_images": sum(len(y) for _, y in test),

@@ -121,7 +121,7 @@ def bootstrap_tau(
         return [tuple(np.array([source[s][a][i] for a in archs], dtype=float) for i in (0, 1)) for s in keep]
 
     own, ref = arrays(runs, seeds), arrays(base, paired) if paired else None
-    own_p = [own[seeds.index(s)] for s in paired]
+    in_own = [seeds.index(s) for s in paired]  # the paired seeds' positions in ``own``
     rng = np.random.default_rng(seed)
     means, diffs = [], []
     with warnings.catch_warnings():  # a draw of one repeated cell: tau NaN, its mean warns
@@ -129,14 +129,15 @@ def bootstrap_tau(
         for _ in range(n or BOOTSTRAP):
             cells = rng.integers(0, len(archs), len(archs))
             pick = rng.integers(0, len(seeds), len(seeds))
-            means.append(np.nanmean(_taus(own, cells)[pick]))
+            taus = _taus(own, cells)
+            means.append(np.nanmean(taus[pick]))
             if ref:
                 pick = rng.integers(0, len(paired), len(paired))
-                diffs.append(np.nanmean((_taus(own_p, cells) - _taus(ref, cells))[pick]))
+                diffs.append(np.nanmean((taus[in_own] - _taus(ref, cells))[pick]))
     out = dict(nan, tau_ci_low=float(np.nanpercentile(means, 2.5)), tau_ci_high=float(np.nanpercentile(means, 97.5)))
     if ref:
         full = np.arange(len(archs))
-        out.update(dtau_mean=float(np.nanmean(_taus(own_p, full) - _taus(ref, full))),
+        out.update(dtau_mean=float(np.nanmean(_taus(own, full)[in_own] - _taus(ref, full))),
                    dtau_ci_low=float(np.nanpercentile(diffs, 2.5)),
                    dtau_ci_high=float(np.nanpercentile(diffs, 97.5)))  # fmt: skip
     return out
