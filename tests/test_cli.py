@@ -50,7 +50,7 @@ def pipeline(tmp_path, fashion_dir, no_debian_data):
     return {"manifest": manifest, "fp": fp, "tmp": tmp_path}
 
 
-def quantize(p, method, params, seed=0, bits=4, tag="a"):
+def quantize(p, method, params, seed=0, bits=4, tag="a", extra=()):
     out = p["tmp"] / f"{method}-{tag}"
     r = invoke(
         "quantize",
@@ -76,6 +76,7 @@ def quantize(p, method, params, seed=0, bits=4, tag="a"):
         "cpu",
         "--threads",
         1,
+        *extra,
     )
     assert r.exit_code == 0, r.output
     return out
@@ -137,6 +138,44 @@ def test_full_chain_and_table(pipeline):
     assert set(table["method"]) == {"real", "ptq"} and (table["n_seeds"] == 1).all()
     md = (p["tmp"] / "t.md").read_text()
     assert "test-selected" in md and "W4A4" in md
+
+
+def test_talr_and_its_lr_matched_control_through_the_commands(pipeline):
+    """quantize (TALR) -> quantize --lr-reference (the matched control) -> evaluate -> aggregate --reference."""
+    p = pipeline
+    talr = quantize(p, "real", {**REAL, "talr": {}}, bits=2, tag="talr")
+    ref = json.loads((talr / "history.json").read_text())["summary"]
+    assert ref["talr"]["steps"] == 4 and ref["latent"]["lr_sum_mean"] > 0
+    matched = quantize(p, "real", {**REAL, "latent_lr_from": "lsq_talr", "freeze_weight_scales": True}, bits=2,
+                       tag="matched", extra=("--lr-reference", talr / "history.json"))  # fmt: skip
+    got = json.loads((matched / "history.json").read_text())["summary"]["latent"]
+    assert got["lr_sum"] == pytest.approx(ref["talr"]["lr_sum"]) and got["matched_to"] == "lsq_talr"
+    metrics = []
+    for name, out in (("lsq_talr", talr), ("lsq_talr_matched", matched)):
+        cell = {"dataset": "fashion_mnist", "arch": "resnet20", "method": name, "weight_bits": 2, "act_bits": 2,
+                "seed": 0}  # fmt: skip
+        r = invoke("evaluate", "--model", out / "model.pt", "--history", out / "history.json", "--data",
+                   p["manifest"], "--cell", json.dumps(cell), "--out", out / "metrics.json", "--device", "cpu")  # fmt: skip
+        assert r.exit_code == 0, r.output
+        metrics.append(out / "metrics.json")
+    m = json.loads(metrics[0].read_text())
+    assert m["latent_lr_sum_mean"] == pytest.approx(ref["latent"]["lr_sum_mean"])
+    assert 0.0 <= m["talr_regulating_fraction"] <= 1.0 and "talr_lr_sum" not in m  # per-layer dicts left out
+    r = invoke("aggregate", *metrics, "--out-csv", p["tmp"] / "t.csv", "--out-md", p["tmp"] / "t.md",
+               "--reference", "lsq_talr")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    import pandas as pd
+
+    table = pd.read_csv(p["tmp"] / "t.csv").set_index("method")
+    diff = table.loc["lsq_talr", "last_top1_mean"] - table.loc["lsq_talr_matched", "last_top1_mean"]
+    assert table.loc["lsq_talr_matched", "ref_minus_last_mean"] == pytest.approx(diff)
+    assert table.loc["lsq_talr_matched", "ref_minus_n"] == 1
+    md = (p["tmp"] / "t.md").read_text()
+    assert "lsq_talr − row (paired, last)" in md and "Σ LR (latent)" in md and "TALR regulates from step" in md
+    r = CliRunner().invoke(cli, ["aggregate", *map(str, metrics), "--out-csv", str(p["tmp"] / "u.csv"), "--out-md",
+                                 str(p["tmp"] / "u.md"), "--reference", "lsq_cosine"])  # fmt: skip
+    assert r.exit_code != 0 and "reference method 'lsq_cosine' has no metrics" in r.output
+    assert not (p["tmp"] / "u.csv").exists()
 
 
 def test_same_seed_same_metrics(pipeline):

@@ -86,3 +86,56 @@ def test_grad_quant_minmax_differs_from_fp_gradients():
 def test_bad_technique_settings_fail_at_construction(cfg, key):
     with pytest.raises(ConfigError, match=key):
         get_method("real")(cfg)
+
+
+def test_talr_reports_its_summed_lr_and_the_matched_control_gets_the_same_per_layer():
+    from zsqpipe.engine import make_optimizer, make_scheduler
+    from zsqpipe.methods.real import RealConfig, matched_latent_groups
+
+    ctx, _ = make_ctx()
+    run_real(ctx, talr={})
+    ref = ctx.summary
+    sums = ref["talr"]["lr_sum"]
+    assert set(sums) == {"0", "3", "8"} and all(v > 0 for v in sums.values())  # both convs and the head
+    assert ref["latent"]["lr_sum_mean"] == pytest.approx(sum(sums.values()) / len(sums))
+
+    # the control's groups: under its cosine schedule each layer's LR adds up to TALR's sum of U for that layer
+    control, _ = make_ctx()
+    cfg = RealConfig(epochs=2, iters_per_epoch=5, lr=0.01, latent_lr_from="lsq_talr")
+    groups = matched_latent_groups(control.student, ref, cfg, 10)
+    opt = make_optimizer(groups, "sgd", 0.01, 0.9, 0.0, True)
+    sched = make_scheduler(opt, "cosine", 10)
+    applied = [0.0] * len(opt.param_groups)
+    for _ in range(10):
+        for i, g in enumerate(opt.param_groups):
+            applied[i] += g["lr"]
+        opt.step()
+        sched.step()
+    latent = {g["talr_layers"][0]: a for g, a in zip(opt.param_groups, applied, strict=True) if "talr_layers" in g}
+    assert latent == pytest.approx(sums)
+    assert applied[-1] == pytest.approx(0.01 * 5.5)  # the rest keeps lr under its cosine (sum_t<10 of factors 5.5)
+
+    # the method end to end: frozen weight step sizes, the matched sums in its summary
+    control.lr_reference = ref
+    run_real(control, latent_lr_from="lsq_talr", freeze_weight_scales=True)
+    assert control.summary["latent"]["lr_sum"] == pytest.approx(sums)
+    assert control.summary["latent"]["matched_to"] == "lsq_talr"
+    w_scales = [m.weight_quantizer.scale for m in control.student.modules() if hasattr(m, "weight_quantizer")]
+    assert w_scales and all(not s.requires_grad for s in w_scales)
+
+    plain, _ = make_ctx()
+    run_real(plain, schedule="constant")
+    assert plain.summary["latent"]["lr_sum_mean"] == pytest.approx(0.01 * 10)
+
+
+def test_matched_control_errors():
+    from zsqpipe.methods.real import RealConfig, matched_latent_groups
+
+    with pytest.raises(ConfigError, match="latent_lr_from: a TALR run"):
+        RealConfig(talr={}, latent_lr_from="lsq_talr")
+    ctx, _ = make_ctx()
+    cfg = RealConfig(latent_lr_from="lsq_talr")
+    with pytest.raises(ConfigError, match="needs that cell's history.json"):
+        matched_latent_groups(ctx.student, None, cfg, 10)
+    with pytest.raises(ConfigError, match="not this model's quantized layers"):
+        matched_latent_groups(ctx.student, {"talr": {"lr_sum": {"global": 1.0}}}, cfg, 10)

@@ -97,18 +97,43 @@ def test_talr_update_follows_eq_11_and_is_never_negative():
     opt = torch.optim.SGD(talr_param_groups(model, "layer", lr=0.1), lr=1.0)
     talr = TALR(opt, model, 50, cfg)
     seen_zero = False
-    for _ in range(50):
+    applied, regulating = [0.0] * len(talr.U), [None] * len(talr.U)
+    for t in range(1, 51):
         u_prev, k_prev = list(talr.U), list(talr.K)
         talr.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         talr.step()
         for i in range(len(talr.U)):
+            applied[i] += u_prev[i]  # the step used the U of before it
+            if regulating[i] is None and talr.K[i] > 1e-4 and u_prev[i] > 0:
+                regulating[i] = t  # the first step at which U falls
             assert talr.K[i] == pytest.approx(0.5 * k_prev[i] + 0.5 * talr.k[i])
             assert talr.U[i] == pytest.approx(max(0.0, u_prev[i] + 0.5 * (1e-4 - talr.K[i])))
             assert talr.U[i] >= 0.0
             assert talr.groups[i]["lr"] == talr.U[i]
             seen_zero |= talr.U[i] == 0.0
     assert seen_zero  # many transitions at lr 1 vs a tiny target: U hits the floor at 0
+    summary = talr.summary()
+    assert list(summary["lr_sum"].values()) == pytest.approx(applied)
+    assert summary["lr_sum_mean"] == pytest.approx(sum(applied) / len(applied))
+    assert list(summary["regulating_step"].values()) == regulating and None not in regulating
+    assert summary["regulating_fraction"] == 1.0 and summary["regulating_target_median"] == 1.0  # constant R
+    assert summary["steps"] == 50 and summary["trace"]["step"] == list(range(1, 51))
+    assert summary["trace"]["U"][-1] == pytest.approx(sum(talr.U) / len(talr.U))
+    # the summary survives a checkpoint
+    again = TALR(opt, model, 50, cfg)
+    again.load_state_dict(talr.state_dict())
+    assert again.summary() == summary
+
+
+def test_talr_that_never_catches_its_target_reports_no_regulating_step():
+    model = unit_step_model()
+    talr = make_talr(model, eta=0.1, target_rate=0.2, schedule="constant")
+    model.a.weight.grad, model.b.weight.grad = torch.zeros(2, 4), torch.zeros(2, 2)
+    talr.step()  # no transitions: K = 0 < R, U only grows
+    summary = talr.summary()
+    assert summary["regulating_fraction"] == 0.0 and summary["regulating_step_median"] is None
+    assert set(summary["regulating_step"].values()) == {None}
 
 
 def test_zero_talr_freezes_latent_weights_and_increases_when_below_target():

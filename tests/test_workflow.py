@@ -216,6 +216,28 @@ def test_main_job_is_a_prefix_of_the_full_table(tmp_path):
     assert all(main[k] == full[k] for k in shared), [k for k in shared if main[k] != full[k]]
 
 
+def test_trs_table_plans_the_lr_matched_control_after_its_talr_cell(tmp_path):
+    """trs.csv: each lsq_talr_matched cell reads the history.json of the lsq_talr cell of the same arch, bits and
+    seed (--lr-reference, an input, so it reruns when that cell does); the table pairs every row with TALR."""
+    jobs = planned(tmp_path, REPO / "config" / "config.yaml", "results/tables/trs.csv")
+    matched = {w: job for (rule, w), job in jobs.items() if rule == "quantize" and "method=lsq_talr_matched" in w}
+    assert len(matched) == 2 * 3 * 3  # archs x bits x seeds
+    for w, job in matched.items():
+        wc = dict(kv.split("=") for kv in w.split(", "))
+        ref = (f"results/quant/{wc['dataset']}/{wc['arch']}/lsq_talr/w{wc['weight_bits']}a{wc['act_bits']}/"
+               f"seed{wc['seed']}/history.json")  # fmt: skip
+        assert f"--lr-reference {ref}" in job["shell"], job["shell"]
+    others = [job for (rule, w), job in jobs.items() if rule == "quantize" and "method=lsq_talr_matched" not in w]
+    assert others and not any("--lr-reference" in job["shell"] for job in others)
+    assert "--reference lsq_talr" in jobs[("aggregate", "table=trs")]["shell"]
+    bad = write_config(tmp_path / "bad.yaml", base="config.yaml",
+                       variants__lsq_talr_matched__methods__latent_lr_from="lsq_cosine")  # fmt: skip
+    r = snakemake(tmp_path, bad, "-n", "results/tables/trs.csv", check=False)
+    assert r.returncode != 0
+    assert "'variants.lsq_talr_matched.methods.latent_lr_from': 'lsq_cosine' is not a method or variant with " \
+           "methods.talr set" in r.stdout + r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(4000)  # the suite-wide 900 s is too short for FP training + 30 cells on a shared CI host
 def test_readme_main_command_end_to_end(tmp_path):

@@ -11,6 +11,7 @@ rule aggregate:
     params:
         title=table_title,
         paper=table_paper,
+        reference=table_reference,
         code=code_version("zsqpipe.stages.aggregate"),
     log:
         f"{LOGS}/aggregate/{{table}}.log",
@@ -21,5 +22,5 @@ rule aggregate:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe aggregate {input.metrics} --out-csv {output.csv} --out-md {output.md}"
-        " --title {params.title:q} --paper {params.paper:q} --tracking {input.tracking}"
+        " --title {params.title:q} --paper {params.paper:q} {params.reference} --tracking {input.tracking}"
         " --rule aggregate --wildcards '{wildcards}' --log-file {log} > {log} 2>&1"

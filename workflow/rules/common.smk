@@ -168,6 +168,22 @@ def warmup_input(wildcards):
     return [f"{RESULTS}/generators/{wildcards.dataset}/{wildcards.arch}/{warmup_tag(spec)}/seed{wildcards.seed}.pt"]
 
 
+def lr_reference_input(wildcards):
+    """The history.json of the TALR cell an LR-matched control matches (methods.real.latent_lr_from): the same
+    dataset, arch, bits and seed with the named method or variant."""
+    ref = method_config(wildcards.method).get("latent_lr_from")
+    if ref is None:
+        return []
+    if (ref not in METHOD_NAMES and ref not in VARIANTS) or method_config(ref).get("talr") is None:
+        raise ConfigError(f"config key 'variants.{wildcards.method}.methods.latent_lr_from': {ref!r} is not a "
+                          "method or variant with methods.talr set (the TALR run to match)")
+    return [os.path.join(QUANT_DIR.format(**{**dict(wildcards.items()), "method": ref}), "history.json")]
+
+
+def lr_reference_flag(wildcards, input):
+    return f"--lr-reference {input.lr_reference}" if input.lr_reference else ""
+
+
 def warmup_flag(wildcards, input):
     return f"--warmup {input.warmup}" if input.warmup else ""
 
@@ -223,6 +239,15 @@ def table_title(wildcards):
 
 def table_paper(wildcards):
     return canonical_json(config["tables"][wildcards.table]["paper"])
+
+
+def table_reference(wildcards):
+    ref = config["tables"][wildcards.table].get("reference")
+    if ref is None:
+        return ""
+    if ref not in config["tables"][wildcards.table]["methods"]:
+        raise ConfigError(f"config key 'tables.{wildcards.table}.reference': {ref!r} is not one of its methods")
+    return f"--reference {ref}"
 
 
 def table_cell_files(t, filename):

@@ -8,6 +8,7 @@ rule quantize:
         tracking=ancient(TRACKING),
         samples=samples_input,
         warmup=warmup_input,
+        lr_reference=lr_reference_input,
     output:
         model=f"{QUANT_DIR}/model.pt",
         history=f"{QUANT_DIR}/history.json",
@@ -17,6 +18,7 @@ rule quantize:
         method=method_params,
         samples=samples_flag,
         warmup=warmup_flag,
+        lr_reference=lr_reference_flag,
         device=config["device"],
         code=quantize_code,
     log:
@@ -35,6 +37,7 @@ rule quantize:
         "python3 -m zsqpipe quantize --fp {input.fp} --data {input.data} --method {params.base}"
         " --weight-bits {wildcards.weight_bits} --act-bits {wildcards.act_bits} --seed {wildcards.seed}"
         " --quant-params {params.quant:q} --method-params {params.method:q} {params.samples} {params.warmup}"
+        " {params.lr_reference}"
         " --out-model {output.model} --out-history {output.history} --device {params.device}"
         " --threads {threads} {resources.resume} --tracking {input.tracking} --rule quantize --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"

@@ -111,10 +111,12 @@ def generator_warmup_cmd(open_job, fp_ckpt, spec_json, seed, out):
 @click.option("--warmup", type=EXISTING, default=None,
               help="Generator warm-up from `zsqpipe generator-warmup` to replay (gdfq, qimera, hast, intraq); "
                    "without it the method trains its generator itself, with the same result.")  # fmt: skip
+@click.option("--lr-reference", type=EXISTING, default=None,
+              help="history.json of the TALR cell an LR-matched control matches (methods.real.latent_lr_from).")
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
 def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, seed, quant_params, method_params, samples,
-                 warmup, out_model, out_history):  # fmt: skip
+                 warmup, lr_reference, out_model, out_history):  # fmt: skip
     """Quantize the FP model and calibrate / fine-tune it with METHOD."""
     from zsqpipe.quant import QuantConfig
     from zsqpipe.stages.quantize import run_quantize
@@ -123,7 +125,7 @@ def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, see
     mcfg = parse_json(method_params, "--method-params")
     with open_job({"quant": q, "method": method, "cfg": mcfg, "seed": seed}) as job:
         run_quantize(fp_ckpt, manifest, method, mcfg, QuantConfig.from_dict(q), seed, out_model, out_history,
-                     samples=samples, job=job, warmup=warmup)  # fmt: skip
+                     samples=samples, job=job, warmup=warmup, lr_reference=lr_reference)  # fmt: skip
 
 
 @job_command("evaluate")
@@ -148,13 +150,15 @@ def evaluate_cmd(open_job, model_path, history, manifest, cell_json, out):
 @click.option("--title", default="zsqpipe results", show_default=True)
 @click.option("--paper", "paper_json", default="{}",
               help='Published top-1 as JSON {dataset: {arch: {method: {"w4a4": value}}}}: a "paper" column.')  # fmt: skip
-def aggregate_cmd(metrics, out_csv, out_md, title, paper_json):
+@click.option("--reference", default=None,
+              help="A method of the table: every other row gets the paired (same-seed) difference reference − row.")
+def aggregate_cmd(metrics, out_csv, out_md, title, paper_json, reference):
     """Build a results table (CSV + Markdown) from METRICS files (mean ± std over seeds)."""
     from zsqpipe.stages.aggregate import run_aggregate
 
     paper = parse_json(paper_json, "--paper")
     return (
         metrics,
-        functools.partial(run_aggregate, list(metrics), out_csv, out_md, title, paper),
+        functools.partial(run_aggregate, list(metrics), out_csv, out_md, title, paper, reference or None),
         (out_csv, out_md),
     )

@@ -72,6 +72,10 @@ class QuantContext:
     # (zsqpipe/warmups.py); None: the method trains its generator itself
     warmup: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # the ``summary`` of another cell's history.json (quantize --lr-reference): what an LR-matched control matches
+    lr_reference: dict[str, Any] | None = None
+    # what the method reports about its run beyond the per-epoch history (history.json ``summary``; e.g. TALR's)
+    summary: dict[str, Any] = field(default_factory=dict)
     resume: Any = None  # zsqpipe.resume.Checkpoints of the job (stages/quantize.py); None: no checkpoints
 
     def resumable(self, **state: Any) -> int:

@@ -14,6 +14,12 @@ Options from the QAT-technique papers (issue 5): ``talr`` (a dict of :class:`zsq
 transition-adaptive one (docs/methods/talr.md); ``grad_quant`` (a dict of
 :class:`zsqpipe.gradquant.GradQuantConfig`, e.g. ``{bits: 4}``) quantizes the output gradient of every
 quantized layer with LBT's adaptive clipping interval (docs/methods/lbt.md). Both default to off.
+
+TALR's controls (docs/methods/talr.md): ``latent_lr_from`` names the TALR cell (a method or variant of the same
+dataset, arch, bits and seed) whose summed latent-weight LR per layer (``summary.talr.lr_sum`` of its
+history.json, given to the stage as ``--lr-reference``) this run matches: each quantized layer's latent weights get
+``schedule`` scaled so that sum_t lr_t equals that layer's sum_t U^t; every other parameter keeps ``lr``.
+``freeze_weight_scales`` stops training the weight quantizers' step sizes, as TALR does.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import torch.nn.functional as F
 from zsqpipe.config import Doc, Milestones, Nested, NonNegFloat, Optimizer, PosFloat, PosInt, Prob, Schedule
 from zsqpipe.data.loaders import endless
 from zsqpipe.engine import kd_kl, make_optimizer, make_scheduler
+from zsqpipe.errors import ConfigError
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.progress import progress
-from zsqpipe.quant.talr import TALR, TALRConfig, talr_param_groups
+from zsqpipe.quant.talr import TALR, TALRConfig, freeze_weight_scales, talr_param_groups
 from zsqpipe.zsq.calibration import calibrate
 
 
@@ -60,7 +67,16 @@ class RealConfig:
         dict[str, Any] | None, Nested("zsqpipe.gradquant:GradQuantConfig"), Doc("LBT gradient quantization (docs/methods/lbt.md), e.g. {bits: 4}; null = FP gradients")
     ] = None
 
+    latent_lr_from: Annotated[
+        str | None, Doc("TALR control: the TALR cell (method or variant name) whose summed latent LR per layer this run matches with `schedule` (docs/methods/talr.md); null = off")
+    ] = None
+    freeze_weight_scales: Annotated[
+        bool, Doc("stop training the weight quantizers' step sizes (TALR does; its LR-matched control should too)")
+    ] = False
+
     def __post_init__(self):  # one-line errors at construction, not mid-run
+        if self.latent_lr_from is not None and self.talr is not None:
+            raise ConfigError("methods.real.latent_lr_from: a TALR run (talr set) cannot also match another's LR")
         self.talr_config()
         self.grad_quant_config()
 
@@ -85,7 +101,14 @@ class RealData(Method):
         student.train(c.bn_train)
         steps = c.epochs * c.iters_per_epoch
         talr_cfg = c.talr_config()
-        params = student.parameters() if talr_cfg is None else talr_param_groups(student, talr_cfg.scope)
+        if talr_cfg is not None:
+            params = talr_param_groups(student, talr_cfg.scope)
+        elif c.latent_lr_from is not None:
+            params = matched_latent_groups(student, ctx.lr_reference, c, steps)
+        else:
+            params = student.parameters()
+        if c.freeze_weight_scales:
+            freeze_weight_scales(student)
         opt = make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay, c.nesterov)
         sched = make_scheduler(opt, c.schedule, steps, milestones=c.milestones)
         talr = TALR(opt, student, steps, talr_cfg) if talr_cfg is not None else None
@@ -119,3 +142,48 @@ class RealData(Method):
             ctx.end_epoch(epoch, extra)
             student.train(c.bn_train)
         grads.remove()
+        if talr is not None:
+            ctx.summary["talr"] = talr.summary()
+            ctx.summary["latent"] = {"lr_sum_mean": ctx.summary["talr"]["lr_sum_mean"]}
+        elif c.latent_lr_from is not None:
+            sums = {g["talr_layers"][0]: g["matched_lr_sum"] for g in opt.param_groups if "talr_layers" in g}
+            ctx.summary["latent"] = {"matched_to": c.latent_lr_from, "lr_sum": sums,
+                                     "lr_sum_mean": sum(sums.values()) / len(sums)}  # fmt: skip
+        else:
+            ctx.summary["latent"] = {"lr_sum_mean": c.lr * schedule_sum(c, steps)}
+
+
+def schedule_sum(c: RealConfig, steps: int) -> float:
+    """sum_t of the LR factor of schedule ``c.schedule`` over ``steps`` steps (the LR a step of lr 1 adds up to)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_scheduler(opt, c.schedule, steps, milestones=c.milestones)
+    total = 0.0
+    for _ in range(steps):
+        total += opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    return total
+
+
+def matched_latent_groups(student, reference: dict | None, c: RealConfig, steps: int) -> list[dict]:
+    """One parameter group per quantized layer whose LR over ``steps`` steps of ``c.schedule`` sums to the
+    reference TALR run's sum_t U^t for that layer (``reference``: its history's ``summary``), then the rest."""
+    if reference is None or "talr" not in reference:
+        raise ConfigError(
+            f"methods.real.latent_lr_from: {c.latent_lr_from!r} needs that cell's history.json with a TALR "
+            "summary (quantize --lr-reference)"
+        )
+    sums = reference["talr"]["lr_sum"]
+    groups = talr_param_groups(student, "layer")
+    layers = [g["talr_layers"][0] for g in groups if "talr_layers" in g]
+    if sorted(layers) != sorted(sums):
+        raise ConfigError(
+            f"methods.real.latent_lr_from: the reference's TALR layers {sorted(sums)} are not this model's "
+            f"quantized layers {sorted(layers)} (per-layer TALR scope, same arch and bits expected)"
+        )
+    per_step = schedule_sum(c, steps)
+    for g in groups:
+        if "talr_layers" in g:
+            g["matched_lr_sum"] = sums[g["talr_layers"][0]]
+            g["lr"] = g["matched_lr_sum"] / per_step
+    return groups

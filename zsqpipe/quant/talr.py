@@ -11,11 +11,16 @@ equations, options and deviations. Per iteration t, for each TALR scope (a layer
 
 Eq. 12 is realised by setting the learning rate of the latent weights' parameter group(s) to U before the
 wrapped optimizer's step; every other parameter keeps its own (scheduled) learning rate.
+
+``TALR.summary()`` records what a fair comparison needs (docs/methods/talr.md, controls): each scope's summed
+learning rate sum_t U^t (the budget an LR-matched control gets) and the first step at which U^t falls
+(R^t < K^t: the *regulating phase*, when the running transition rate has caught up with its target).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -133,6 +138,10 @@ class TALR:
         self.R0 = [self._r0(layers) for layers in self.layers]
         self.R = list(self.R0)
         self.t = 0
+        self.lr_sum = [0.0] * len(self.groups)  # sum over steps of the U each step applied
+        self.regulating_step: list[int | None] = [None] * len(self.groups)  # first t with U^t < U^(t-1)
+        self.regulating_target: list[float | None] = [None] * len(self.groups)  # R^t / R^0 at that step
+        self.trace: dict[str, list[float]] = {"step": [], "U": [], "K": [], "R": []}  # scope means, sampled
         self._levels: list[list[torch.Tensor]] | None = None
         if self.cfg.freeze_weight_scales:
             freeze_weight_scales(model)
@@ -160,8 +169,9 @@ class TALR:
     def step(self, closure=None):
         if self._levels is None:
             self._levels = self._current_levels()
-        for g, u in zip(self.groups, self.U, strict=True):
+        for i, (g, u) in enumerate(zip(self.groups, self.U, strict=True)):
             g["lr"] = u
+            self.lr_sum[i] += u
         loss = self.optimizer.step(closure)
         new = self._current_levels()
         counts = [
@@ -177,14 +187,22 @@ class TALR:
             self.k[i] = changed[i] / sum(m.weight.numel() for _, m in layers)
             self.K[i] = c.momentum * self.K[i] + (1 - c.momentum) * self.k[i]
             self.R[i] = c.target(self.R0[i], self.t, self.total_steps)
+            if self.regulating_step[i] is None and self.R[i] < self.K[i] and self.U[i] > 0:
+                self.regulating_step[i] = self.t
+                self.regulating_target[i] = self.R[i] / self.R0[i]
             self.U[i] = max(0.0, self.U[i] + self.eta[i] * (self.R[i] - self.K[i]))
             groups[i]["lr"] = self.U[i]
+        if self.t % max(1, self.total_steps // 500) == 0 or self.t == self.total_steps:
+            self.trace["step"].append(self.t)
+            for key, values in (("U", self.U), ("K", self.K), ("R", self.R)):
+                self.trace[key].append(sum(values) / len(values))
         return loss
 
     def state_dict(self) -> dict[str, Any]:
         """k, K, R, U, the step count and the last integer levels (the wrapped optimizer saves its own)."""
         return {"k": list(self.k), "K": list(self.K), "R": list(self.R), "U": list(self.U), "t": self.t,
-                "levels": self._levels}  # fmt: skip
+                "levels": self._levels, "lr_sum": list(self.lr_sum), "regulating_step": list(self.regulating_step),
+                "regulating_target": list(self.regulating_target), "trace": {k: list(v) for k, v in self.trace.items()}}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["U"]) != len(self.groups):
@@ -193,9 +211,36 @@ class TALR:
             )
         self.k, self.K, self.R, self.U = (list(state[n]) for n in ("k", "K", "R", "U"))
         self.t, self._levels = int(state["t"]), state["levels"]
+        n = len(self.U)
+        self.lr_sum = list(state.get("lr_sum", [0.0] * n))  # checkpoints from before the summary: sums restart
+        self.regulating_step = list(state.get("regulating_step", [None] * n))
+        self.regulating_target = list(state.get("regulating_target", [None] * n))
+        self.trace = {k: list(v) for k, v in state.get("trace", {k: [] for k in self.trace}).items()}
+
+    def names(self) -> list[str]:
+        """One name per scope: the layer's module name, or ``global``."""
+        return [g[_KEY][0] if len(g[_KEY]) == 1 else "global" for g in self.groups]
 
     def stats(self) -> dict[str, dict[str, float]]:
-        names = [g[_KEY][0] if len(g[_KEY]) == 1 else "global" for g in self.groups]
         return {
-            n: {"k": self.k[i], "K": self.K[i], "R": self.R[i], "U": self.U[i]} for i, n in enumerate(names)
+            n: {"k": self.k[i], "K": self.K[i], "R": self.R[i], "U": self.U[i]}
+            for i, n in enumerate(self.names())
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What the run did with the LR: per scope the summed LR (sum_t U^t, what an LR-matched control is given)
+        and the first regulating step (U falls: R^t < K^t; null = never) with R^t / R^0 there (near 0: only the
+        decayed end of the target schedule was reached), their means / median / fraction over scopes, and the
+        scope-mean U, K, R traced at <= 500 steps."""
+        names, reached = self.names(), [s for s in self.regulating_step if s is not None]
+        targets = [r for r in self.regulating_target if r is not None]
+        return {
+            "steps": self.t,
+            "lr_sum": dict(zip(names, self.lr_sum, strict=True)),
+            "lr_sum_mean": sum(self.lr_sum) / len(self.lr_sum),
+            "regulating_step": dict(zip(names, self.regulating_step, strict=True)),
+            "regulating_fraction": len(reached) / len(names),
+            "regulating_step_median": statistics.median(reached) if reached else None,
+            "regulating_target_median": statistics.median(targets) if targets else None,
+            "trace": {k: list(v) for k, v in self.trace.items()},
         }

@@ -48,6 +48,16 @@ def summarize_history(history: list[dict]) -> dict:
     }
 
 
+def summary_scalars(summary: dict) -> dict[str, float]:
+    """The numbers of a history's method ``summary`` ({section: {key: value}}) as flat ``<section>_<key>`` metrics
+    (e.g. ``talr_lr_sum_mean``, ``talr_regulating_step_median``); per-layer dicts, traces and nulls are left out."""
+    return {
+        f"{section}_{key}": float(v)
+        for section, values in summary.items() if isinstance(values, dict)
+        for key, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }  # fmt: skip
+
+
 def run_evaluate(
     model_path: Path,
     history_path: Path,
@@ -96,6 +106,7 @@ def run_evaluate(
         "top1": last["test_top1"],
         **({"top5": last["test_top5"]} if info.num_classes >= 100 else {}),
         **summary,
+        **summary_scalars(hist.get("summary", {})),
         "fp_top1": hist.get("fp_test_top1"),
         "model_size_bits": model_size_bits(model),
         "macs": sum(o.macs for o in ops),

@@ -20,7 +20,7 @@ from zsqpipe.data import make_loader
 from zsqpipe.data.shards import ShardSet
 from zsqpipe.engine import Timer, evaluate
 from zsqpipe.errors import ConfigError, IntegrityError, OutputError
-from zsqpipe.io import atomic_path, json_text, os_reason, save_checkpoint, sha256_file
+from zsqpipe.io import atomic_path, json_text, os_reason, read_json, save_checkpoint, sha256_file
 from zsqpipe.job import Job
 from zsqpipe.methods import QuantContext, get_method
 from zsqpipe.methods.base import teacher_and_student
@@ -94,6 +94,16 @@ class EpochEvaluator:
         return _correct(evaluate(self.student, self.probe))
 
 
+def _reference_summary(path: Path | None) -> dict | None:
+    """The ``summary`` of another cell's history.json (an LR-matched control's reference), or None."""
+    if path is None:
+        return None
+    summary = read_json(path).get("summary")
+    if not isinstance(summary, dict):
+        raise IntegrityError(f"{path}: history.json has no summary (not a TALR cell's history, or written before it)")
+    return summary
+
+
 def _publish(out_model: Path, out_history: Path, ckpt: dict, result: dict) -> None:
     """model.pt and history.json, both or neither; history.json (with model.pt's SHA-256) is published last."""
 
@@ -121,6 +131,7 @@ def run_quantize(
     samples: Path | None = None,
     job: Job | None = None,
     warmup: Path | None = None,
+    lr_reference: Path | None = None,
 ) -> dict:
     job = job or Job()
     method_obj = get_method(method)(method_cfg)
@@ -130,7 +141,8 @@ def run_quantize(
     key = {"method": method, "method_cfg": method_obj.config_dict(), "quant": quant_cfg.to_dict(), "seed": seed,
            "fp_checkpoint_sha256": fp_sha256, "data_manifest_sha256": sha256_file(dataset_manifest),
            "samples_manifest_sha256": sha256_file(shard_set.manifest_path) if shard_set is not None else None,
-           "warmup_sha256": sha256_file(warmup) if recorded is not None else None}  # fmt: skip
+           "warmup_sha256": sha256_file(warmup) if recorded is not None else None,
+           "lr_reference_sha256": sha256_file(lr_reference) if lr_reference is not None else None}  # fmt: skip
     run = TrainingRun(job, "quantize", key, out_model, seed, code=(f"zsqpipe.methods.{method}",))
     dev = run.device
     data = load_prepared(dataset_manifest)
@@ -151,6 +163,7 @@ def run_quantize(
         input_shape=(info.in_channels, info.image_size, info.image_size),
         train_loader_factory=train_loader_factory if method_obj.uses_real_data else None,
         end_epoch=end_epoch, log=job.log, samples=shard_set, resume=run.checkpoints, warmup=recorded,
+        lr_reference=_reference_summary(lr_reference),
     )  # fmt: skip
     method_obj.run(ctx)
     history = run.history
@@ -166,7 +179,8 @@ def run_quantize(
     result = {"method": method, "seed": seed, "quant": quant_cfg.to_dict(), "method_cfg": asdict(method_obj.cfg),
               "history": history, "wall_time_s": run.timer(), "fp_test_top1": fp_ckpt.get("test_top1"),
               "resumed_from_epoch": run.resumed_from,
-              "probe_runtime": {"device": str(dev), "threads": torch.get_num_threads()}}  # fmt: skip
+              "probe_runtime": {"device": str(dev), "threads": torch.get_num_threads()},
+              **({"summary": ctx.summary} if ctx.summary else {})}  # fmt: skip
     _publish(out_model, out_history, ckpt, result)
     run.finish({"wall_time_s": result["wall_time_s"]}, [(out_history, None), (out_model, "checkpoint")])
     return result
