@@ -320,6 +320,8 @@ def test_workflow_builds_oqat_table_on_the_ofa_space(tmp_path):
     snakemake(tmp_path, cfg, "--cores", "2", "results/tables/oqat.csv")
     t = pd.read_csv(tmp_path / "results/tables/oqat.csv")
     assert list(t["bits"]) == [4, 4, 3, 3] and t["test_top1_mean"].notna().all()
+    md = (tmp_path / "results/tables/oqat.md").read_text()
+    assert "OQAT on the OFA / MobileNetV3 space" in md and "Cells: the ops on edges" not in md
     s3 = read_json(tmp_path / "results/nas/oqat/fashion_mnist/w3/seed0/search.json")
     found = [r for r in s3["found"] if r["arch"] is not None]
     assert found and all(OFASpaceConfig.from_dict(TINY).to_str(r["ofa"]) == r["arch"] for r in found)

@@ -268,7 +268,8 @@ def test_search_never_reads_test_accuracy(trained, monkeypatch):
     assert (tmp / "p.png").read_bytes()[:4] == b"\x89PNG" and len(pd.read_csv(tmp / "p.csv")) == len(
         a["pareto"]
     )
-    assert "from w4 (double)" in (tmp / "t.md").read_text()
+    md = (tmp / "t.md").read_text()
+    assert "from w4 (double)" in md and "OQAT on the NB201 space" in md and "Cells: the ops on edges" in md
 
 
 

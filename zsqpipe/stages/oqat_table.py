@@ -19,7 +19,7 @@ from zsqpipe.io import atomic_path, markdown_table, mean_pm_std, read_json, writ
 
 REQUIRED = ["dataset", "bits", "seed", "found", "pareto", "max_bitops", "supernet", "wall_time_s"]
 NOTE = (
-    "OQAT on the NB201 space (docs/methods/oqat.md): one LSQ-quantized weight-sharing supernet per bit-width "
+    "OQAT on the {space} space (docs/methods/oqat.md): one LSQ-quantized weight-sharing supernet per bit-width "
     "(W = A bits; the lower bits inherit from the next higher one), searched under a BitOPs budget (fraction "
     "of the largest cell's BitOPs at that bit-width) by validation top-1 after BN recalibration, without "
     "retraining. test top-1 = test accuracy (%) of the found cell, read after the search; mean ± sample std "
@@ -118,7 +118,9 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
                  r["seeds"], mean_pm_std(r["test_top1_mean"], r["test_top1_std"]), mean_pm_std(r["val_top1_mean"], r["val_top1_std"]),
                  f"{r['mbitops_mean']:.1f}", r["cells"]]  # fmt: skip
         rows.append(cells)
-    return "\n".join(markdown_table(title, [NOTE, LEGEND], cols, rows)) + "\n"
+    nb201 = table["archs"].astype(str).str.startswith("|").all()
+    notes = [NOTE.format(space="NB201" if nb201 else "OFA / MobileNetV3"), *([LEGEND] if nb201 else [])]
+    return "\n".join(markdown_table(title, notes, cols, rows)) + "\n"
 
 
 def plot_pareto(pareto: pd.DataFrame, found: pd.DataFrame, out_png: Path, title: str) -> None:
