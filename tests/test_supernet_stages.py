@@ -440,3 +440,18 @@ def test_workflow_runs_supernet_variants_as_named_runs(tmp_path):
     r = snakemake(tmp_path, bad, "-n", "results/tables/supernet.csv", check=False)
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "invalid config" in ln]
     assert r.returncode != 0 and len(lines) == 1 and "'fairnas'" in lines[0] and "supernet.variants" in lines[0]
+
+
+def test_supernet_search_can_search_a_subset_of_the_supernets(tmp_path):
+    """supernet.search.supernets: only the named supernet methods are searched (their supernets trained, the
+    others not); a name outside supernet.methods is one line at parse time."""
+    over = {"tracking": False, "supernet__methods": ["spos", "spos_calr", "spos_calr_ms"]}
+    cfg = write_config(tmp_path / "s.yaml", supernet__search__supernets=["spos", "spos_calr_ms"], **over)
+    jobs = planned(tmp_path, cfg, "results/tables/supernet_search.csv")
+    searched = {w.split("method=")[1].split(",")[0] for rule, w in jobs if rule == "supernet_search"}
+    trained = {w.split("method=")[1].split(",")[0] for rule, w in jobs if rule == "supernet_train"}
+    assert searched == trained == {"spos", "spos_calr_ms"}
+    bad = write_config(tmp_path / "b.yaml", supernet__search__supernets=["spos_ms"], **over)
+    r = snakemake(tmp_path, bad, "-n", "results/tables/supernet_search.csv", check=False)
+    assert r.returncode != 0
+    assert "'supernet.search.supernets': 'spos_ms' is not one of supernet.methods" in r.stdout + r.stderr

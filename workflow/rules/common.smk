@@ -427,7 +427,7 @@ SUPERNET_SEARCH = f"{RESULTS}/nas/supernet_search/{{dataset}}/{{method}}/seed{{s
 
 
 def supernet_search_params(wildcards):
-    return canonical_json({k: v for k, v in SUPERNET["search"].items() if k != "strategies"})
+    return canonical_json({k: v for k, v in SUPERNET["search"].items() if k not in ("strategies", "supernets")})
 
 
 def supernet_search_gt_params(wildcards):
@@ -442,11 +442,21 @@ def supernet_search_code(wildcards):
     return code_version("zsqpipe.stages.supernet_search", f"zsqpipe.nas.strategies.{wildcards.strategy}")
 
 
+def searched_supernets():
+    """supernet.search.supernets (null: every supernet method), each checked against supernet.methods."""
+    chosen = SUPERNET["search"].get("supernets") or SUPERNET["methods"]
+    for m in chosen:
+        if m not in SUPERNET["methods"]:
+            raise ConfigError(f"config key 'supernet.search.supernets': {m!r} is not one of supernet.methods "
+                              f"{list(SUPERNET['methods'])}")
+    return chosen
+
+
 def supernet_searches(wildcards):
     return [
         SUPERNET_SEARCH.format(dataset=d, method=m, seed=s, strategy=st)
         for d in SUPERNET["datasets"]
-        for m in SUPERNET["methods"]
+        for m in searched_supernets()
         for s in SUPERNET["seeds"]
         for st in SUPERNET["search"]["strategies"]
     ]
