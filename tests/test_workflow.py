@@ -221,7 +221,7 @@ def test_trs_table_plans_the_lr_matched_control_after_its_talr_cell(tmp_path):
     seed (--lr-reference, an input, so it reruns when that cell does); the table pairs every row with TALR."""
     jobs = planned(tmp_path, REPO / "config" / "config.yaml", "results/tables/trs.csv")
     matched = {w: job for (rule, w), job in jobs.items() if rule == "quantize" and "method=lsq_talr_matched" in w}
-    assert len(matched) == 2 * 3 * 3  # archs x bits x seeds
+    assert len(matched) == 2 * 2 * 3 * 3  # cosine and constant x archs x bits x seeds
     for w, job in matched.items():
         wc = dict(kv.split("=") for kv in w.split(", "))
         ref = (f"results/quant/{wc['dataset']}/{wc['arch']}/lsq_talr/w{wc['weight_bits']}a{wc['act_bits']}/"
