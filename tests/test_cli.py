@@ -176,6 +176,9 @@ def test_talr_and_its_lr_matched_control_through_the_commands(pipeline):
                                  str(p["tmp"] / "u.md"), "--reference", "lsq_cosine"])  # fmt: skip
     assert r.exit_code != 0 and "reference method 'lsq_cosine' has no metrics" in r.output
     assert not (p["tmp"] / "u.csv").exists()
+    r = CliRunner().invoke(cli, ["aggregate", str(metrics[0]), str(metrics[0]), "--out-csv", str(p["tmp"] / "u.csv"),
+                                 "--out-md", str(p["tmp"] / "u.md")])  # fmt: skip
+    assert r.exit_code != 0 and "more than one metrics file for the cell and seed" in r.output
 
 
 def test_same_seed_same_metrics(pipeline):

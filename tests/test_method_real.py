@@ -102,9 +102,9 @@ def test_talr_reports_its_summed_lr_and_the_matched_control_gets_the_same_per_la
     # the control's groups: under its cosine schedule each layer's LR adds up to TALR's sum of U for that layer
     control, _ = make_ctx()
     cfg = RealConfig(epochs=2, iters_per_epoch=5, lr=0.01, latent_lr_from="lsq_talr")
-    groups = matched_latent_groups(control.student, ref, cfg, 10)
+    groups, factor = matched_latent_groups(control.student, ref, cfg, 10)
     opt = make_optimizer(groups, "sgd", 0.01, 0.9, 0.0, True)
-    sched = make_scheduler(opt, "cosine", 10)
+    sched = make_scheduler(opt, "cosine", 10)  # latent_schedule null: the latent groups follow `schedule`
     applied = [0.0] * len(opt.param_groups)
     for _ in range(10):
         for i, g in enumerate(opt.param_groups):
@@ -127,6 +127,24 @@ def test_talr_reports_its_summed_lr_and_the_matched_control_gets_the_same_per_la
     run_real(plain, schedule="constant")
     assert plain.summary["latent"]["lr_sum_mean"] == pytest.approx(0.01 * 10)
 
+    # latent_schedule: the matched latent weights spread the same sum evenly, every other parameter keeps cosine
+    cfg = RealConfig(epochs=2, iters_per_epoch=5, lr=0.01, latent_lr_from="lsq_talr", latent_schedule="constant")
+    groups, factor = matched_latent_groups(make_ctx()[0].student, ref, cfg, 10)
+    is_latent = ["talr_layers" in g for g in groups]
+    opt = make_optimizer(groups, "sgd", 0.01, 0.9, 0.0, True)
+    sched = make_scheduler(opt, "cosine", 10, group_factors={i: factor for i, lat in enumerate(is_latent) if lat})
+    seen = [[] for _ in groups]
+    for _ in range(10):
+        for i, g in enumerate(opt.param_groups):
+            seen[i].append(g["lr"])
+        opt.step()
+        sched.step()
+    for lrs, lat, g in zip(seen, is_latent, opt.param_groups, strict=True):
+        if lat:
+            assert lrs == pytest.approx([sums[g["talr_layers"][0]] / 10] * 10)  # constant, same sum
+        else:
+            assert lrs[0] == pytest.approx(0.01) and lrs[-1] < 0.001  # cosine
+
 
 def test_matched_control_errors():
     from zsqpipe.methods.real import RealConfig, matched_latent_groups
@@ -138,4 +156,8 @@ def test_matched_control_errors():
     with pytest.raises(ConfigError, match="needs that cell's history.json"):
         matched_latent_groups(ctx.student, None, cfg, 10)
     with pytest.raises(ConfigError, match="not this model's quantized layers"):
-        matched_latent_groups(ctx.student, {"talr": {"lr_sum": {"global": 1.0}}}, cfg, 10)
+        matched_latent_groups(ctx.student, {"talr": {"steps": 10, "lr_sum": {"global": 1.0}}}, cfg, 10)
+    with pytest.raises(ConfigError, match="reference TALR run trained 200 steps, this run 10"):
+        matched_latent_groups(ctx.student, {"talr": {"steps": 200, "lr_sum": {}}}, cfg, 10)
+    with pytest.raises(ConfigError, match="latent_schedule: the LR-matched control needs cosine"):
+        RealConfig(latent_lr_from="lsq_talr", schedule="onecycle")

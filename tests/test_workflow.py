@@ -234,8 +234,8 @@ def test_trs_table_plans_the_lr_matched_control_after_its_talr_cell(tmp_path):
                        variants__lsq_talr_matched__methods__latent_lr_from="lsq_cosine")  # fmt: skip
     r = snakemake(tmp_path, bad, "-n", "results/tables/trs.csv", check=False)
     assert r.returncode != 0
-    assert "'variants.lsq_talr_matched.methods.latent_lr_from': 'lsq_cosine' is not a method or variant with " \
-           "methods.talr set" in r.stdout + r.stderr
+    assert "'methods.latent_lr_from' of 'lsq_talr_matched': 'lsq_cosine' is not a method or variant with " \
+           "methods.talr set and scope layer" in r.stdout + r.stderr
 
 
 @pytest.mark.slow

@@ -130,14 +130,15 @@ def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: 
 
 
 def make_scheduler(
-    optimizer, name: str, total_steps: int, warmup_frac: float = 0.0, milestones=(), gamma=0.1
+    optimizer, name: str, total_steps: int, warmup_frac: float = 0.0, milestones=(), gamma=0.1, group_factors=None
 ):
     """Per-step LR schedule: ``onecycle``, ``cosine`` (with linear warm-up), ``step`` (LR x ``gamma`` at each
-    milestone, given as a fraction of training) or ``constant``."""
+    milestone, given as a fraction of training) or ``constant``. ``group_factors``: {param-group index: a factor
+    from :func:`lr_factor`} for groups that follow another (non-onecycle) schedule than ``name``."""
     total_steps = max(int(total_steps), 1)
-    warm = int(round(warmup_frac * total_steps))
-
     if name == "onecycle":
+        if group_factors:
+            raise ConfigError("schedule: onecycle cannot be combined with per-group schedules")
         lr = [g["lr"] for g in optimizer.param_groups]
         # cycle_momentum=False: the configured momentum is used as given
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -147,6 +148,19 @@ def make_scheduler(
             pct_start=max(warmup_frac, 1e-3),
             cycle_momentum=False,
         )
+
+    factor = lr_factor(name, total_steps, warmup_frac, milestones, gamma)
+    if not group_factors:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    factors = [group_factors.get(i, factor) for i in range(len(optimizer.param_groups))]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def lr_factor(name: str, total_steps: int, warmup_frac: float = 0.0, milestones=(), gamma=0.1):
+    """The LR multiplier of step t (0-based) of ``cosine`` (with linear warm-up), ``step`` or ``constant``
+    over ``total_steps`` steps (what :func:`make_scheduler`'s LambdaLR applies)."""
+    total_steps = max(int(total_steps), 1)
+    warm = int(round(warmup_frac * total_steps))
 
     def factor(step: int) -> float:
         if step < warm:
@@ -161,7 +175,7 @@ def make_scheduler(
         raise ConfigError(f"schedule: expected onecycle, cosine, step or constant, got {name!r}")
 
     factor(0)  # validate the name now
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
 class Timer:

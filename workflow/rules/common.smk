@@ -174,9 +174,10 @@ def lr_reference_input(wildcards):
     ref = method_config(wildcards.method).get("latent_lr_from")
     if ref is None:
         return []
-    if (ref not in METHOD_NAMES and ref not in VARIANTS) or method_config(ref).get("talr") is None:
-        raise ConfigError(f"config key 'variants.{wildcards.method}.methods.latent_lr_from': {ref!r} is not a "
-                          "method or variant with methods.talr set (the TALR run to match)")
+    talr = method_config(ref).get("talr") if ref in METHOD_NAMES or ref in VARIANTS else None
+    if talr is None or talr.get("scope", "layer") != "layer":
+        raise ConfigError(f"config key 'methods.latent_lr_from' of {wildcards.method!r}: {ref!r} is not a method or "
+                          "variant with methods.talr set and scope layer (the per-layer TALR run to match)")
     return [os.path.join(QUANT_DIR.format(**{**dict(wildcards.items()), "method": ref}), "history.json")]
 
 

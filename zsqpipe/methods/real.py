@@ -19,7 +19,9 @@ TALR's controls (docs/methods/talr.md): ``latent_lr_from`` names the TALR cell (
 dataset, arch, bits and seed) whose summed latent-weight LR per layer (``summary.talr.lr_sum`` of its
 history.json, given to the stage as ``--lr-reference``) this run matches: each quantized layer's latent weights get
 ``schedule`` scaled so that sum_t lr_t equals that layer's sum_t U^t; every other parameter keeps ``lr``.
-``freeze_weight_scales`` stops training the weight quantizers' step sizes, as TALR does.
+``latent_schedule`` gives the matched latent weights their own schedule shape (e.g. ``constant``: the sum spread
+evenly) while every other parameter keeps ``schedule``; ``freeze_weight_scales`` stops training the weight
+quantizers' step sizes, as TALR does.
 """
 
 from __future__ import annotations
@@ -30,9 +32,20 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 
-from zsqpipe.config import Doc, Milestones, Nested, NonNegFloat, Optimizer, PosFloat, PosInt, Prob, Schedule
+from zsqpipe.config import (
+    Doc,
+    Milestones,
+    Nested,
+    NonNegFloat,
+    OneOf,
+    Optimizer,
+    PosFloat,
+    PosInt,
+    Prob,
+    Schedule,
+)
 from zsqpipe.data.loaders import endless
-from zsqpipe.engine import kd_kl, make_optimizer, make_scheduler
+from zsqpipe.engine import kd_kl, lr_factor, make_optimizer, make_scheduler
 from zsqpipe.errors import ConfigError
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.methods.base import Method, QuantContext, register_method
@@ -70,6 +83,9 @@ class RealConfig:
     latent_lr_from: Annotated[
         str | None, Doc("TALR control: the TALR cell (method or variant name) whose summed latent LR per layer this run matches with `schedule` (docs/methods/talr.md); null = off")
     ] = None
+    latent_schedule: Annotated[
+        str | None, OneOf("cosine", "step", "constant"), Doc("the matched control's schedule for the latent weights (null = `schedule`); every other parameter keeps `schedule`")
+    ] = None
     freeze_weight_scales: Annotated[
         bool, Doc("stop training the weight quantizers' step sizes (TALR does; its LR-matched control should too)")
     ] = False
@@ -77,6 +93,9 @@ class RealConfig:
     def __post_init__(self):  # one-line errors at construction, not mid-run
         if self.latent_lr_from is not None and self.talr is not None:
             raise ConfigError("methods.real.latent_lr_from: a TALR run (talr set) cannot also match another's LR")
+        if self.latent_lr_from is not None and (self.latent_schedule or self.schedule) == "onecycle":
+            raise ConfigError("methods.real.latent_schedule: the LR-matched control needs cosine, step or constant "
+                              "for the latent weights, got onecycle")  # fmt: skip
         self.talr_config()
         self.grad_quant_config()
 
@@ -101,16 +120,18 @@ class RealData(Method):
         student.train(c.bn_train)
         steps = c.epochs * c.iters_per_epoch
         talr_cfg = c.talr_config()
+        group_factors = None
         if talr_cfg is not None:
             params = talr_param_groups(student, talr_cfg.scope)
         elif c.latent_lr_from is not None:
-            params = matched_latent_groups(student, ctx.lr_reference, c, steps)
+            params, latent = matched_latent_groups(student, ctx.lr_reference, c, steps)
+            group_factors = {i: latent for i, g in enumerate(params) if "talr_layers" in g}
         else:
             params = student.parameters()
         if c.freeze_weight_scales:
             freeze_weight_scales(student)
         opt = make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay, c.nesterov)
-        sched = make_scheduler(opt, c.schedule, steps, milestones=c.milestones)
+        sched = make_scheduler(opt, c.schedule, steps, milestones=c.milestones, group_factors=group_factors)
         talr = TALR(opt, student, steps, talr_cfg) if talr_cfg is not None else None
         grads = enable_grad_quant(student, c.grad_quant_config())
         start = ctx.resumable(optimizer=opt, scheduler=sched, batches=batches, talr=talr, grad_quant=grads)
@@ -165,25 +186,29 @@ def schedule_sum(c: RealConfig, steps: int) -> float:
     return total
 
 
-def matched_latent_groups(student, reference: dict | None, c: RealConfig, steps: int) -> list[dict]:
-    """One parameter group per quantized layer whose LR over ``steps`` steps of ``c.schedule`` sums to the
+def matched_latent_groups(student, reference: dict | None, c: RealConfig, steps: int) -> tuple[list[dict], Any]:
+    """(groups, factor): one parameter group per quantized layer whose LR over ``steps`` steps of the latent
+    schedule (``c.latent_schedule``, else ``c.schedule``; ``factor`` = its per-step multiplier) sums to the
     reference TALR run's sum_t U^t for that layer (``reference``: its history's ``summary``), then the rest."""
+    key = "methods.real.latent_lr_from"
     if reference is None or "talr" not in reference:
-        raise ConfigError(
-            f"methods.real.latent_lr_from: {c.latent_lr_from!r} needs that cell's history.json with a TALR "
-            "summary (quantize --lr-reference)"
-        )
+        raise ConfigError(f"{key}: {c.latent_lr_from!r} needs that cell's history.json with a TALR summary "
+                          "(quantize --lr-reference)")  # fmt: skip
+    if reference["talr"].get("steps") != steps:
+        raise ConfigError(f"{key}: the reference TALR run trained {reference['talr'].get('steps')} steps, this run "
+                          f"{steps} (epochs x iters_per_epoch must match)")  # fmt: skip
     sums = reference["talr"]["lr_sum"]
     groups = talr_param_groups(student, "layer")
     layers = [g["talr_layers"][0] for g in groups if "talr_layers" in g]
     if sorted(layers) != sorted(sums):
         raise ConfigError(
-            f"methods.real.latent_lr_from: the reference's TALR layers {sorted(sums)} are not this model's "
-            f"quantized layers {sorted(layers)} (per-layer TALR scope, same arch and bits expected)"
+            f"{key}: the reference's TALR layers {sorted(sums)} are not this model's quantized layers "
+            f"{sorted(layers)} (per-layer TALR scope, same arch and bits expected)"
         )
-    per_step = schedule_sum(c, steps)
+    factor = lr_factor(c.latent_schedule or c.schedule, steps, milestones=c.milestones)
+    per_step = sum(factor(t) for t in range(steps))
     for g in groups:
         if "talr_layers" in g:
             g["matched_lr_sum"] = sums[g["talr_layers"][0]]
             g["lr"] = g["matched_lr_sum"] / per_step
-    return groups
+    return groups, factor

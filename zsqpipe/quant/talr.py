@@ -192,7 +192,7 @@ class TALR:
                 self.regulating_target[i] = self.R[i] / self.R0[i]
             self.U[i] = max(0.0, self.U[i] + self.eta[i] * (self.R[i] - self.K[i]))
             groups[i]["lr"] = self.U[i]
-        if self.t % max(1, self.total_steps // 500) == 0 or self.t == self.total_steps:
+        if self.t % max(1, -(-self.total_steps // 500)) == 0 or self.t == self.total_steps:  # <= 500 points
             self.trace["step"].append(self.t)
             for key, values in (("U", self.U), ("K", self.K), ("R", self.R)):
                 self.trace[key].append(sum(values) / len(values))

@@ -42,7 +42,12 @@ def load_metrics(paths: list[Path]) -> pd.DataFrame:
         rows.append(m)
     if not rows:
         raise IntegrityError("aggregate: no metrics files given")
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    dup = df.duplicated(KEYS + ["seed"])
+    if dup.any():
+        cell = df[dup].iloc[0][KEYS + ["seed"]].to_dict()
+        raise IntegrityError(f"aggregate: more than one metrics file for the cell and seed {cell}")
+    return df
 
 
 def paper_value(paper: dict | None, row: dict) -> float:
@@ -91,7 +96,7 @@ def summarize(df: pd.DataFrame, paper: dict | None = None, reference: str | None
         row["paper_top1"] = paper_value(paper, row)
         if reference is not None and row["method"] != reference:
             d = paired_difference(df, row, reference)
-            row["ref_minus_last_mean"], row["ref_minus_last_std"], row["ref_minus_n"] = d
+            row["ref_minus_last_mean"], row["ref_minus_last_std"], row["ref_minus_n"] = d[0], d[1], int(d[2])
         out.append(row)
     return pd.DataFrame(out)
 
@@ -135,7 +140,7 @@ def to_markdown(table: pd.DataFrame, title: str, reference: str | None = None) -
         cols.append(f"{reference} − row (paired, last)")
         for row, (_, r) in zip(rows, table.iterrows(), strict=True):
             n = r.get("ref_minus_n", 0)
-            row.append("" if not n or np.isnan(n) else
+            row.append("" if pd.isna(n) or not n else
                        f"{mean_pm_std(r['ref_minus_last_mean'], r['ref_minus_last_std'])} ({int(n)})")  # fmt: skip
         notes.append(f"{reference} − row: last-epoch test top-1 of {reference} minus this row's, per seed (same "
                      "dataset, arch, bits), mean ± std over the seeds both have (count in brackets).")  # fmt: skip
@@ -150,8 +155,9 @@ def to_markdown(table: pd.DataFrame, title: str, reference: str | None = None) -
         for row, (_, r) in zip(rows, table.iterrows(), strict=True):
             row.append(regulating_text(r))
         notes.append("TALR regulates from step: the first step at which U falls (running transition rate K above "
-                     "its target R), median over layers, mean over seeds; the share of layers that reach it; "
-                     "R/R⁰ there (near 0: only the decayed end of the target schedule was reached).")  # fmt: skip
+                     "its target R), median over layers, mean over the seeds where some layer reached it; the "
+                     "share of layers that reach it (mean over all seeds); R/R⁰ there (near 0: only the decayed "
+                     "end of the target schedule was reached).")  # fmt: skip
     return "\n".join(markdown_table(title, notes, cols, rows)) + "\n"
 
 

@@ -180,7 +180,9 @@ def run_quantize(
               "history": history, "wall_time_s": run.timer(), "fp_test_top1": fp_ckpt.get("test_top1"),
               "resumed_from_epoch": run.resumed_from,
               "probe_runtime": {"device": str(dev), "threads": torch.get_num_threads()},
-              **({"summary": ctx.summary} if ctx.summary else {})}  # fmt: skip
+              **({"summary": ctx.summary} if ctx.summary else {}),
+              **({"lr_reference": {"path": str(lr_reference), "sha256": key["lr_reference_sha256"]}}
+                 if lr_reference is not None else {})}  # fmt: skip
     _publish(out_model, out_history, ckpt, result)
     run.finish({"wall_time_s": result["wall_time_s"]}, [(out_history, None), (out_model, "checkpoint")])
     return result
