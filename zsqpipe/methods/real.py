@@ -50,7 +50,7 @@ from zsqpipe.errors import ConfigError
 from zsqpipe.gradquant import GradQuantConfig, enable_grad_quant
 from zsqpipe.methods.base import Method, QuantContext, register_method
 from zsqpipe.progress import progress
-from zsqpipe.quant.talr import TALR, TALRConfig, freeze_weight_scales, talr_param_groups
+from zsqpipe.quant.talr import TALR, TALRConfig, freeze_weight_scales, group_layer, talr_param_groups
 from zsqpipe.zsq.calibration import calibrate
 
 
@@ -125,7 +125,7 @@ class RealData(Method):
             params = talr_param_groups(student, talr_cfg.scope)
         elif c.latent_lr_from is not None:
             params, latent = matched_latent_groups(student, ctx.lr_reference, c, steps)
-            group_factors = {i: latent for i, g in enumerate(params) if "talr_layers" in g}
+            group_factors = {i: latent for i, g in enumerate(params) if group_layer(g)}
         else:
             params = student.parameters()
         if c.freeze_weight_scales:
@@ -167,17 +167,18 @@ class RealData(Method):
             ctx.summary["talr"] = talr.summary()
             ctx.summary["latent"] = {"lr_sum_mean": ctx.summary["talr"]["lr_sum_mean"]}
         elif c.latent_lr_from is not None:
-            sums = {g["talr_layers"][0]: g["matched_lr_sum"] for g in opt.param_groups if "talr_layers" in g}
+            sums = {group_layer(g): g["matched_lr_sum"] for g in opt.param_groups if "matched_lr_sum" in g}
             ctx.summary["latent"] = {"matched_to": c.latent_lr_from, "lr_sum": sums,
                                      "lr_sum_mean": sum(sums.values()) / len(sums)}  # fmt: skip
         else:
-            ctx.summary["latent"] = {"lr_sum_mean": c.lr * schedule_sum(c, steps)}
+            ctx.summary["latent"] = {"lr_sum_mean": c.lr * schedule_sum(c.schedule, steps, c.milestones)}
 
 
-def schedule_sum(c: RealConfig, steps: int) -> float:
-    """sum_t of the LR factor of schedule ``c.schedule`` over ``steps`` steps (the LR a step of lr 1 adds up to)."""
+def schedule_sum(name: str, steps: int, milestones=()) -> float:
+    """sum_t of the LR factor of schedule ``name`` over ``steps`` steps (the LR a step of lr 1 adds up to), as
+    :func:`zsqpipe.engine.make_scheduler` applies it."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = make_scheduler(opt, c.schedule, steps, milestones=c.milestones)
+    sched = make_scheduler(opt, name, steps, milestones=milestones)
     total = 0.0
     for _ in range(steps):
         total += opt.param_groups[0]["lr"]
@@ -199,16 +200,15 @@ def matched_latent_groups(student, reference: dict | None, c: RealConfig, steps:
                           f"{steps} (epochs x iters_per_epoch must match)")  # fmt: skip
     sums = reference["talr"]["lr_sum"]
     groups = talr_param_groups(student, "layer")
-    layers = [g["talr_layers"][0] for g in groups if "talr_layers" in g]
-    if sorted(layers) != sorted(sums):
+    latent = [(name, g) for g in groups if (name := group_layer(g))]
+    if sorted(name for name, _ in latent) != sorted(sums):
         raise ConfigError(
             f"{key}: the reference's TALR layers {sorted(sums)} are not this model's quantized layers "
-            f"{sorted(layers)} (per-layer TALR scope, same arch and bits expected)"
+            f"{sorted(name for name, _ in latent)} (per-layer TALR scope, same arch and bits expected)"
         )
-    factor = lr_factor(c.latent_schedule or c.schedule, steps, milestones=c.milestones)
-    per_step = sum(factor(t) for t in range(steps))
-    for g in groups:
-        if "talr_layers" in g:
-            g["matched_lr_sum"] = sums[g["talr_layers"][0]]
-            g["lr"] = g["matched_lr_sum"] / per_step
-    return groups, factor
+    schedule = c.latent_schedule or c.schedule
+    per_step = schedule_sum(schedule, steps, c.milestones)
+    for name, g in latent:
+        g["matched_lr_sum"] = sums[name]
+        g["lr"] = g["matched_lr_sum"] / per_step
+    return groups, lr_factor(schedule, steps, milestones=c.milestones)

@@ -33,7 +33,7 @@ from zsqpipe.quant.quantize import quant_layers
 
 SCOPES = ("layer", "global")
 SCHEDULES = ("cosine", "step", "constant")
-_KEY = "talr_layers"  # param-group key listing the layers whose latent weights the group holds
+LAYERS_KEY = "talr_layers"  # param-group key listing the layers whose latent weights the group holds
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,19 @@ def talr_param_groups(model: nn.Module, scope: str = "layer", **other: Any) -> l
     if not layers:
         raise ConfigError("talr: the model has no quantized layer (call quantize_model first)")
     if scope == "layer":
-        groups = [{"params": [m.weight], _KEY: [n]} for n, m in layers]
+        groups = [{"params": [m.weight], LAYERS_KEY: [n]} for n, m in layers]
     else:
-        groups = [{"params": [m.weight for _, m in layers], _KEY: [n for n, _ in layers]}]
+        groups = [{"params": [m.weight for _, m in layers], LAYERS_KEY: [n for n, _ in layers]}]
     taken = {id(m.weight) for _, m in layers}
     rest = [p for p in model.parameters() if id(p) not in taken]
     return groups + ([{"params": rest, **other}] if rest else [])
+
+
+def group_layer(group: dict) -> str | None:
+    """The layer whose latent weights a parameter group of :func:`talr_param_groups` holds alone (per-layer scope),
+    else None (a global group of several layers, or the group of every other parameter)."""
+    names = group.get(LAYERS_KEY)
+    return names[0] if names and len(names) == 1 else None
 
 
 def freeze_weight_scales(model: nn.Module) -> None:
@@ -128,9 +135,9 @@ class TALR:
         self.optimizer, self.cfg, self.total_steps = optimizer, cfg or TALRConfig(), int(total_steps)
         if not self.groups:
             raise ConfigError(
-                f"talr: the optimizer has no parameter group with {_KEY!r} (use talr_param_groups)"
+                f"talr: the optimizer has no parameter group with {LAYERS_KEY!r} (use talr_param_groups)"
             )
-        self.layers = [[(n, model.get_submodule(n)) for n in g[_KEY]] for g in self.groups]
+        self.layers = [[(n, model.get_submodule(n)) for n in g[LAYERS_KEY]] for g in self.groups]
         self.U = [float(g["lr"]) for g in self.groups]
         self.eta = [self.cfg.eta if self.cfg.eta is not None else u for u in self.U]
         self.K = [0.0] * len(self.groups)
@@ -149,7 +156,7 @@ class TALR:
     @property
     def groups(self) -> list[dict]:
         """The TALR parameter groups, looked up each time (``optimizer.load_state_dict`` replaces the dicts)."""
-        return [g for g in self.optimizer.param_groups if _KEY in g]
+        return [g for g in self.optimizer.param_groups if LAYERS_KEY in g]
 
     def _r0(self, layers: list[tuple[str, nn.Module]]) -> float:
         if self.cfg.target_rate is not None:
@@ -211,15 +218,14 @@ class TALR:
             )
         self.k, self.K, self.R, self.U = (list(state[n]) for n in ("k", "K", "R", "U"))
         self.t, self._levels = int(state["t"]), state["levels"]
-        n = len(self.U)
-        self.lr_sum = list(state.get("lr_sum", [0.0] * n))  # checkpoints from before the summary: sums restart
-        self.regulating_step = list(state.get("regulating_step", [None] * n))
-        self.regulating_target = list(state.get("regulating_target", [None] * n))
-        self.trace = {k: list(v) for k, v in state.get("trace", {k: [] for k in self.trace}).items()}
+        self.lr_sum, self.regulating_step, self.regulating_target = (
+            list(state[n]) for n in ("lr_sum", "regulating_step", "regulating_target")
+        )
+        self.trace = {k: list(v) for k, v in state["trace"].items()}
 
     def names(self) -> list[str]:
         """One name per scope: the layer's module name, or ``global``."""
-        return [g[_KEY][0] if len(g[_KEY]) == 1 else "global" for g in self.groups]
+        return [group_layer(g) or "global" for g in self.groups]
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {
