@@ -190,3 +190,35 @@ def test_stage_warmup_then_quantize_equals_quantize_alone(prepared, tmp_path, me
     key = "warmup_iters" if method == "gdfq" else "calib_iters"
     with pytest.raises(ConfigError, match=f"warm-up recorded with .*{3}"):
         run(tmp_path / "other", tmp_path / "w.pt", c={**cfg, key: 4})
+
+
+def test_inputs_seed_fixes_samples_and_calibration_while_the_fine_tuning_seed_varies(prepared, tmp_path):
+    """quantize --inputs-seed (variants.<v>.inputs_seed): a seed-1 cell reads the seed-0 samples and range
+    calibration record; its fine-tuning still draws with seed 1. A GDFQ record cannot be shared that way."""
+    from zsqpipe.job import Job
+    from zsqpipe.stages.quantize import run_quantize
+    from zsqpipe.stages.warmup import run_generator_warmup
+
+    cfg = {"epochs": 2, "iters_per_epoch": 2, "batch_size": 16, "calib_iters": 3, "calib_batch_size": 4}
+    job = Job.quiet(device="cpu", threads=1)
+    run_generator_warmup(prepared / "fp.pt", get_method("hast")(cfg).warmup_spec(), 0, tmp_path / "w0.pt", job)
+
+    def run(name, seed, inputs_seed=None, method="hast", c=cfg, warmup=tmp_path / "w0.pt"):
+        out = tmp_path / name
+        samples = prepared / "samples" if method == "hast" else None
+        return run_quantize(prepared / "fp.pt", prepared / "manifest.json", method, c, QuantConfig(4, 4), seed,
+                            out / "model.pt", out / "history.json", samples=samples, warmup=warmup,
+                            job=Job("cpu", 1, log=lambda _m: None), inputs_seed=inputs_seed)  # fmt: skip
+
+    with pytest.raises(IntegrityError, match="recorded for seed 0, the cell's seed is 1"):
+        run("plain1", 1)
+    own = run("own0", 0)
+    assert "inputs_seed" not in own
+    assert run("same0", 0, inputs_seed=0)["history"][-1]["test_top1"] == own["history"][-1]["test_top1"]
+    fixed = run("fixed1", 1, inputs_seed=0)
+    assert fixed["inputs_seed"] == 0 and fixed["seed"] == 1
+    assert [h["train_loss"] for h in fixed["history"]] != [h["train_loss"] for h in own["history"]]
+    gdfq = {"epochs": 2, "warmup_epochs": 1, "warmup_iters": 2, "iters_per_epoch": 1, "batch_size": 8}
+    run_generator_warmup(prepared / "fp.pt", get_method("gdfq")(gdfq).warmup_spec(), 0, tmp_path / "g0.pt", job)
+    with pytest.raises(ConfigError, match="--inputs-seed: method 'gdfq' continues training its warm-up generator"):
+        run("gdfq1", 1, inputs_seed=0, method="gdfq", c=gdfq, warmup=tmp_path / "g0.pt")

@@ -238,6 +238,30 @@ def test_trs_table_plans_the_lr_matched_control_after_its_talr_cell(tmp_path):
            "methods.talr set and scope layer" in r.stdout + r.stderr
 
 
+def test_inputs_seed_variant_reads_one_seeds_samples_and_calibration(tmp_path):
+    """variants.<v>.inputs_seed: every seed's cell reads the samples and range-calibration warm-up of that
+    seed (quantize --inputs-seed); a generator method's variant is refused at parse time, in one line."""
+    cfg = write_config(tmp_path / "c.yaml", base="config.yaml", variants__intraq_inputs0={"method": "intraq",
+                       "inputs_seed": 0}, tables={"spread": {"methods": ["intraq_inputs0"], "bits": ["w3a3"],
+                       "seeds": [0, 1, 2]}})  # fmt: skip
+    jobs = planned(tmp_path, cfg, "results/tables/spread.csv")
+    cells = [job["shell"] for (rule, _), job in jobs.items() if rule == "quantize"]
+    assert len(cells) == 3
+    for shell in cells:
+        assert "--samples results/samples/fashion_mnist/resnet20/intraq/seed0 " in shell, shell
+        assert re.search(r"--warmup results/generators/fashion_mnist/resnet20/calib@[0-9a-f]{8}/seed0\.pt ", shell)
+        assert "--inputs-seed 0" in shell
+    inputs = [(r, w) for r, w in jobs if r in ("synthesize", "generator_warmup")]
+    assert sorted(r for r, _ in inputs) == ["generator_warmup", "synthesize"] and all(w.endswith("seed=0")
+                                                                                    for _, w in inputs), inputs
+    bad = write_config(tmp_path / "bad.yaml", base="config.yaml",
+                       variants__qimera_inputs0={"method": "qimera", "inputs_seed": 0},
+                       tables={"spread": {"methods": ["qimera_inputs0"], "bits": ["w3a3"], "seeds": [1]}})  # fmt: skip
+    r = snakemake(tmp_path, bad, "-n", "results/tables/spread.csv", check=False)
+    assert r.returncode != 0
+    assert "'variants.qimera_inputs0.inputs_seed': only samples and a recorded range-calibration" in r.stdout + r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(4000)  # the suite-wide 900 s is too short for FP training + 30 cells on a shared CI host
 def test_readme_main_command_end_to_end(tmp_path):

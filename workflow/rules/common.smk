@@ -134,16 +134,27 @@ def sample_set(method):
     return f"{synth}@{overrides_tag(overrides)}" if overrides else synth
 
 
+def inputs_seed(wildcards):
+    """The seed of the samples and generator warm-up a cell reads: its own, or its variant's `inputs_seed`."""
+    fixed = VARIANTS.get(wildcards.method, {}).get("inputs_seed")
+    return wildcards.seed if fixed is None else fixed
+
+
 def samples_input(wildcards):
     """The synthetic-sample folder a method trains on (same dataset, arch and seed), if any."""
     name = sample_set(wildcards.method)
     if name is None:
         return []
-    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{name}/seed{wildcards.seed}"]
+    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{name}/seed{inputs_seed(wildcards)}"]
 
 
 def samples_flag(wildcards, input):
     return f"--samples {input.samples}" if input.samples else ""
+
+
+def inputs_seed_flag(wildcards):
+    fixed = VARIANTS.get(wildcards.method, {}).get("inputs_seed")
+    return "" if fixed is None else f"--inputs-seed {fixed}"
 
 
 def method_warmup_spec(method):
@@ -163,9 +174,16 @@ def warmup_input(wildcards):
     """The recorded generator warm-up of a cell (same dataset, arch and seed), if its method has one and it
     is small enough to share (config generator_warmup_max_mb); else the cell trains its generator itself."""
     spec = method_warmup_spec(wildcards.method)
-    if spec is None or record_mb(spec, DATASET_INPUT_SHAPES[wildcards.dataset]) > config["generator_warmup_max_mb"]:
+    if spec is None:
         return []
-    return [f"{RESULTS}/generators/{wildcards.dataset}/{wildcards.arch}/{warmup_tag(spec)}/seed{wildcards.seed}.pt"]
+    shared = record_mb(spec, DATASET_INPUT_SHAPES[wildcards.dataset]) <= config["generator_warmup_max_mb"]
+    if VARIANTS.get(wildcards.method, {}).get("inputs_seed") is not None and (spec["kind"] != "calib" or not shared):
+        raise ConfigError(f"config key 'variants.{wildcards.method}.inputs_seed': only samples and a recorded "
+                          "range-calibration warm-up can come from another seed (this cell trains its generator)")
+    if not shared:
+        return []
+    folder = f"{RESULTS}/generators/{wildcards.dataset}/{wildcards.arch}/{warmup_tag(spec)}"
+    return [f"{folder}/seed{inputs_seed(wildcards)}.pt"]
 
 
 def lr_reference_input(wildcards):

@@ -19,6 +19,7 @@ rule quantize:
         samples=samples_flag,
         warmup=warmup_flag,
         lr_reference=lr_reference_flag,
+        inputs_seed=inputs_seed_flag,
         device=config["device"],
         code=quantize_code,
     log:
@@ -37,7 +38,7 @@ rule quantize:
         "python3 -m zsqpipe quantize --fp {input.fp} --data {input.data} --method {params.base}"
         " --weight-bits {wildcards.weight_bits} --act-bits {wildcards.act_bits} --seed {wildcards.seed}"
         " --quant-params {params.quant:q} --method-params {params.method:q} {params.samples} {params.warmup}"
-        " {params.lr_reference}"
+        " {params.lr_reference} {params.inputs_seed}"
         " --out-model {output.model} --out-history {output.history} --device {params.device}"
         " --threads {threads} {resources.resume} --tracking {input.tracking} --rule quantize --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"

@@ -113,10 +113,13 @@ def generator_warmup_cmd(open_job, fp_ckpt, spec_json, seed, out):
                    "without it the method trains its generator itself, with the same result.")  # fmt: skip
 @click.option("--lr-reference", type=EXISTING, default=None,
               help="history.json of the TALR cell an LR-matched control matches (methods.real.latent_lr_from).")
+@click.option("--inputs-seed", type=click.IntRange(min=0), default=None,
+              help="Seed that --samples and --warmup were made with, if not --seed (variants.<v>.inputs_seed): "
+                   "holds the inputs fixed while the fine-tuning seed varies.")  # fmt: skip
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
 def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, seed, quant_params, method_params, samples,
-                 warmup, lr_reference, out_model, out_history):  # fmt: skip
+                 warmup, lr_reference, inputs_seed, out_model, out_history):  # fmt: skip
     """Quantize the FP model and calibrate / fine-tune it with METHOD."""
     from zsqpipe.quant import QuantConfig
     from zsqpipe.stages.quantize import run_quantize
@@ -125,7 +128,8 @@ def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, see
     mcfg = parse_json(method_params, "--method-params")
     with open_job({"quant": q, "method": method, "cfg": mcfg, "seed": seed}) as job:
         run_quantize(fp_ckpt, manifest, method, mcfg, QuantConfig.from_dict(q), seed, out_model, out_history,
-                     samples=samples, job=job, warmup=warmup, lr_reference=lr_reference)  # fmt: skip
+                     samples=samples, job=job, warmup=warmup, lr_reference=lr_reference,
+                     inputs_seed=inputs_seed)  # fmt: skip
 
 
 @job_command("evaluate")

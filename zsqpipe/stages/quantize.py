@@ -48,15 +48,24 @@ def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str)
     return shard_set
 
 
-def _open_warmup(method: str, method_obj, warmup: Path | None, fp_sha256: str, seed: int) -> WarmupRecord | None:
+def _open_warmup(method: str, method_obj, warmup: Path | None, fp_sha256: str, seed: int,
+                 inputs_seed: int) -> WarmupRecord | None:  # fmt: skip
     """The recorded generator warm-up a cell replays (``zsqpipe generator-warmup``), checked against the
-    method's settings, the FP checkpoint and the seed; None: the method trains its generator itself."""
+    method's settings, the FP checkpoint and ``inputs_seed`` (the cell's seed unless fixed); None: the method
+    trains its generator itself. Only a range-calibration record (no generator state) may come from another
+    seed: a GDFQ/Qimera generator continues training in the cell from the record's RNG."""
     if warmup is None:
         return None
     spec = method_obj.warmup_spec()
     if spec is None:
         raise ConfigError(f"--warmup: method {method!r} with these settings trains no generator on the teacher alone")
-    return WarmupRecord.load(warmup, spec, fp_sha256, seed)
+    record = WarmupRecord.load(warmup, spec, fp_sha256, inputs_seed)
+    if inputs_seed != seed:
+        if record.state is not None:
+            raise ConfigError(f"--inputs-seed: method {method!r} continues training its warm-up generator from the "
+                              "record's random state, so its inputs cannot come from another seed")
+        record.adopt_rng = False
+    return record
 
 
 def _teacher_and_student(fp_checkpoint: Path, quant_cfg: QuantConfig, dev: torch.device):
@@ -132,12 +141,16 @@ def run_quantize(
     job: Job | None = None,
     warmup: Path | None = None,
     lr_reference: Path | None = None,
+    inputs_seed: int | None = None,
 ) -> dict:
+    """``inputs_seed``: the seed ``samples`` and ``warmup`` were made with, if not ``seed`` (holds a cell's
+    inputs fixed while its fine-tuning seed varies)."""
     job = job or Job()
     method_obj = get_method(method)(method_cfg)
     fp_sha256 = sha256_file(fp_checkpoint)
     shard_set = _open_samples(method, method_obj, samples, fp_sha256)
-    recorded = _open_warmup(method, method_obj, warmup, fp_sha256, seed)
+    inputs_seed = seed if inputs_seed is None else inputs_seed
+    recorded = _open_warmup(method, method_obj, warmup, fp_sha256, seed, inputs_seed)
     key = {"method": method, "method_cfg": method_obj.config_dict(), "quant": quant_cfg.to_dict(), "seed": seed,
            "fp_checkpoint_sha256": fp_sha256, "data_manifest_sha256": sha256_file(dataset_manifest),
            "samples_manifest_sha256": sha256_file(shard_set.manifest_path) if shard_set is not None else None,
@@ -148,7 +161,7 @@ def run_quantize(
     data = load_prepared(dataset_manifest)
     info = data.info
     teacher, student, fp_ckpt = _teacher_and_student(fp_checkpoint, quant_cfg, dev)
-    job.tracker.log_params({"method": method, "seed": seed, "quant": quant_cfg.to_dict(),
+    job.tracker.log_params({"method": method, "seed": seed, "inputs_seed": inputs_seed, "quant": quant_cfg.to_dict(),
                             "method_cfg": method_obj.config_dict(), "fp_checkpoint_sha256": fp_sha256})  # fmt: skip
     end_epoch = EpochEvaluator(run, student, data, dev)
     run.timer = Timer()  # the method's clock starts here (after the set-up, as before the TrainingRun skeleton)
@@ -181,6 +194,7 @@ def run_quantize(
               "resumed_from_epoch": run.resumed_from,
               "probe_runtime": {"device": str(dev), "threads": torch.get_num_threads()},
               **({"summary": ctx.summary} if ctx.summary else {}),
+              **({"inputs_seed": inputs_seed} if inputs_seed != seed else {}),
               **({"lr_reference": {"path": str(lr_reference), "sha256": key["lr_reference_sha256"]}}
                  if lr_reference is not None else {})}  # fmt: skip
     _publish(out_model, out_history, ckpt, result)

@@ -74,9 +74,11 @@ def calibration_generator_run(
 
 
 def _replay(warmup: WarmupRecord, steps: int, device, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
-    """The recorded calibration batches, with the global RNG moved on as building the generator would."""
-    check_init_rng(warmup, name)
-    torch.set_rng_state(warmup.after_init_rng)
+    """The recorded calibration batches, with the global RNG moved on as building the generator would (a record
+    of another seed, ``adopt_rng`` False: the cell's global RNG is left as it is)."""
+    if warmup.adopt_rng:
+        check_init_rng(warmup, name)
+        torch.set_rng_state(warmup.after_init_rng)
     for i in range(steps):
         yield warmup.batch(i, device)
 

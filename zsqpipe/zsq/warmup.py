@@ -54,6 +54,9 @@ class WarmupRecord:
     init_rng: torch.Tensor | None = None  # global CPU RNG state right before the generator was built ...
     after_init_rng: torch.Tensor | None = None  # ... and right after
     wall_time_s: float = 0.0
+    # False: the record was made for another seed than the cell's (quantize --inputs-seed); a range-calibration
+    # replay then leaves the cell's own global RNG as it is instead of adopting the record's
+    adopt_rng: bool = True
 
     @property
     def steps(self) -> int:
@@ -70,7 +73,7 @@ class WarmupRecord:
     @classmethod
     def load(cls, path: str | Path, spec: dict[str, Any], fp_sha256: str, seed: int) -> WarmupRecord:
         """Read a record and check it was made for this warm-up: same settings (one line naming the first
-        difference), same FP checkpoint, same seed."""
+        difference), same FP checkpoint, same seed (the cell's, or the one ``quantize --inputs-seed`` names)."""
         obj = load_checkpoint(path)
         if obj.pop("format", None) != FORMAT:
             raise IntegrityError(f"{path}: not a generator warm-up (expected format {FORMAT})")
