@@ -176,11 +176,10 @@ def warmup_input(wildcards):
     spec = method_warmup_spec(wildcards.method)
     if spec is None:
         return []
-    shared = record_mb(spec, DATASET_INPUT_SHAPES[wildcards.dataset]) <= config["generator_warmup_max_mb"]
-    if VARIANTS.get(wildcards.method, {}).get("inputs_seed") is not None and (spec["kind"] != "calib" or not shared):
-        raise ConfigError(f"config key 'variants.{wildcards.method}.inputs_seed': only samples and a recorded "
-                          "range-calibration warm-up can come from another seed (this cell trains its generator)")
-    if not shared:
+    if record_mb(spec, DATASET_INPUT_SHAPES[wildcards.dataset]) > config["generator_warmup_max_mb"]:
+        if VARIANTS.get(wildcards.method, {}).get("inputs_seed") is not None:
+            raise ConfigError(f"config key 'variants.{wildcards.method}.inputs_seed': the cell trains its generator "
+                              "itself (its warm-up record exceeds generator_warmup_max_mb), so no input can be fixed")
         return []
     folder = f"{RESULTS}/generators/{wildcards.dataset}/{wildcards.arch}/{warmup_tag(spec)}"
     return [f"{folder}/seed{inputs_seed(wildcards)}.pt"]

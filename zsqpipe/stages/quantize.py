@@ -52,19 +52,15 @@ def _open_warmup(method: str, method_obj, warmup: Path | None, fp_sha256: str, s
                  inputs_seed: int) -> WarmupRecord | None:  # fmt: skip
     """The recorded generator warm-up a cell replays (``zsqpipe generator-warmup``), checked against the
     method's settings, the FP checkpoint and ``inputs_seed`` (the cell's seed unless fixed); None: the method
-    trains its generator itself. Only a range-calibration record (no generator state) may come from another
-    seed: a GDFQ/Qimera generator continues training in the cell from the record's RNG."""
+    trains its generator itself. A record of another seed is replayed without adopting its random state: the
+    cell's own draws (a GDFQ/Qimera generator's noise after the warm-up included) follow the cell's seed."""
     if warmup is None:
         return None
     spec = method_obj.warmup_spec()
     if spec is None:
         raise ConfigError(f"--warmup: method {method!r} with these settings trains no generator on the teacher alone")
     record = WarmupRecord.load(warmup, spec, fp_sha256, inputs_seed)
-    if inputs_seed != seed:
-        if record.state is not None:
-            raise ConfigError(f"--inputs-seed: method {method!r} continues training its warm-up generator from the "
-                              "record's random state, so its inputs cannot come from another seed")
-        record.adopt_rng = False
+    record.adopt_rng = inputs_seed == seed
     return record
 
 

@@ -133,7 +133,7 @@ class GeneratorQAT(Method):
         teacher.eval()
         student.eval()  # BN running statistics fixed, affine trained (GDFQ-family trainers)
         recorded = ctx.warmup  # the warm-up recorded by the generator_warmup job: replayed, not trained
-        if recorded is not None:
+        if recorded is not None and recorded.adopt_rng:
             check_init_rng(recorded, self.name)
         generator, opt_g, sched_g, rng = self._generator_parts(ctx)
         self.generator = generator  # kept for inspection (tests)
@@ -186,6 +186,8 @@ class GeneratorQAT(Method):
                     opt_g.load_state_dict(recorded.state["optimizer"])
                     sched_g.load_state_dict(recorded.state["scheduler"])
                     rng.set_state(recorded.state["rng"])
+                    if not recorded.adopt_rng:  # another seed's warm-up: the fine-tuning draws follow the cell's
+                        rng.manual_seed(ctx.seed)
                 metrics = {k: v / n_iters for k, v in sums.items()}
                 metrics.update(
                     lr=opt_s.param_groups[0]["lr"], lr_g=opt_g.param_groups[0]["lr"], warmup=float(warm)

@@ -54,8 +54,8 @@ class WarmupRecord:
     init_rng: torch.Tensor | None = None  # global CPU RNG state right before the generator was built ...
     after_init_rng: torch.Tensor | None = None  # ... and right after
     wall_time_s: float = 0.0
-    # False: the record was made for another seed than the cell's (quantize --inputs-seed); a range-calibration
-    # replay then leaves the cell's own global RNG as it is instead of adopting the record's
+    # False: the record was made for another seed than the cell's (quantize --inputs-seed): the replay leaves the
+    # cell's global RNG as it is, and a GDFQ/Qimera generator draws its noise from the cell's seed after it
     adopt_rng: bool = True
 
     @property
