@@ -18,7 +18,7 @@ from zsqpipe.zsq.synth_zeroq import (
     optimise_pixels,
     synthesize_zeroq,
 )
-from zsqpipe.zsq.synthesis import SynthContext
+from zsqpipe.zsq.synthesis import SynthContext, convergence
 
 
 def standardised(n, c, h, w, seed=0):
@@ -88,6 +88,17 @@ def test_initialisations():
 def test_optimise_pixels_descends():
     x, last = optimise_pixels(torch.zeros(2, 1, 2, 2), lambda x, _s: ((x - 1.0) ** 2).sum(), 60, 0.5, 100)
     assert last < 8.0 * 0.05 and float(((x - 1.0) ** 2).sum()) < last + 1e-6
+
+
+def test_optimise_pixels_traces_the_loss_and_convergence_reads_the_last_100_steps():
+    trace: list[float] = []
+    optimise_pixels(torch.zeros(2, 1, 2, 2), lambda x, _s: ((x - 1.0) ** 2).sum(), 200, 0.05, 100, trace=trace)
+    assert len(trace) == 21 and trace[0] == pytest.approx(8.0)  # steps 1, 10, 20, ..., 200
+    assert trace[-1] < 0.01 * trace[0]
+    conv = convergence([trace, trace], 200)
+    assert conv["drop_last_100"] == pytest.approx(1.0 - trace[-1] / trace[10]) and conv["loss"] == [trace, trace]
+    assert convergence([trace], 205)["drop_last_100"] is None  # the point 100 steps back was not traced
+    assert convergence([[8.0, 7.0]], 2)["drop_last_100"] is None
 
 
 def test_synthesis_reads_no_real_data_and_labels_are_teacher_argmax():

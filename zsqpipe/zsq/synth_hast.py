@@ -83,7 +83,9 @@ def synthesize_hast(teacher: nn.Module, cfg: HASTSynthConfig, ctx: SynthContext)
             def loss_fn(x, _step, y=y):
                 return hast_synthesis_loss(teacher, bn_stats, x, y, cfg)
 
-            x, _ = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr)
+            ctx.loss_traces.append([])
+            x, _ = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
+                                       trace=ctx.loss_traces[-1])  # fmt: skip
             with torch.no_grad():
                 final = float(loss_fn(x, cfg.iters))
                 p = teacher(x).softmax(1).gather(1, y[:, None]).mean()

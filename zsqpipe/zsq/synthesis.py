@@ -13,7 +13,7 @@ loss for ``iters`` steps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,21 @@ class SynthContext:
     generator: torch.Generator  # CPU generator: initial images and labels
     log: Callable[[str], None] = print
     extras: dict[str, Any] | None = None
+    loss_traces: list[list[float]] = field(default_factory=list)  # per batch: optimise_pixels(trace=...)
+
+
+TRACE_EVERY = 10
+
+
+def convergence(traces: list[list[float]], iters: int, window: int = 100) -> dict[str, Any]:
+    """What the synthesis loss did (docs/budget.md's rule: synthesis runs until the loss falls by less than
+    5 % over the last 100 iterations): per batch, the loss of step 1 and of every ``TRACE_EVERY``-th step, and
+    the mean over batches of the relative drop over the last ``window`` steps, 1 - L_T / L_{T-window} (None
+    when a batch's steps are fewer or not a multiple of ``TRACE_EVERY``)."""
+    back = window // TRACE_EVERY
+    drops = [1.0 - t[-1] / t[-1 - back] for t in traces if len(t) > back + 1 and t[-1 - back] != 0]
+    measured = drops and len(drops) == len(traces) and iters % TRACE_EVERY == 0
+    return {"every": TRACE_EVERY, "loss": traces, "drop_last_100": sum(drops) / len(drops) if measured else None}
 
 
 def check_common(cfg, name: str) -> None:
@@ -69,8 +84,11 @@ def optimise_pixels(
     lr: float,
     patience: int,
     min_lr: float = 1e-4,
+    trace: list[float] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss).
+    ``trace``: appended the loss of the first step and of every ``TRACE_EVERY``-th (steps 1, 10, 20, ...; and
+    the last).
 
     Adam's default betas (0.9, 0.999) and eps, as ``optim.Adam([x], lr=0.5)`` in ZeroQ, IntraQ and HAST
     ``distill_data.py`` (the one pixel loop of the ZeroQ, IntraQ and HAST synthesizers). Gradients are taken
@@ -86,6 +104,8 @@ def optimise_pixels(
         opt.step()
         last = float(loss.detach())
         sched.step(last)
+        if trace is not None and (step == 0 or (step + 1) % TRACE_EVERY == 0 or step == iters - 1):
+            trace.append(last)
     return x.detach(), last
 
 
