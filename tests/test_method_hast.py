@@ -88,8 +88,9 @@ def test_synthesis_loss_bn_term_vanishes_when_statistics_match():
         off = hast_synthesis_loss(net, bn, x, y, HASTSynthConfig(hard_sample=False))
         assert off.item() == pytest.approx(10.0 * F.cross_entropy(net(x), y).item(), rel=1e-6)
         # statistics that differ give a positive BN term, added unweighted
-        loss2 = hast_synthesis_loss(net, bn, x * 3, y, cfg)
-        assert bn.batch_loss().item() > 0
+        parts: dict[str, float] = {}
+        loss2 = hast_synthesis_loss(net, bn, x * 3, y, cfg, parts)
+        assert bn.batch_loss().item() > 0 and parts["bn"] == pytest.approx(bn.batch_loss().item())
         assert loss2.item() == pytest.approx(
             10.0 * hard_sample_ce(net(x * 3), y, 2.0).item() + bn.batch_loss().item(), rel=1e-6
         )
@@ -111,6 +112,7 @@ def test_synthesis_reads_no_real_data_and_optimises():
         images, labels = synthesize_hast(net, cfg, ctx)
     assert images.shape == (10, 1, 8, 8) and labels.shape == (10,)
     assert labels.min() >= 0 and labels.max() < 4 and torch.isfinite(images).all()
+    assert [len(t) for t in ctx.bn_traces] == [1, 1, 1]  # 3 batches, one 3-step block of the BN term each
     ctx0 = SynthContext(
         4, (1, 8, 8), torch.device("cpu"), torch.Generator().manual_seed(0), log=lambda _m: None
     )

@@ -90,15 +90,20 @@ def test_optimise_pixels_descends():
     assert last < 8.0 * 0.05 and float(((x - 1.0) ** 2).sum()) < last + 1e-6
 
 
-def test_optimise_pixels_traces_the_loss_and_convergence_reads_the_last_100_steps():
+def test_optimise_pixels_traces_block_means_and_convergence_compares_blocks_100_steps_apart():
     trace: list[float] = []
-    optimise_pixels(torch.zeros(2, 1, 2, 2), lambda x, _s: ((x - 1.0) ** 2).sum(), 200, 0.05, 100, trace=trace)
-    assert len(trace) == 21 and trace[0] == pytest.approx(8.0)  # steps 1, 10, 20, ..., 200
-    assert trace[-1] < 0.01 * trace[0]
-    conv = convergence([trace, trace], 200)
-    assert conv["drop_last_100"] == pytest.approx(1.0 - trace[-1] / trace[10]) and conv["loss"] == [trace, trace]
-    assert convergence([trace], 205)["drop_last_100"] is None  # the point 100 steps back was not traced
-    assert convergence([[8.0, 7.0]], 2)["drop_last_100"] is None
+    x0 = torch.zeros(2, 1, 2, 2)
+    x, _ = optimise_pixels(x0, lambda x, s: (x * 0).sum() + s + 1, 200, 0.5, 100, trace=trace)  # loss = step
+    assert trace == [10 * k + 5.5 for k in range(20)]  # mean of steps 1-10, 11-20, ..., 191-200
+    assert torch.equal(x, x0)
+    conv = convergence([trace, [2 * v for v in trace]], 200)
+    assert conv["drop_last_100"] == pytest.approx(1.0 - 195.5 / 95.5) and conv["bn_loss"][0] == trace
+    assert convergence([trace[:10]], 100)["drop_last_100"] is None  # no block 100 steps before the last
+    assert convergence([trace + [200.0]], 205)["drop_last_100"] is None
+    assert convergence([[float("nan")] * 11], 110) == {"every": 10, "bn_loss": [[None] * 11], "drop_last_100": None}
+    short: list[float] = []
+    optimise_pixels(x0, lambda x, s: (x * 0).sum() + s, 13, 0.5, 100, trace=short, trace_value=lambda: 2.0)
+    assert short == [2.0, 2.0]  # the traced value, not the loss; a 3-step last block
 
 
 def test_synthesis_reads_no_real_data_and_labels_are_teacher_argmax():

@@ -119,7 +119,7 @@ def test_record_round_trip_and_checks(tmp_path):
         WarmupRecord.load(tmp_path / "w.pt", {**spec, "steps": 5}, "abc", 7)
     with pytest.raises(IntegrityError, match="different FP checkpoint"):
         WarmupRecord.load(tmp_path / "w.pt", spec, "other", 7)
-    with pytest.raises(IntegrityError, match="seed 7"):
+    with pytest.raises(IntegrityError, match="seed 7, expected 8"):
         WarmupRecord.load(tmp_path / "w.pt", spec, "abc", 8)
 
 
@@ -212,18 +212,25 @@ def test_inputs_seed_fixes_samples_and_calibration_while_the_fine_tuning_seed_va
                             out / "model.pt", out / "history.json", samples=samples, warmup=warmup,
                             job=Job("cpu", 1, log=lambda _m: None), inputs_seed=inputs_seed)  # fmt: skip
 
-    with pytest.raises(IntegrityError, match="recorded for seed 0, the cell's seed is 1"):
+    with pytest.raises(IntegrityError, match="synthesized with seed 0, expected 1"):
         run("plain1", 1)
+    with pytest.raises(ConfigError, match="--inputs-seed: method 'hast' trains its generator in the cell"):
+        run("nowarmup1", 1, inputs_seed=0, warmup=None)
     own = run("own0", 0)
     assert "inputs_seed" not in own
-    assert run("same0", 0, inputs_seed=0)["history"][-1]["test_top1"] == own["history"][-1]["test_top1"]
+    assert without_times(run("same0", 0, inputs_seed=0)["history"]) == without_times(own["history"])
     fixed = run("fixed1", 1, inputs_seed=0)
     assert fixed["inputs_seed"] == 0 and fixed["seed"] == 1
     assert [h["train_loss"] for h in fixed["history"]] != [h["train_loss"] for h in own["history"]]
+    fixed2 = run("fixed2", 2, inputs_seed=0)
+    assert [h["train_loss"] for h in fixed2["history"]] != [h["train_loss"] for h in fixed["history"]]
     # GDFQ: the seed-1 cell's warm-up epoch (ranges, generator) is seed 0's; its fine-tuning noise is its own
     gdfq = {"epochs": 2, "warmup_epochs": 1, "warmup_iters": 2, "iters_per_epoch": 2, "batch_size": 8}
     run_generator_warmup(prepared / "fp.pt", get_method("gdfq")(gdfq).warmup_spec(), 0, tmp_path / "g0.pt", job)
     g_own = run("gdfq0", 0, method="gdfq", c=gdfq, warmup=tmp_path / "g0.pt")["history"]
     g_fixed = run("gdfq1", 1, inputs_seed=0, method="gdfq", c=gdfq, warmup=tmp_path / "g0.pt")["history"]
-    assert without_times(g_fixed[:1]) == without_times(g_own[:1])
-    assert g_fixed[1]["train_loss"] != g_own[1]["train_loss"]
+    g_fixed2 = run("gdfq2", 2, inputs_seed=0, method="gdfq", c=gdfq, warmup=tmp_path / "g0.pt")["history"]
+    assert without_times(g_fixed[:1]) == without_times(g_own[:1]) == without_times(g_fixed2[:1])
+    assert len({g_own[1]["train_loss"], g_fixed[1]["train_loss"], g_fixed2[1]["train_loss"]}) == 3
+    with pytest.raises(IntegrityError, match="recorded for seed 0, expected 1"):
+        run("gdfq1b", 1, method="gdfq", c=gdfq, warmup=tmp_path / "g0.pt")

@@ -261,6 +261,11 @@ def test_inputs_seed_variant_reads_one_seeds_samples_and_calibration(tmp_path):
                 if rule == "quantize"]  # fmt: skip
     assert re.search(r"--warmup results/generators/fashion_mnist/resnet20/qimera@[0-9a-f]{8}/seed0\.pt ", shell)
     assert "--seed 1 " in shell and "--inputs-seed 0" in shell
+    bad = write_config(tmp_path / "bad.yaml", base="config.yaml", variants__real_inputs0={"method": "real",
+                       "inputs_seed": 0})  # fmt: skip
+    r = snakemake(tmp_path, bad, "-n", "results/tables/hast.csv", check=False)
+    assert r.returncode != 0
+    assert "config key 'variants.real_inputs0.inputs_seed': method 'real' reads no synthetic samples" in r.stdout + r.stderr
 
 
 @pytest.mark.slow

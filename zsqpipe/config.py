@@ -333,6 +333,13 @@ def _validate_variants(schema: dict, instance: dict) -> None:
             parts.append(("synthesis", METHOD_SYNTHESIZER[base]))
         if variant.get("quant"):
             parts.append(("quant", None))
+        if variant.get("inputs_seed") is not None:
+            from zsqpipe.warmups import warmup_spec
+
+            settings = {**instance.get("methods", {}).get(base, {}), **variant.get("methods", {})}
+            if base not in METHOD_SYNTHESIZER and warmup_spec(base, settings) is None:
+                raise ConfigError(f"config key 'variants.{name}.inputs_seed': method {base!r} reads no synthetic "
+                                  "samples and replays no generator warm-up, so there is no input to fix")
         for section, key in parts:
             section_schema = props[section] if key is None else props[section]["properties"].get(key, {})
             sub_schema = {"type": "object", **section_schema, "definitions": schema["definitions"]}

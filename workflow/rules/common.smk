@@ -152,7 +152,7 @@ def samples_flag(wildcards, input):
     return f"--samples {input.samples}" if input.samples else ""
 
 
-def inputs_seed_flag(wildcards):
+def inputs_seed_flag(wildcards, input):  # `input`: not a params rerun trigger (the input paths are)
     fixed = VARIANTS.get(wildcards.method, {}).get("inputs_seed")
     return "" if fixed is None else f"--inputs-seed {fixed}"
 

@@ -146,6 +146,12 @@ def run_quantize(
     fp_sha256 = sha256_file(fp_checkpoint)
     shard_set = _open_samples(method, method_obj, samples, fp_sha256)
     inputs_seed = seed if inputs_seed is None else inputs_seed
+    if shard_set is not None and shard_set.manifest.get("seed") != inputs_seed:
+        raise IntegrityError(f"{samples}: samples were synthesized with seed {shard_set.manifest.get('seed')}, "
+                             f"expected {inputs_seed} (--seed, or --inputs-seed)")
+    if inputs_seed != seed and warmup is None and method_obj.warmup_spec() is not None:
+        raise ConfigError(f"--inputs-seed: method {method!r} trains its generator in the cell with the cell's seed; "
+                          "pass the --warmup recorded for the inputs seed")
     recorded = _open_warmup(method, method_obj, warmup, fp_sha256, seed, inputs_seed)
     key = {"method": method, "method_cfg": method_obj.config_dict(), "quant": quant_cfg.to_dict(), "seed": seed,
            "fp_checkpoint_sha256": fp_sha256, "data_manifest_sha256": sha256_file(dataset_manifest),

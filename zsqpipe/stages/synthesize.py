@@ -54,15 +54,15 @@ def run_synthesize(
         "fp_checkpoint_sha256": sha256_file(fp_checkpoint),
         "wall_time_s": seconds,
         "mean_teacher_confidence": float(confidence.mean()),
-        "synthesis_loss": convergence(ctx.loss_traces, conf.iters),
+        "synthesis_bn_loss": convergence(ctx.bn_traces, conf.iters),
     }
     manifest = write_shards(out_dir, images, labels, 1.0 - confidence, synthesizer, seed,
                             getattr(conf, "shard_size", 1024), provenance)  # fmt: skip
-    drop = provenance["synthesis_loss"]["drop_last_100"]
+    drop = provenance["synthesis_bn_loss"]["drop_last_100"]
     tracker.log_metrics({"count": len(images), "wall_time_s": seconds,
                          "mean_teacher_confidence": provenance["mean_teacher_confidence"],
-                         **({"loss_drop_last_100": drop} if drop is not None else {})})  # fmt: skip
+                         **({"bn_loss_drop_last_100": drop} if drop is not None else {})})  # fmt: skip
     tracker.log_artifact(out_dir / "manifest.json")
     log(f"{synthesizer}: {len(images)} samples in {seconds:.0f}s, mean p_teacher {confidence.mean():.3f}"
-        + (f", loss fell {100 * drop:.1f} % over the last 100 steps" if drop is not None else ""))
+        + (f", BN loss fell {100 * drop:.1f} % over the last 100 steps" if drop is not None else ""))
     return manifest

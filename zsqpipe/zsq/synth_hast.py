@@ -55,12 +55,17 @@ def hard_sample_ce(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> 
 
 
 def hast_synthesis_loss(
-    teacher: nn.Module, bn_stats: BNStatistics, x: torch.Tensor, labels: torch.Tensor, cfg: HASTSynthConfig
-) -> torch.Tensor:
-    """L_HIL = beta * hard-sample CE + BN mean/var loss for one forward of ``teacher`` on ``x``."""
+    teacher: nn.Module, bn_stats: BNStatistics, x: torch.Tensor, labels: torch.Tensor, cfg: HASTSynthConfig,
+    parts: dict[str, float] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """L_HIL = beta * hard-sample CE + BN mean/var loss for one forward of ``teacher`` on ``x`` (``parts``: the
+    BN term's value is recorded under "bn")."""
     gamma = cfg.gamma if cfg.hard_sample else 0.0
     logits = teacher(x)
-    return cfg.beta * hard_sample_ce(logits, labels, gamma) + bn_stats.batch_loss()
+    bn = bn_stats.batch_loss()
+    if parts is not None:
+        parts["bn"] = float(bn.detach())
+    return cfg.beta * hard_sample_ce(logits, labels, gamma) + bn
 
 
 @register_synthesizer("hast", HASTSynthConfig)
@@ -80,12 +85,14 @@ def synthesize_hast(teacher: nn.Module, cfg: HASTSynthConfig, ctx: SynthContext)
             x0 = x0.contiguous(memory_format=torch.channels_last)
             y = y_cpu.to(ctx.device)
 
-            def loss_fn(x, _step, y=y):
-                return hast_synthesis_loss(teacher, bn_stats, x, y, cfg)
+            parts: dict[str, float] = {}
 
-            ctx.loss_traces.append([])
+            def loss_fn(x, _step, y=y, parts=parts):
+                return hast_synthesis_loss(teacher, bn_stats, x, y, cfg, parts)
+
+            ctx.bn_traces.append([])
             x, _ = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
-                                       trace=ctx.loss_traces[-1])  # fmt: skip
+                                   trace=ctx.bn_traces[-1], trace_value=lambda parts=parts: parts["bn"])  # fmt: skip
             with torch.no_grad():
                 final = float(loss_fn(x, cfg.iters))
                 p = teacher(x).softmax(1).gather(1, y[:, None]).mean()

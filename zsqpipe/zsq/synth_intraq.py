@@ -142,9 +142,9 @@ def synthesize_intraq(teacher: nn.Module, cfg: IntraQSynthConfig, ctx: SynthCont
                 mask = (bank_count[y] > 0).float()
             parts: dict[str, float] = {}
             loss_fn = make_loss(teacher, stats, store, cfg, gen, y, t, centers, mask, parts)
-            ctx.loss_traces.append([])
+            ctx.bn_traces.append([])
             x, last = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
-                                       trace=ctx.loss_traces[-1])  # fmt: skip
+                                       trace=ctx.bn_traces[-1], trace_value=lambda p=parts: p["bn"])  # fmt: skip
             with torch.no_grad():
                 logits = teacher(x)
                 feats = store["f"].detach()

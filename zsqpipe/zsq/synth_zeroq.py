@@ -103,9 +103,9 @@ def synthesize_zeroq(teacher: nn.Module, cfg: ZeroQSynthConfig, ctx: SynthContex
                     loss = loss + cfg.input_weight * input_stats_loss(x, cfg.eps)
                 return loss
 
-            ctx.loss_traces.append([])
+            ctx.bn_traces.append([])  # ZeroQ's loss is the BN-statistics loss (+ the optional input term)
             x, last = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
-                                       trace=ctx.loss_traces[-1])  # fmt: skip
+                                       trace=ctx.bn_traces[-1])  # fmt: skip
             with torch.no_grad():
                 y = teacher(x).argmax(1)
             images.append(x.cpu())

@@ -12,6 +12,7 @@ loss for ``iters`` steps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,21 +47,25 @@ class SynthContext:
     generator: torch.Generator  # CPU generator: initial images and labels
     log: Callable[[str], None] = print
     extras: dict[str, Any] | None = None
-    loss_traces: list[list[float]] = field(default_factory=list)  # per batch: optimise_pixels(trace=...)
+    bn_traces: list[list[float]] = field(default_factory=list)  # per batch: optimise_pixels(trace=...)
 
 
 TRACE_EVERY = 10
 
 
 def convergence(traces: list[list[float]], iters: int, window: int = 100) -> dict[str, Any]:
-    """What the synthesis loss did (docs/budget.md's rule: synthesis runs until the loss falls by less than
-    5 % over the last 100 iterations): per batch, the loss of step 1 and of every ``TRACE_EVERY``-th step, and
-    the mean over batches of the relative drop over the last ``window`` steps, 1 - L_T / L_{T-window} (None
-    when a batch's steps are fewer or not a multiple of ``TRACE_EVERY``)."""
+    """Whether the synthesis converged by docs/budget.md's rule (the BN-statistics loss falls by less than 5 %
+    over the last 100 iterations): per batch, the BN loss averaged over each block of ``TRACE_EVERY`` steps, and
+    the mean over batches of the relative drop between the last block and the block ``window`` steps before
+    it, 1 - L_last / L_back (None unless ``iters`` is a multiple of ``TRACE_EVERY`` and exceeds ``window``).
+    Non-finite losses are written as None (strict JSON)."""
     back = window // TRACE_EVERY
-    drops = [1.0 - t[-1] / t[-1 - back] for t in traces if len(t) > back + 1 and t[-1 - back] != 0]
+    drops = [1.0 - t[-1] / t[-1 - back] for t in traces if len(t) > back and t[-1 - back] != 0]
     measured = drops and len(drops) == len(traces) and iters % TRACE_EVERY == 0
-    return {"every": TRACE_EVERY, "loss": traces, "drop_last_100": sum(drops) / len(drops) if measured else None}
+    drop = sum(drops) / len(drops) if measured else None
+    finite = [[v if math.isfinite(v) else None for v in t] for t in traces]
+    return {"every": TRACE_EVERY, "bn_loss": finite, "drop_last_100": drop if drop is None or math.isfinite(drop)
+            else None}  # fmt: skip
 
 
 def check_common(cfg, name: str) -> None:
@@ -85,10 +90,11 @@ def optimise_pixels(
     patience: int,
     min_lr: float = 1e-4,
     trace: list[float] | None = None,
+    trace_value: Callable[[], float] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss).
-    ``trace``: appended the loss of the first step and of every ``TRACE_EVERY``-th (steps 1, 10, 20, ...; and
-    the last).
+    ``trace``: appended the mean of ``trace_value()`` (default: the loss) over each block of ``TRACE_EVERY``
+    steps (steps 1-10, 11-20, ...; a shorter last block).
 
     Adam's default betas (0.9, 0.999) and eps, as ``optim.Adam([x], lr=0.5)`` in ZeroQ, IntraQ and HAST
     ``distill_data.py`` (the one pixel loop of the ZeroQ, IntraQ and HAST synthesizers). Gradients are taken
@@ -98,14 +104,18 @@ def optimise_pixels(
     opt = torch.optim.Adam([x], lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=min_lr, patience=patience)
     last = float("nan")
+    block: list[float] = []
     for step in progress(range(iters), desc="synthesis"):
         loss = loss_fn(x, step)
         (x.grad,) = torch.autograd.grad(loss, [x])
         opt.step()
         last = float(loss.detach())
         sched.step(last)
-        if trace is not None and (step == 0 or (step + 1) % TRACE_EVERY == 0 or step == iters - 1):
-            trace.append(last)
+        if trace is not None:
+            block.append(trace_value() if trace_value is not None else last)
+            if len(block) == TRACE_EVERY or step == iters - 1:
+                trace.append(sum(block) / len(block))
+                block = []
     return x.detach(), last
 
 

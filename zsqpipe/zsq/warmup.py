@@ -68,7 +68,8 @@ class WarmupRecord:
         return x, self.targets[step].to(device), float(self.g_loss[step])
 
     def save(self, path: str | Path) -> None:
-        save_checkpoint(path, plain_state({"format": FORMAT, **self.__dict__}))
+        fields = {k: v for k, v in self.__dict__.items() if k != "adopt_rng"}  # how a cell replays it, not data
+        save_checkpoint(path, plain_state({"format": FORMAT, **fields}))
 
     @classmethod
     def load(cls, path: str | Path, spec: dict[str, Any], fp_sha256: str, seed: int) -> WarmupRecord:
@@ -88,7 +89,8 @@ class WarmupRecord:
         if rec.fp_checkpoint_sha256 != fp_sha256:
             raise IntegrityError(f"{path}: warm-up was recorded on a different FP checkpoint")
         if rec.seed != seed:
-            raise IntegrityError(f"{path}: warm-up was recorded for seed {rec.seed}, the cell's seed is {seed}")
+            raise IntegrityError(f"{path}: warm-up was recorded for seed {rec.seed}, expected {seed} (the cell's "
+                                 "seed, or --inputs-seed)")
         return rec
 
 
