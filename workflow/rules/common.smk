@@ -134,9 +134,14 @@ def sample_set(method):
     return f"{synth}@{overrides_tag(overrides)}" if overrides else synth
 
 
+def fixed_inputs_seed(method):
+    """A variant's `inputs_seed` (None: its cells read the inputs of their own seed)."""
+    return VARIANTS.get(method, {}).get("inputs_seed")
+
+
 def inputs_seed(wildcards):
     """The seed of the samples and generator warm-up a cell reads: its own, or its variant's `inputs_seed`."""
-    fixed = VARIANTS.get(wildcards.method, {}).get("inputs_seed")
+    fixed = fixed_inputs_seed(wildcards.method)
     return wildcards.seed if fixed is None else fixed
 
 
@@ -153,7 +158,7 @@ def samples_flag(wildcards, input):
 
 
 def inputs_seed_flag(wildcards, input):  # `input`: not a params rerun trigger (the input paths are)
-    fixed = VARIANTS.get(wildcards.method, {}).get("inputs_seed")
+    fixed = fixed_inputs_seed(wildcards.method)
     return "" if fixed is None else f"--inputs-seed {fixed}"
 
 
@@ -177,7 +182,7 @@ def warmup_input(wildcards):
     if spec is None:
         return []
     if record_mb(spec, DATASET_INPUT_SHAPES[wildcards.dataset]) > config["generator_warmup_max_mb"]:
-        if VARIANTS.get(wildcards.method, {}).get("inputs_seed") is not None:
+        if fixed_inputs_seed(wildcards.method) is not None:
             raise ConfigError(f"config key 'variants.{wildcards.method}.inputs_seed': the cell trains its generator "
                               "itself (its warm-up record exceeds generator_warmup_max_mb), so no input can be fixed")
         return []

@@ -34,9 +34,10 @@ from zsqpipe.zsq.warmup import WarmupRecord
 EVAL_BATCH = 1000
 
 
-def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str) -> ShardSet | None:
+def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str,
+                  inputs_seed: int) -> ShardSet | None:  # fmt: skip
     """The method's verified synthetic samples (None for methods that train on none), checked against the FP
-    checkpoint (its SHA-256) they were synthesized from."""
+    checkpoint (its SHA-256) and the seed (``inputs_seed``: the cell's unless fixed) they were synthesized with."""
     if method_obj.synthesizer is None:
         return None
     if samples is None:
@@ -45,6 +46,9 @@ def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str)
     shard_set.verify()  # fail now, not after the calibration (each shard is re-verified when read)
     if shard_set.manifest.get("fp_checkpoint_sha256") != fp_sha256:
         raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
+    if shard_set.manifest.get("seed") != inputs_seed:
+        raise IntegrityError(f"{samples}: samples were synthesized with seed {shard_set.manifest.get('seed')}, "
+                             f"expected {inputs_seed} (--seed, or --inputs-seed)")
     return shard_set
 
 
@@ -54,9 +58,12 @@ def _open_warmup(method: str, method_obj, warmup: Path | None, fp_sha256: str, s
     method's settings, the FP checkpoint and ``inputs_seed`` (the cell's seed unless fixed); None: the method
     trains its generator itself. A record of another seed is replayed without adopting its random state: the
     cell's own draws (a GDFQ/Qimera generator's noise after the warm-up included) follow the cell's seed."""
-    if warmup is None:
-        return None
     spec = method_obj.warmup_spec()
+    if warmup is None:
+        if inputs_seed != seed and spec is not None:
+            raise ConfigError(f"--inputs-seed: method {method!r} trains its generator in the cell with the cell's "
+                              "seed; pass the --warmup recorded for the inputs seed")
+        return None
     if spec is None:
         raise ConfigError(f"--warmup: method {method!r} with these settings trains no generator on the teacher alone")
     record = WarmupRecord.load(warmup, spec, fp_sha256, inputs_seed)
@@ -144,14 +151,8 @@ def run_quantize(
     job = job or Job()
     method_obj = get_method(method)(method_cfg)
     fp_sha256 = sha256_file(fp_checkpoint)
-    shard_set = _open_samples(method, method_obj, samples, fp_sha256)
     inputs_seed = seed if inputs_seed is None else inputs_seed
-    if shard_set is not None and shard_set.manifest.get("seed") != inputs_seed:
-        raise IntegrityError(f"{samples}: samples were synthesized with seed {shard_set.manifest.get('seed')}, "
-                             f"expected {inputs_seed} (--seed, or --inputs-seed)")
-    if inputs_seed != seed and warmup is None and method_obj.warmup_spec() is not None:
-        raise ConfigError(f"--inputs-seed: method {method!r} trains its generator in the cell with the cell's seed; "
-                          "pass the --warmup recorded for the inputs seed")
+    shard_set = _open_samples(method, method_obj, samples, fp_sha256, inputs_seed)
     recorded = _open_warmup(method, method_obj, warmup, fp_sha256, seed, inputs_seed)
     key = {"method": method, "method_cfg": method_obj.config_dict(), "quant": quant_cfg.to_dict(), "seed": seed,
            "fp_checkpoint_sha256": fp_sha256, "data_manifest_sha256": sha256_file(dataset_manifest),
