@@ -261,6 +261,7 @@ def test_synthesize_then_quantize_on_shards(pipeline, method):
     manifest = json.loads((samples / "manifest.json").read_text())
     assert manifest["count"] == 16 and manifest["shape"] == [1, 28, 28]
     assert [len(t) for t in manifest["synthesis_bn_loss"]["bn_loss"]] == [1, 1]  # 2 batches of one 2-step block
+    assert manifest["synthesis_steps"] == [2, 2]
     tiny = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 8}
     if method == "hast":
         tiny.update(calib_iters=2, calib_batch_size=4)

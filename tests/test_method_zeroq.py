@@ -18,7 +18,7 @@ from zsqpipe.zsq.synth_zeroq import (
     optimise_pixels,
     synthesize_zeroq,
 )
-from zsqpipe.zsq.synthesis import SynthContext, convergence
+from zsqpipe.zsq.synthesis import SynthContext, convergence, get_synthesizer
 
 
 def standardised(n, c, h, w, seed=0):
@@ -86,14 +86,14 @@ def test_initialisations():
 
 
 def test_optimise_pixels_descends():
-    x, last = optimise_pixels(torch.zeros(2, 1, 2, 2), lambda x, _s: ((x - 1.0) ** 2).sum(), 60, 0.5, 100)
+    x, last, _ = optimise_pixels(torch.zeros(2, 1, 2, 2), lambda x, _s: ((x - 1.0) ** 2).sum(), 60, 0.5, 100)
     assert last < 8.0 * 0.05 and float(((x - 1.0) ** 2).sum()) < last + 1e-6
 
 
 def test_optimise_pixels_traces_block_means_and_convergence_compares_blocks_100_steps_apart():
     trace: list[float] = []
     x0 = torch.zeros(2, 1, 2, 2)
-    x, _ = optimise_pixels(x0, lambda x, s: (x * 0).sum() + s + 1, 200, 0.5, 100, trace=trace)  # loss = step
+    x, _, _ = optimise_pixels(x0, lambda x, s: (x * 0).sum() + s + 1, 200, 0.5, 100, trace=trace)  # loss = step
     assert trace == [10 * k + 5.5 for k in range(20)]  # mean of steps 1-10, 11-20, ..., 191-200
     assert torch.equal(x, x0)
     conv = convergence([trace, [2 * v for v in trace]], 200)
@@ -105,6 +105,26 @@ def test_optimise_pixels_traces_block_means_and_convergence_compares_blocks_100_
     optimise_pixels(x0, lambda x, s: (x * 0).sum() + s, 13, 0.5, 100, trace=short, trace_value=lambda: 2.0)
     assert short == [2.0, 2.0]  # the traced value, not the loss; a 3-step last block
 
+
+
+def test_optimise_pixels_stops_once_the_loss_falls_less_than_stop_drop_over_100_steps():
+    x0 = torch.zeros(2, 1, 2, 2)
+    decay = {}  # loss 100 / (1 + step): block drops over 100 steps shrink as the loss flattens
+    for stop_drop in (0.3, 0.1):
+        trace: list[float] = []
+        _, _, steps = optimise_pixels(x0, lambda x, s: (x * 0).sum() + 100.0 / (1 + s), 2000, 0.5, 100,
+                                      trace=trace, stop_drop=stop_drop)  # fmt: skip
+        assert steps % 10 == 0 and steps == 10 * len(trace) < 2000
+        assert 1 - trace[-1] / trace[-11] < stop_drop <= 1 - trace[-2] / trace[-12]  # the first block below it
+        decay[stop_drop] = steps
+    assert 110 <= decay[0.3] < decay[0.1]
+    rising: list[float] = []  # a loss that rises counts as not falling: stopped at the first check (110 steps)
+    assert optimise_pixels(x0, lambda x, s: (x * 0).sum() + s, 2000, 0.5, 100, trace=rising, stop_drop=0.05)[2] == 110
+    nan = optimise_pixels(x0, lambda x, s: (x * 0).sum() + float("nan"), 150, 0.5, 100, stop_drop=0.05)
+    assert nan[2] == 150  # NaN never stops it; no trace passed: it keeps its own
+    assert optimise_pixels(x0, lambda x, s: (x * 0).sum() + 100.0 / (1 + s), 300, 0.5, 100)[2] == 300  # 0: all iters
+    assert convergence([trace], [steps])["drop_last_100"] == pytest.approx(1 - trace[-1] / trace[-11])
+    assert convergence([trace], [steps + 5])["drop_last_100"] is None  # a short last block is not measured
 
 def test_synthesis_reads_no_real_data_and_labels_are_teacher_argmax():
     teacher = tiny_net()
@@ -159,3 +179,18 @@ def test_zeroq_rejects_unknown_options(tmp_path):
         ZeroQ({"augment": "mixup"}).run(ctx)
     with pytest.raises(ConfigError):
         initial_images("laplace", (1, 1, 2, 2), torch.Generator())
+
+
+@pytest.mark.parametrize("name", ["zeroq", "intraq", "hast"])
+def test_every_pixel_synthesizer_passes_stop_drop_to_the_loop_per_batch(name):
+    teacher = tiny_net()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    fn, cfg_cls = get_synthesizer(name)
+    steps = {}
+    for stop_drop in (0.0, 0.999):  # 0.999: stops at the first check unless the BN loss fell 99.9 % in 100 steps
+        ctx = SynthContext(3, (1, 8, 8), torch.device("cpu"), torch.Generator().manual_seed(0), log=lambda _m: None)
+        fn(teacher, cfg_cls(num_samples=6, batch_size=4, iters=150, stop_drop=stop_drop), ctx)
+        assert [10 * len(t) for t in ctx.bn_traces] == ctx.steps  # one block mean per 10 steps, per batch
+        steps[stop_drop] = ctx.steps
+    assert steps == {0.0: [150, 150], 0.999: [110, 110]}

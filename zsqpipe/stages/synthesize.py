@@ -54,7 +54,8 @@ def run_synthesize(
         "fp_checkpoint_sha256": sha256_file(fp_checkpoint),
         "wall_time_s": seconds,
         "mean_teacher_confidence": float(confidence.mean()),
-        "synthesis_bn_loss": convergence(ctx.bn_traces, conf.iters),
+        "synthesis_steps": ctx.steps,  # per batch: < iters where stop_drop stopped it (docs/budget.md's rule)
+        "synthesis_bn_loss": convergence(ctx.bn_traces, ctx.steps),
     }
     manifest = write_shards(out_dir, images, labels, 1.0 - confidence, synthesizer, seed,
                             getattr(conf, "shard_size", 1024), provenance)  # fmt: skip

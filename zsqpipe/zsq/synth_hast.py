@@ -24,14 +24,15 @@ from torch import nn
 
 from zsqpipe.config import NonNegFloat, NonNegInt, PosFloat, PosInt
 from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.synthesis import SynthContext, optimise_pixels, register_synthesizer
+from zsqpipe.zsq.synthesis import StopDrop, SynthContext, optimise_pixels, register_synthesizer
 
 
 @dataclass(frozen=True)
 class HASTSynthConfig:
     num_samples: PosInt = 512  # official: 4 groups x 5 batches x 256 = 5120
     batch_size: PosInt = 256  # official: 256
-    iters: NonNegInt = 200  # official: 1000 Adam steps per batch; the BN loss stops falling at ~200 here (docs/budget.md)
+    iters: NonNegInt = 200  # official: 1000 Adam steps per batch (the cap when stop_drop > 0)
+    stop_drop: StopDrop = 0.0  # official: 0 (fixed iterations)
     lr: PosFloat = 0.5  # official: 0.5
     patience: NonNegInt = 10  # official: 50 (of 1000 steps); 5 % of iters, as the official
     min_lr: NonNegFloat = 1e-4  # official: 1e-4
@@ -91,13 +92,15 @@ def synthesize_hast(teacher: nn.Module, cfg: HASTSynthConfig, ctx: SynthContext)
                 return hast_synthesis_loss(teacher, bn_stats, x, y, cfg, parts)
 
             ctx.bn_traces.append([])
-            x, _ = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
-                                   trace=ctx.bn_traces[-1], trace_value=lambda parts=parts: parts["bn"])  # fmt: skip
+            x, _, steps = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
+                                          trace=ctx.bn_traces[-1], trace_value=lambda parts=parts: parts["bn"],
+                                          stop_drop=cfg.stop_drop)  # fmt: skip
+            ctx.steps.append(steps)
             with torch.no_grad():
-                final = float(loss_fn(x, cfg.iters))
+                final = float(loss_fn(x, steps))
                 p = teacher(x).softmax(1).gather(1, y[:, None]).mean()
             ctx.log(
-                f"hast: batch {b + 1}/{n_batches} ({size} images): loss {final:.4f}, mean p_teacher {p:.3f}"
+                f"hast: batch {b + 1}/{n_batches} ({size} images, {steps} steps): loss {final:.4f}, mean p_teacher {p:.3f}"
             )
             images.append(x.cpu())
             labels.append(y_cpu)

@@ -34,6 +34,7 @@ from zsqpipe.config import Doc, NonNegFloat, NonNegInt, OneOf, PosFloat, PosInt
 from zsqpipe.errors import ConfigError
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.synthesis import (
+    StopDrop,
     SynthContext,
     batch_sizes,
     check_common,
@@ -49,7 +50,8 @@ UNIFORM_VARIANCE = 5418.75  # var of U(-128, 127) = 255^2 / 12, the constant in 
 class ZeroQSynthConfig:
     num_samples: PosInt = 512  # official: 1 batch of 64 (run.sh); IntraQ's re-implementation: 5,120
     batch_size: PosInt = 256
-    iters: PosInt = 100  # official: 500
+    iters: PosInt = 100  # official: 500 (the cap when stop_drop > 0)
+    stop_drop: StopDrop = 0.0  # official: 0 (fixed iterations)
     lr: PosFloat = 0.5
     patience: NonNegInt = 20  # ReduceLROnPlateau patience; official: 100 (of 500 iterations)
     min_lr: NonNegFloat = 1e-4
@@ -104,14 +106,15 @@ def synthesize_zeroq(teacher: nn.Module, cfg: ZeroQSynthConfig, ctx: SynthContex
                 return loss
 
             ctx.bn_traces.append([])  # ZeroQ's loss is the BN-statistics loss (+ the optional input term)
-            x, last = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
-                                       trace=ctx.bn_traces[-1])  # fmt: skip
+            x, last, steps = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
+                                              trace=ctx.bn_traces[-1], stop_drop=cfg.stop_drop)  # fmt: skip
+            ctx.steps.append(steps)
             with torch.no_grad():
                 y = teacher(x).argmax(1)
             images.append(x.cpu())
             labels.append(y.cpu())
             ctx.log(
-                f"zeroq batch {b}: {n} images, {cfg.iters} steps, loss {last:.4f}, "
+                f"zeroq batch {b}: {n} images, {steps} steps, loss {last:.4f}, "
                 f"{len(y.unique())} classes, {time.perf_counter() - start:.1f}s"
             )
     finally:

@@ -7,7 +7,8 @@ classes: the stage runs them under :func:`zsqpipe.data.forbid_real_data`.
 
 Shared optimisation loop (ZeroQ ``distill_data.py``, IntraQ/HAST ``data_generate/distill_data.py``): for each
 batch, x ~ N(0, 1) (or ZeroQ's uniform init) is optimised with Adam and ``ReduceLROnPlateau`` on the total
-loss for ``iters`` steps.
+loss for ``iters`` steps, or, with ``stop_drop`` > 0, until the BN-statistics loss stops falling
+(docs/budget.md's rule: < ``stop_drop`` over the last 100 steps), ``iters`` being the cap.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from zsqpipe.config import Doc, Range
 from zsqpipe.errors import ConfigError
 from zsqpipe.names import SYNTHESIZER_NAMES
 from zsqpipe.progress import progress
@@ -48,20 +50,35 @@ class SynthContext:
     log: Callable[[str], None] = print
     extras: dict[str, Any] | None = None
     bn_traces: list[list[float]] = field(default_factory=list)  # per batch: optimise_pixels(trace=...)
+    steps: list[int] = field(default_factory=list)  # per batch: the pixel steps taken (< iters if it converged)
 
 
 TRACE_EVERY = 10
+STOP_WINDOW = 100  # the rule's window: the BN loss's drop over the last 100 steps (docs/budget.md)
+StopDrop = Annotated[float, Range(ge=0, lt=1), Doc(
+    "Stop a batch once its BN-statistics loss (10-step block means) fell by less than this fraction over the "
+    "last 100 steps (docs/budget.md's convergence rule), iters being the cap; 0 = always run iters.")]
 
 
-def convergence(traces: list[list[float]], iters: int, window: int = 100) -> dict[str, Any]:
+def block_drop(trace: list[float], window: int = STOP_WINDOW) -> float | None:
+    """1 - L_last / L_back: the relative drop between the last ``TRACE_EVERY``-step block mean of ``trace`` and
+    the block ``window`` steps before it (None while there is no such block or it is 0)."""
+    back = window // TRACE_EVERY
+    if len(trace) <= back or trace[-1 - back] == 0:
+        return None
+    return 1.0 - trace[-1] / trace[-1 - back]
+
+
+def convergence(traces: list[list[float]], steps: int | list[int], window: int = STOP_WINDOW) -> dict[str, Any]:
     """Whether the synthesis converged by docs/budget.md's rule (the BN-statistics loss falls by less than 5 %
     over the last 100 iterations): per batch, the BN loss averaged over each block of ``TRACE_EVERY`` steps, and
     the mean over batches of the relative drop between the last block and the block ``window`` steps before
-    it, 1 - L_last / L_back (None unless ``iters`` is a multiple of ``TRACE_EVERY`` and exceeds ``window``).
-    Non-finite losses are written as None (strict JSON)."""
-    back = window // TRACE_EVERY
-    drops = [1.0 - t[-1] / t[-1 - back] for t in traces if len(t) > back and t[-1 - back] != 0]
-    measured = drops and len(drops) == len(traces) and iters % TRACE_EVERY == 0
+    it, 1 - L_last / L_back (None unless every batch's step count — ``steps``, one int for all or one per
+    batch — is a multiple of ``TRACE_EVERY`` and exceeds ``window``). Non-finite losses are written as None
+    (strict JSON)."""
+    per_batch = [steps] * len(traces) if isinstance(steps, int) else list(steps)
+    drops = [d for t in traces if (d := block_drop(t, window)) is not None]
+    measured = drops and len(drops) == len(traces) and all(n % TRACE_EVERY == 0 for n in per_batch)
     drop = sum(drops) / len(drops) if measured else None
     finite = [[v if math.isfinite(v) else None for v in t] for t in traces]
     return {"every": TRACE_EVERY, "bn_loss": finite, "drop_last_100": drop if drop is None or math.isfinite(drop)
@@ -91,10 +108,14 @@ def optimise_pixels(
     min_lr: float = 1e-4,
     trace: list[float] | None = None,
     trace_value: Callable[[], float] | None = None,
-) -> tuple[torch.Tensor, float]:
-    """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss).
+    stop_drop: float = 0.0,
+) -> tuple[torch.Tensor, float, int]:
+    """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss, steps).
     ``trace``: appended the mean of ``trace_value()`` (default: the loss) over each block of ``TRACE_EVERY``
     steps (steps 1-10, 11-20, ...; a shorter last block).
+    ``stop_drop`` > 0: stop at the end of the first block whose mean is less than ``stop_drop`` (relatively)
+    below the block ``STOP_WINDOW`` steps earlier — docs/budget.md's "until the BN-statistics loss stops
+    falling" — with ``iters`` as the cap (a rising block counts as not falling; a NaN one never stops it).
 
     Adam's default betas (0.9, 0.999) and eps, as ``optim.Adam([x], lr=0.5)`` in ZeroQ, IntraQ and HAST
     ``distill_data.py`` (the one pixel loop of the ZeroQ, IntraQ and HAST synthesizers). Gradients are taken
@@ -105,18 +126,25 @@ def optimise_pixels(
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=min_lr, patience=patience)
     last = float("nan")
     block: list[float] = []
+    if trace is None and stop_drop > 0:
+        trace = []
+    steps = 0
     for step in progress(range(iters), desc="synthesis"):
         loss = loss_fn(x, step)
         (x.grad,) = torch.autograd.grad(loss, [x])
         opt.step()
         last = float(loss.detach())
         sched.step(last)
+        steps = step + 1
         if trace is not None:
             block.append(trace_value() if trace_value is not None else last)
             if len(block) == TRACE_EVERY or step == iters - 1:
                 trace.append(sum(block) / len(block))
                 block = []
-    return x.detach(), last
+                drop = block_drop(trace) if stop_drop > 0 else None
+                if drop is not None and drop < stop_drop:
+                    break
+    return x.detach(), last, steps
 
 
 @torch.no_grad()
