@@ -18,7 +18,7 @@ from zsqpipe.zsq.synth_zeroq import (
     optimise_pixels,
     synthesize_zeroq,
 )
-from zsqpipe.zsq.synthesis import SynthContext, convergence, get_synthesizer
+from zsqpipe.zsq.synthesis import SynthContext, block_drop, convergence, get_synthesizer
 
 
 def standardised(n, c, h, w, seed=0):
@@ -97,7 +97,7 @@ def test_optimise_pixels_traces_block_means_and_convergence_compares_blocks_100_
     assert trace == [10 * k + 5.5 for k in range(20)]  # mean of steps 1-10, 11-20, ..., 191-200
     assert torch.equal(x, x0)
     conv = convergence([trace, [2 * v for v in trace]], 200)
-    assert conv["drop_last_100"] == pytest.approx(1.0 - 195.5 / 95.5) and conv["bn_loss"][0] == trace
+    assert conv["drop_last_100"] == pytest.approx(1.0 - 105.5 / 5.5) and conv["bn_loss"][0] == trace  # best vs best
     assert convergence([trace[:10]], 100)["drop_last_100"] is None  # no block 100 steps before the last
     assert convergence([trace + [200.0]], 205)["drop_last_100"] is None
     assert convergence([[float("nan")] * 11], 110) == {"every": 10, "bn_loss": [[None] * 11], "drop_last_100": None}
@@ -116,6 +116,7 @@ def test_optimise_pixels_stops_once_the_loss_falls_less_than_stop_drop_over_100_
                                       trace=trace, stop_drop=stop_drop)  # fmt: skip
         assert steps % 10 == 0 and steps == 10 * len(trace) < 2000
         assert 1 - trace[-1] / trace[-11] < stop_drop <= 1 - trace[-2] / trace[-12]  # the first block below it
+        assert block_drop(trace) == pytest.approx(1 - trace[-1] / trace[-11])  # falling: last vs 100 back
         decay[stop_drop] = steps
     assert 110 <= decay[0.3] < decay[0.1]
     rising: list[float] = []  # a loss that rises counts as not falling: stopped at the first check (110 steps)
@@ -123,6 +124,10 @@ def test_optimise_pixels_stops_once_the_loss_falls_less_than_stop_drop_over_100_
     nan = optimise_pixels(x0, lambda x, s: (x * 0).sum() + float("nan"), 150, 0.5, 100, stop_drop=0.05)
     assert nan[2] == 150  # NaN never stops it; no trace passed: it keeps its own
     assert optimise_pixels(x0, lambda x, s: (x * 0).sum() + 100.0 / (1 + s), 300, 0.5, 100)[2] == 300  # 0: all iters
+    spiky: list[float] = []  # a 10-step spike at steps 200-209 of a falling loss: the best block still falls
+    _, _, steps_spiky = optimise_pixels(x0, lambda x, s: (x * 0).sum() + 100.0 / (1 + s) * (3 if 200 <= s < 210 else 1),
+                                        2000, 0.5, 100, trace=spiky, stop_drop=0.1)  # fmt: skip
+    assert steps_spiky == decay[0.1]
     assert convergence([trace], [steps])["drop_last_100"] == pytest.approx(1 - trace[-1] / trace[-11])
     assert convergence([trace], [steps + 5])["drop_last_100"] is None  # a short last block is not measured
 

@@ -56,24 +56,29 @@ class SynthContext:
 TRACE_EVERY = 10
 STOP_WINDOW = 100  # the rule's window: the BN loss's drop over the last 100 steps (docs/budget.md)
 StopDrop = Annotated[float, Range(ge=0, lt=1), Doc(
-    "Stop a batch once its BN-statistics loss (10-step block means) fell by less than this fraction over the "
-    "last 100 steps (docs/budget.md's convergence rule), iters being the cap; 0 = always run iters.")]
+    "Stop a batch once the best of its BN-statistics loss (10-step block means) improved by less than this "
+    "fraction over the last 100 steps (docs/budget.md's convergence rule), iters being the cap; 0 = always run "
+    "iters.")]
 
 
 def block_drop(trace: list[float], window: int = STOP_WINDOW) -> float | None:
-    """1 - L_last / L_back: the relative drop between the last ``TRACE_EVERY``-step block mean of ``trace`` and
-    the block ``window`` steps before it (None while there is no such block or it is 0)."""
+    """1 - min(last ``window`` steps) / min(before them): how much the best ``TRACE_EVERY``-step block mean of
+    ``trace`` improved over the last ``window`` steps (ReduceLROnPlateau's relative threshold on the best value;
+    a one-block spike neither stops nor hides the fall). For a falling trace it is 1 - L_last / L_back. None
+    while there is no block ``window`` steps back, or no finite positive best before it."""
     back = window // TRACE_EVERY
-    if len(trace) <= back or trace[-1 - back] == 0:
+    recent = [v for v in trace[-back:] if math.isfinite(v)]
+    before = [v for v in trace[:-back] if math.isfinite(v)]
+    if len(trace) <= back or not recent or not before or min(before) <= 0:
         return None
-    return 1.0 - trace[-1] / trace[-1 - back]
+    return 1.0 - min(recent) / min(before)
 
 
 def convergence(traces: list[list[float]], steps: int | list[int], window: int = STOP_WINDOW) -> dict[str, Any]:
     """Whether the synthesis converged by docs/budget.md's rule (the BN-statistics loss falls by less than 5 %
     over the last 100 iterations): per batch, the BN loss averaged over each block of ``TRACE_EVERY`` steps, and
-    the mean over batches of the relative drop between the last block and the block ``window`` steps before
-    it, 1 - L_last / L_back (None unless every batch's step count — ``steps``, one int for all or one per
+    the mean over batches of :func:`block_drop`, the relative improvement of the best block over the last
+    ``window`` steps (None unless every batch's step count — ``steps``, one int for all or one per
     batch — is a multiple of ``TRACE_EVERY`` and exceeds ``window``). Non-finite losses are written as None
     (strict JSON)."""
     per_batch = [steps] * len(traces) if isinstance(steps, int) else list(steps)
@@ -113,9 +118,10 @@ def optimise_pixels(
     """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss, steps).
     ``trace``: appended the mean of ``trace_value()`` (default: the loss) over each block of ``TRACE_EVERY``
     steps (steps 1-10, 11-20, ...; a shorter last block).
-    ``stop_drop`` > 0: stop at the end of the first block whose mean is less than ``stop_drop`` (relatively)
-    below the block ``STOP_WINDOW`` steps earlier — docs/budget.md's "until the BN-statistics loss stops
-    falling" — with ``iters`` as the cap (a rising block counts as not falling; a NaN one never stops it).
+    ``stop_drop`` > 0: stop at the end of the first block where :func:`block_drop` (the best block mean's
+    improvement over the last ``STOP_WINDOW`` steps) is below ``stop_drop`` — docs/budget.md's "until the
+    BN-statistics loss stops falling" — with ``iters`` as the cap (a loss that rises for 100 steps counts as not
+    falling; an all-NaN window never stops it).
 
     Adam's default betas (0.9, 0.999) and eps, as ``optim.Adam([x], lr=0.5)`` in ZeroQ, IntraQ and HAST
     ``distill_data.py`` (the one pixel loop of the ZeroQ, IntraQ and HAST synthesizers). Gradients are taken
