@@ -96,15 +96,14 @@ def test_optimise_pixels_traces_block_means_and_convergence_compares_blocks_100_
     x, _, _ = optimise_pixels(x0, lambda x, s: (x * 0).sum() + s + 1, 200, 0.5, 100, trace=trace)  # loss = step
     assert trace == [10 * k + 5.5 for k in range(20)]  # mean of steps 1-10, 11-20, ..., 191-200
     assert torch.equal(x, x0)
-    conv = convergence([trace, [2 * v for v in trace]], 200)
+    conv = convergence([trace, [2 * v for v in trace]], [200, 200])
     assert conv["drop_last_100"] == pytest.approx(1.0 - 105.5 / 5.5) and conv["bn_loss"][0] == trace  # best vs best
-    assert convergence([trace[:10]], 100)["drop_last_100"] is None  # no block 100 steps before the last
-    assert convergence([trace + [200.0]], 205)["drop_last_100"] is None
-    assert convergence([[float("nan")] * 11], 110) == {"every": 10, "bn_loss": [[None] * 11], "drop_last_100": None}
+    assert convergence([trace[:10]], [100])["drop_last_100"] is None  # no block 100 steps before the last
+    assert convergence([trace + [200.0]], [205])["drop_last_100"] is None
+    assert convergence([[float("nan")] * 11], [110]) == {"every": 10, "bn_loss": [[None] * 11], "drop_last_100": None}
     short: list[float] = []
     optimise_pixels(x0, lambda x, s: (x * 0).sum() + s, 13, 0.5, 100, trace=short, trace_value=lambda: 2.0)
     assert short == [2.0, 2.0]  # the traced value, not the loss; a 3-step last block
-
 
 
 def test_optimise_pixels_stops_once_the_loss_falls_less_than_stop_drop_over_100_steps():
@@ -130,6 +129,7 @@ def test_optimise_pixels_stops_once_the_loss_falls_less_than_stop_drop_over_100_
     assert steps_spiky == decay[0.1]
     assert convergence([trace], [steps])["drop_last_100"] == pytest.approx(1 - trace[-1] / trace[-11])
     assert convergence([trace], [steps + 5])["drop_last_100"] is None  # a short last block is not measured
+
 
 def test_synthesis_reads_no_real_data_and_labels_are_teacher_argmax():
     teacher = tiny_net()

@@ -74,16 +74,14 @@ def block_drop(trace: list[float], window: int = STOP_WINDOW) -> float | None:
     return 1.0 - min(recent) / min(before)
 
 
-def convergence(traces: list[list[float]], steps: int | list[int], window: int = STOP_WINDOW) -> dict[str, Any]:
+def convergence(traces: list[list[float]], steps: list[int], window: int = STOP_WINDOW) -> dict[str, Any]:
     """Whether the synthesis converged by docs/budget.md's rule (the BN-statistics loss falls by less than 5 %
     over the last 100 iterations): per batch, the BN loss averaged over each block of ``TRACE_EVERY`` steps, and
     the mean over batches of :func:`block_drop`, the relative improvement of the best block over the last
-    ``window`` steps (None unless every batch's step count — ``steps``, one int for all or one per
-    batch — is a multiple of ``TRACE_EVERY`` and exceeds ``window``). Non-finite losses are written as None
-    (strict JSON)."""
-    per_batch = [steps] * len(traces) if isinstance(steps, int) else list(steps)
+    ``window`` steps (None unless every batch's step count, ``steps``, is a multiple of ``TRACE_EVERY`` and
+    exceeds ``window``). Non-finite losses are written as None (strict JSON)."""
     drops = [d for t in traces if (d := block_drop(t, window)) is not None]
-    measured = drops and len(drops) == len(traces) and all(n % TRACE_EVERY == 0 for n in per_batch)
+    measured = drops and len(drops) == len(traces) and all(n % TRACE_EVERY == 0 for n in steps)
     drop = sum(drops) / len(drops) if measured else None
     finite = [[v if math.isfinite(v) else None for v in t] for t in traces]
     return {"every": TRACE_EVERY, "bn_loss": finite, "drop_last_100": drop if drop is None or math.isfinite(drop)
