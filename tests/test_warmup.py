@@ -234,3 +234,37 @@ def test_inputs_seed_fixes_samples_and_calibration_while_the_fine_tuning_seed_va
     assert len({g_own[1]["train_loss"], g_fixed[1]["train_loss"], g_fixed2[1]["train_loss"]}) == 3
     with pytest.raises(IntegrityError, match="recorded for seed 0, expected 1"):
         run("gdfq1b", 1, method="gdfq", c=gdfq, warmup=tmp_path / "g0.pt")
+
+
+def test_samples_seed_and_warmup_seed_fix_one_input_each(prepared, tmp_path):
+    """quantize --samples-seed / --warmup-seed (variants.<v>.samples_seed / warmup_seed): a seed-1 cell holds one
+    input at seed 0 and reads the other of its own seed; both at 0 is --inputs-seed 0."""
+    from test_resume import without_times
+
+    from zsqpipe.job import Job
+    from zsqpipe.stages.quantize import run_quantize
+    from zsqpipe.stages.warmup import run_generator_warmup
+
+    cfg = {"epochs": 2, "iters_per_epoch": 2, "batch_size": 16, "calib_iters": 3, "calib_batch_size": 4}
+    spec = get_method("hast")(cfg).warmup_spec()
+    for seed in (0, 1):
+        run_generator_warmup(prepared / "fp.pt", spec, seed, tmp_path / f"w{seed}.pt", Job.quiet(device="cpu", threads=1))
+
+    def run(name, warmup, **seeds):
+        out = tmp_path / name
+        return run_quantize(prepared / "fp.pt", prepared / "manifest.json", "hast", cfg, QuantConfig(4, 4), 1,
+                            out / "model.pt", out / "history.json", samples=prepared / "samples", warmup=warmup,
+                            job=Job("cpu", 1, log=lambda _m: None), **seeds)  # fmt: skip
+
+    split = run("samples0", tmp_path / "w1.pt", samples_seed=0)  # the prepared samples are seed 0's
+    assert split["samples_seed"] == 0 and "warmup_seed" not in split and "inputs_seed" not in split
+    both = run("both0", tmp_path / "w0.pt", samples_seed=0, warmup_seed=0)
+    assert both["samples_seed"] == 0 and both["warmup_seed"] == 0
+    assert without_times(both["history"]) == without_times(run("inputs0", tmp_path / "w0.pt", inputs_seed=0)["history"])
+    assert [h["train_loss"] for h in split["history"]] != [h["train_loss"] for h in both["history"]]
+    with pytest.raises(IntegrityError, match="recorded for seed 0, expected 1"):
+        run("warmup_not_fixed", tmp_path / "w0.pt", samples_seed=0)
+    with pytest.raises(IntegrityError, match="synthesized with seed 0, expected 1"):
+        run("samples_not_fixed", tmp_path / "w0.pt", warmup_seed=0)
+    with pytest.raises(IntegrityError, match="synthesized with seed 0, expected 2"):
+        run("samples_seed_wins", tmp_path / "w0.pt", inputs_seed=0, samples_seed=2)

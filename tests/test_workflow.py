@@ -268,6 +268,33 @@ def test_inputs_seed_variant_reads_one_seeds_samples_and_calibration(tmp_path):
     assert "config key 'variants.real_inputs0.inputs_seed': method 'real' reads no synthetic samples" in r.stdout + r.stderr
 
 
+def test_samples_seed_and_warmup_seed_variants_fix_one_input_each(tmp_path):
+    """variants.<v>.samples_seed / warmup_seed: a cell reads that seed's samples (or range-calibration warm-up)
+    and the other input of its own seed (quantize --samples-seed / --warmup-seed); a method without that input
+    is refused."""
+    cfg = write_config(tmp_path / "c.yaml", base="config.yaml",
+                       variants__intraq_samples0={"method": "intraq", "samples_seed": 0},
+                       variants__intraq_calib0={"method": "intraq", "warmup_seed": 0},
+                       tables={"spread": {"methods": ["intraq_samples0", "intraq_calib0"], "bits": ["w3a3"],
+                                          "seeds": [2]}})  # fmt: skip
+    jobs = planned(tmp_path, cfg, "results/tables/spread.csv")
+    shells = {w: job["shell"] for (rule, w), job in jobs.items() if rule == "quantize"}
+    (samples0,) = [s for w, s in shells.items() if "method=intraq_samples0" in w]
+    (calib0,) = [s for w, s in shells.items() if "method=intraq_calib0" in w]
+    assert "--samples results/samples/fashion_mnist/resnet20/intraq/seed0 " in samples0
+    assert re.search(r"--warmup results/generators/fashion_mnist/resnet20/calib@[0-9a-f]{8}/seed2\.pt ", samples0)
+    assert "--samples-seed 0" in samples0 and "--warmup-seed" not in samples0 and "--inputs-seed" not in samples0
+    assert "--samples results/samples/fashion_mnist/resnet20/intraq/seed2 " in calib0
+    assert re.search(r"--warmup results/generators/fashion_mnist/resnet20/calib@[0-9a-f]{8}/seed0\.pt ", calib0)
+    assert "--warmup-seed 0" in calib0 and "--samples-seed" not in calib0
+    for key, method, what in (("samples_seed", "gdfq", "reads no synthetic samples"),
+                              ("warmup_seed", "zeroq", "replays no generator warm-up")):
+        bad = write_config(tmp_path / f"{key}.yaml", base="config.yaml", **{"variants__bad": {"method": method, key: 0}})
+        r = snakemake(tmp_path, bad, "-n", "results/tables/hast.csv", check=False)
+        assert r.returncode != 0
+        assert f"config key 'variants.bad.{key}': method '{method}' {what}" in r.stdout + r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(4000)  # the suite-wide 900 s is too short for FP training + 30 cells on a shared CI host
 def test_readme_main_command_end_to_end(tmp_path):

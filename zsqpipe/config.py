@@ -333,13 +333,18 @@ def _validate_variants(schema: dict, instance: dict) -> None:
             parts.append(("synthesis", METHOD_SYNTHESIZER[base]))
         if variant.get("quant"):
             parts.append(("quant", None))
-        if variant.get("inputs_seed") is not None:
+        if any(variant.get(k) is not None for k in ("inputs_seed", "samples_seed", "warmup_seed")):
             from zsqpipe.warmups import warmup_spec
 
             settings = {**instance.get("methods", {}).get(base, {}), **variant.get("methods", {})}
-            if base not in METHOD_SYNTHESIZER and warmup_spec(base, settings) is None:
-                raise ConfigError(f"config key 'variants.{name}.inputs_seed': method {base!r} reads no synthetic "
-                                  "samples and replays no generator warm-up, so there is no input to fix")
+            has = {"samples_seed": base in METHOD_SYNTHESIZER, "warmup_seed": warmup_spec(base, settings) is not None}
+            has["inputs_seed"] = has["samples_seed"] or has["warmup_seed"]
+            what = {"inputs_seed": "reads no synthetic samples and replays no generator warm-up, so there is no "
+                                   "input to fix",
+                    "samples_seed": "reads no synthetic samples", "warmup_seed": "replays no generator warm-up"}
+            for k in ("inputs_seed", "samples_seed", "warmup_seed"):
+                if variant.get(k) is not None and not has[k]:
+                    raise ConfigError(f"config key 'variants.{name}.{k}': method {base!r} {what[k]}")
         for section, key in parts:
             section_schema = props[section] if key is None else props[section]["properties"].get(key, {})
             sub_schema = {"type": "object", **section_schema, "definitions": schema["definitions"]}

@@ -134,14 +134,16 @@ def sample_set(method):
     return f"{synth}@{overrides_tag(overrides)}" if overrides else synth
 
 
-def fixed_inputs_seed(method):
-    """A variant's `inputs_seed` (None: its cells read the inputs of their own seed)."""
-    return VARIANTS.get(method, {}).get("inputs_seed")
+def fixed_input_seed(method, key):
+    """A variant's fixed seed for its samples (`key` "samples_seed") or generator warm-up ("warmup_seed"):
+    that key, else its `inputs_seed`; None: its cells read the inputs of their own seed."""
+    variant = VARIANTS.get(method, {})
+    return variant.get(key) if variant.get(key) is not None else variant.get("inputs_seed")
 
 
-def inputs_seed(wildcards):
-    """The seed of the samples and generator warm-up a cell reads: its own, or its variant's `inputs_seed`."""
-    fixed = fixed_inputs_seed(wildcards.method)
+def input_seed(wildcards, key):
+    """The seed of the samples ("samples_seed") or generator warm-up ("warmup_seed") a cell reads."""
+    fixed = fixed_input_seed(wildcards.method, key)
     return wildcards.seed if fixed is None else fixed
 
 
@@ -150,7 +152,7 @@ def samples_input(wildcards):
     name = sample_set(wildcards.method)
     if name is None:
         return []
-    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{name}/seed{inputs_seed(wildcards)}"]
+    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{name}/seed{input_seed(wildcards, 'samples_seed')}"]
 
 
 def samples_flag(wildcards, input):
@@ -158,8 +160,10 @@ def samples_flag(wildcards, input):
 
 
 def inputs_seed_flag(wildcards, input):  # `input`: not a params rerun trigger (the input paths are)
-    fixed = fixed_inputs_seed(wildcards.method)
-    return "" if fixed is None else f"--inputs-seed {fixed}"
+    """quantize --inputs-seed / --samples-seed / --warmup-seed for a variant that fixes its inputs' seeds."""
+    variant = VARIANTS.get(wildcards.method, {})
+    return " ".join(f"--{key.replace('_', '-')} {variant[key]}" for key in ("inputs_seed", "samples_seed", "warmup_seed")
+                    if variant.get(key) is not None)
 
 
 def method_warmup_spec(method):
@@ -182,12 +186,13 @@ def warmup_input(wildcards):
     if spec is None:
         return []
     if record_mb(spec, DATASET_INPUT_SHAPES[wildcards.dataset]) > config["generator_warmup_max_mb"]:
-        if fixed_inputs_seed(wildcards.method) is not None:
-            raise ConfigError(f"config key 'variants.{wildcards.method}.inputs_seed': the cell trains its generator "
-                              "itself (its warm-up record exceeds generator_warmup_max_mb), so no input can be fixed")
+        if fixed_input_seed(wildcards.method, "warmup_seed") is not None:
+            raise ConfigError(f"config key 'variants.{wildcards.method}.inputs_seed' / 'warmup_seed': the cell "
+                              "trains its generator itself (its warm-up record exceeds generator_warmup_max_mb), so "
+                              "its warm-up cannot be fixed")
         return []
     folder = f"{RESULTS}/generators/{wildcards.dataset}/{wildcards.arch}/{warmup_tag(spec)}"
-    return [f"{folder}/seed{inputs_seed(wildcards)}.pt"]
+    return [f"{folder}/seed{input_seed(wildcards, 'warmup_seed')}.pt"]
 
 
 def lr_reference_input(wildcards):

@@ -116,10 +116,14 @@ def generator_warmup_cmd(open_job, fp_ckpt, spec_json, seed, out):
 @click.option("--inputs-seed", type=click.IntRange(min=0), default=None,
               help="Seed that --samples and --warmup were made with, if not --seed (variants.<v>.inputs_seed): "
                    "holds the inputs fixed while the fine-tuning seed varies.")  # fmt: skip
+@click.option("--samples-seed", type=click.IntRange(min=0), default=None,
+              help="Seed that --samples were made with, over --inputs-seed (variants.<v>.samples_seed).")
+@click.option("--warmup-seed", type=click.IntRange(min=0), default=None,
+              help="Seed that --warmup was recorded with, over --inputs-seed (variants.<v>.warmup_seed).")
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-history", type=PATH, required=True)
 def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, seed, quant_params, method_params, samples,
-                 warmup, lr_reference, inputs_seed, out_model, out_history):  # fmt: skip
+                 warmup, lr_reference, inputs_seed, samples_seed, warmup_seed, out_model, out_history):  # fmt: skip
     """Quantize the FP model and calibrate / fine-tune it with METHOD."""
     from zsqpipe.quant import QuantConfig
     from zsqpipe.stages.quantize import run_quantize
@@ -129,7 +133,7 @@ def quantize_cmd(open_job, fp_ckpt, manifest, method, weight_bits, act_bits, see
     with open_job({"quant": q, "method": method, "cfg": mcfg, "seed": seed}) as job:
         run_quantize(fp_ckpt, manifest, method, mcfg, QuantConfig.from_dict(q), seed, out_model, out_history,
                      samples=samples, job=job, warmup=warmup, lr_reference=lr_reference,
-                     inputs_seed=inputs_seed)  # fmt: skip
+                     inputs_seed=inputs_seed, samples_seed=samples_seed, warmup_seed=warmup_seed)  # fmt: skip
 
 
 @job_command("evaluate")

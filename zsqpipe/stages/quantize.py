@@ -48,7 +48,7 @@ def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str,
         raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
     if shard_set.manifest.get("seed") != inputs_seed:
         raise IntegrityError(f"{samples}: samples were synthesized with seed {shard_set.manifest.get('seed')}, "
-                             f"expected {inputs_seed} (--seed, or --inputs-seed)")
+                             f"expected {inputs_seed} (--seed, --inputs-seed or --samples-seed)")
     return shard_set
 
 
@@ -145,15 +145,20 @@ def run_quantize(
     warmup: Path | None = None,
     lr_reference: Path | None = None,
     inputs_seed: int | None = None,
+    samples_seed: int | None = None,
+    warmup_seed: int | None = None,
 ) -> dict:
     """``inputs_seed``: the seed ``samples`` and ``warmup`` were made with, if not ``seed`` (holds a cell's
-    inputs fixed while its fine-tuning seed varies)."""
+    inputs fixed while its fine-tuning seed varies); ``samples_seed`` / ``warmup_seed``: the same for one of the
+    two inputs only (over ``inputs_seed``), which splits a spread between the samples and the generator."""
     job = job or Job()
     method_obj = get_method(method)(method_cfg)
     fp_sha256 = sha256_file(fp_checkpoint)
     inputs_seed = seed if inputs_seed is None else inputs_seed
-    shard_set = _open_samples(method, method_obj, samples, fp_sha256, inputs_seed)
-    recorded = _open_warmup(method, method_obj, warmup, fp_sha256, seed, inputs_seed)
+    samples_seed = inputs_seed if samples_seed is None else samples_seed
+    warmup_seed = inputs_seed if warmup_seed is None else warmup_seed
+    shard_set = _open_samples(method, method_obj, samples, fp_sha256, samples_seed)
+    recorded = _open_warmup(method, method_obj, warmup, fp_sha256, seed, warmup_seed)
     key = {"method": method, "method_cfg": method_obj.config_dict(), "quant": quant_cfg.to_dict(), "seed": seed,
            "fp_checkpoint_sha256": fp_sha256, "data_manifest_sha256": sha256_file(dataset_manifest),
            "samples_manifest_sha256": sha256_file(shard_set.manifest_path) if shard_set is not None else None,
@@ -164,7 +169,8 @@ def run_quantize(
     data = load_prepared(dataset_manifest)
     info = data.info
     teacher, student, fp_ckpt = _teacher_and_student(fp_checkpoint, quant_cfg, dev)
-    job.tracker.log_params({"method": method, "seed": seed, "inputs_seed": inputs_seed, "quant": quant_cfg.to_dict(),
+    job.tracker.log_params({"method": method, "seed": seed, "samples_seed": samples_seed,
+                            "warmup_seed": warmup_seed, "quant": quant_cfg.to_dict(),
                             "method_cfg": method_obj.config_dict(), "fp_checkpoint_sha256": fp_sha256})  # fmt: skip
     end_epoch = EpochEvaluator(run, student, data, dev)
     run.timer = Timer()  # the method's clock starts here (after the set-up, as before the TrainingRun skeleton)
@@ -198,6 +204,8 @@ def run_quantize(
               "probe_runtime": {"device": str(dev), "threads": torch.get_num_threads()},
               **({"summary": ctx.summary} if ctx.summary else {}),
               **({"inputs_seed": inputs_seed} if inputs_seed != seed else {}),
+              **({"samples_seed": samples_seed} if samples_seed != inputs_seed else {}),
+              **({"warmup_seed": warmup_seed} if warmup_seed != inputs_seed else {}),
               **({"lr_reference": {"path": str(lr_reference), "sha256": key["lr_reference_sha256"]}}
                  if lr_reference is not None else {})}  # fmt: skip
     _publish(out_model, out_history, ckpt, result)

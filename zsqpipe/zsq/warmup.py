@@ -90,7 +90,7 @@ class WarmupRecord:
             raise IntegrityError(f"{path}: warm-up was recorded on a different FP checkpoint")
         if rec.seed != seed:
             raise IntegrityError(f"{path}: warm-up was recorded for seed {rec.seed}, expected {seed} (the cell's "
-                                 "seed, or --inputs-seed)")
+                                 "seed, or --inputs-seed / --warmup-seed)")
         return rec
 
 
