@@ -8,13 +8,19 @@ runs twice, in NCHW (as the official distill_data.py code) and in channels_last,
 harness's cost and whether the memory format pays. The per-step cost is the difference between runs of k1 and
 k2 steps divided by k2 - k1, so set-up (hooks, initial images, final scoring) cancels out.
 
-    python benchmarks/bench_synth.py [--threads 1] [--batch 256] [--k1 5] [--k2 25] [--device auto]
+    python benchmarks/bench_synth.py [--threads 1] [--batch 256] [--k1 5] [--k2 25] [--device auto] [--compile]
+
+``--compile`` adds one line: the HAST loss + gradient step (the synthesizer's inner work: teacher forward with
+the BN hooks, batch-statistics + focal CE loss, gradient w.r.t. the pixels) eager vs ``torch.compile``d, its
+compile time, and the relative difference of the two gradients (compiled kernels are not bit-identical, so a
+compiled synthesis gives other samples than the eager one).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -93,6 +99,46 @@ def plain(name: str, teacher, dev, batch: int, iters: int, channels_last: bool) 
         h.remove()
 
 
+def compiled_hast_step(dev: torch.device, batch: int, steps: int = 20) -> None:
+    """Seconds per HAST loss + pixel-gradient step, eager vs torch.compile (default mode), on one teacher."""
+    from zsqpipe.zsq.bnstats import BNStatistics
+    from zsqpipe.zsq.synth_hast import hard_sample_ce
+
+    teacher = teacher_model(dev).to(memory_format=torch.channels_last)
+    bn = BNStatistics(teacher)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (batch,), generator=g).to(dev)
+    x = torch.randn(batch, 1, 28, 28, generator=g).to(dev).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+
+    def loss_fn(inp):
+        return 10 * hard_sample_ce(teacher(inp), y, 2.0) + bn.batch_loss()
+
+    def grad(fn):
+        (gx,) = torch.autograd.grad(fn(x), [x])
+        return gx
+
+    def per_step(fn):
+        for _ in range(3):
+            grad(fn)
+        t = time.perf_counter()
+        for _ in range(steps):
+            grad(fn)
+        return (time.perf_counter() - t) / steps
+
+    eager = per_step(loss_fn)
+    compiled_fn = torch.compile(loss_fn)
+    t = time.perf_counter()
+    grad(compiled_fn)
+    compile_s = time.perf_counter() - t
+    compiled = per_step(compiled_fn)
+    g_eager, g_compiled = grad(loss_fn), grad(compiled_fn)
+    rel = float((g_eager - g_compiled).norm() / g_eager.norm())
+    bn.remove()
+    print(f"hast step: eager {eager:.3f} s, compiled {compiled:.3f} s ({eager / compiled:.2f}x), compile "
+          f"{compile_s:.0f} s, gradient relative difference {rel:.1e}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -100,6 +146,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--k1", type=int, default=5)
     ap.add_argument("--k2", type=int, default=25)
+    ap.add_argument("--compile", action="store_true", help="also time the HAST step under torch.compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
@@ -117,6 +164,8 @@ def main() -> None:
             rates.append(args.batch / per_step_by_difference(run, args.k1, args.k2, warmup=True))
         s, nchw, cl = rates
         print(f"{name:<6} {s:18.0f} {nchw:11.0f} {cl:9.0f} {s / nchw:11.2f} {s / cl:9.2f}", flush=True)
+    if args.compile:
+        compiled_hast_step(dev, args.batch)
 
 
 if __name__ == "__main__":
