@@ -1,5 +1,6 @@
 """ZeroQ: distillation losses, initialisation, synthesis without real data, and a tiny end-to-end run."""
 
+import importlib
 import math
 
 import pytest
@@ -186,8 +187,29 @@ def test_zeroq_rejects_unknown_options(tmp_path):
         initial_images("laplace", (1, 1, 2, 2), torch.Generator())
 
 
+def test_optimise_pixels_keep_best_returns_the_pixels_of_the_lowest_loss():
+    """A loss that falls, then jumps 100x at step 30 (as a late Adam jump): the last pixels carry the jumped loss,
+    keep_best returns the pixels the lowest loss was computed on (before that step's update) and that loss."""
+    seen: dict[int, tuple[float, torch.Tensor]] = {}
+
+    def loss_fn(x, s):
+        loss = ((x - 1.0) ** 2).sum() * (100.0 if s >= 30 else 1.0)
+        seen[s] = (float(loss.detach()), x.detach().clone())
+        return loss
+
+    x0 = torch.zeros(2, 1, 2, 2)
+    x_last, last, steps = optimise_pixels(x0, loss_fn, 40, 0.05, 100)
+    assert steps == 40 and last == seen[39][0]
+    best_step = min(seen, key=lambda s: seen[s][0])
+    assert best_step < 30 and last > 10 * seen[best_step][0]
+    best_x_seen = seen[best_step]
+    seen.clear()  # the same trajectory (deterministic), only the returned pixels differ
+    x_best, best, _ = optimise_pixels(x0, loss_fn, 40, 0.05, 100, keep_best=True)
+    assert best == best_x_seen[0] and torch.equal(x_best, best_x_seen[1]) and not torch.equal(x_best, x_last)
+
+
 @pytest.mark.parametrize("name", ["zeroq", "intraq", "hast"])
-def test_every_pixel_synthesizer_passes_stop_drop_to_the_loop_per_batch(name):
+def test_every_pixel_synthesizer_passes_stop_drop_and_keep_best_to_the_loop_per_batch(name, monkeypatch):
     teacher = tiny_net()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -199,3 +221,15 @@ def test_every_pixel_synthesizer_passes_stop_drop_to_the_loop_per_batch(name):
         assert [10 * len(t) for t in ctx.bn_traces] == ctx.steps  # one block mean per 10 steps, per batch
         steps[stop_drop] = ctx.steps
     assert steps == {0.0: [150, 150], 0.999: [110, 110]}
+    module = importlib.import_module(f"zsqpipe.zsq.synth_{name}")
+    seen = []  # keep_best reaches the loop, per batch
+    real_loop = module.optimise_pixels
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("keep_best"))
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(module, "optimise_pixels", spy)
+    ctx = SynthContext(3, (1, 8, 8), torch.device("cpu"), torch.Generator().manual_seed(0), log=lambda _m: None)
+    fn(teacher, cfg_cls(num_samples=6, batch_size=4, iters=20, keep_best=True), ctx)
+    assert seen == [True, True]

@@ -24,7 +24,7 @@ from torch import nn
 
 from zsqpipe.config import NonNegFloat, NonNegInt, PosFloat, PosInt
 from zsqpipe.zsq.bnstats import BNStatistics
-from zsqpipe.zsq.synthesis import StopDrop, SynthContext, optimise_pixels, register_synthesizer
+from zsqpipe.zsq.synthesis import KeepBest, StopDrop, SynthContext, optimise_pixels, register_synthesizer
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class HASTSynthConfig:
     batch_size: PosInt = 256  # official: 256
     iters: NonNegInt = 200  # official: 1000 Adam steps per batch (the cap when stop_drop > 0)
     stop_drop: StopDrop = 0.0  # official: 0 (fixed iterations)
+    keep_best: KeepBest = False  # official: False (the last pixels)
     lr: PosFloat = 0.5  # official: 0.5
     patience: NonNegInt = 10  # official: 50 (of 1000 steps); 5 % of iters, as the official
     min_lr: NonNegFloat = 1e-4  # official: 1e-4
@@ -94,7 +95,7 @@ def synthesize_hast(teacher: nn.Module, cfg: HASTSynthConfig, ctx: SynthContext)
             ctx.bn_traces.append([])
             x, _, steps = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
                                           trace=ctx.bn_traces[-1], trace_value=lambda parts=parts: parts["bn"],
-                                          stop_drop=cfg.stop_drop)  # fmt: skip
+                                          stop_drop=cfg.stop_drop, keep_best=cfg.keep_best)  # fmt: skip
             ctx.steps.append(steps)
             with torch.no_grad():
                 final = float(loss_fn(x, steps))

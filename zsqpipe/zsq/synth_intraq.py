@@ -36,6 +36,7 @@ from zsqpipe.errors import ConfigError
 from zsqpipe.zsq.augment import random_resized_crop_flip
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.synthesis import (
+    KeepBest,
     StopDrop,
     SynthContext,
     batch_sizes,
@@ -51,6 +52,7 @@ class IntraQSynthConfig:
     batch_size: PosInt = 256
     iters: PosInt = 200  # official: 1,000 (the cap when stop_drop > 0)
     stop_drop: StopDrop = 0.0  # official: 0 (fixed iterations)
+    keep_best: KeepBest = False  # official: False (the last pixels)
     lr: PosFloat = 0.5
     patience: NonNegInt = 10  # ReduceLROnPlateau patience; official: 50 (of 1,000 iterations), 5 % of iters
     min_lr: NonNegFloat = 1e-4
@@ -147,7 +149,7 @@ def synthesize_intraq(teacher: nn.Module, cfg: IntraQSynthConfig, ctx: SynthCont
             ctx.bn_traces.append([])
             x, last, steps = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
                                               trace=ctx.bn_traces[-1], trace_value=lambda p=parts: p["bn"],
-                                              stop_drop=cfg.stop_drop)  # fmt: skip
+                                              stop_drop=cfg.stop_drop, keep_best=cfg.keep_best)  # fmt: skip
             ctx.steps.append(steps)
             with torch.no_grad():
                 logits = teacher(x)

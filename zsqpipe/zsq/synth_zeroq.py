@@ -34,6 +34,7 @@ from zsqpipe.config import Doc, NonNegFloat, NonNegInt, OneOf, PosFloat, PosInt
 from zsqpipe.errors import ConfigError
 from zsqpipe.zsq.bnstats import BNStatistics
 from zsqpipe.zsq.synthesis import (
+    KeepBest,
     StopDrop,
     SynthContext,
     batch_sizes,
@@ -52,6 +53,7 @@ class ZeroQSynthConfig:
     batch_size: PosInt = 256
     iters: PosInt = 100  # official: 500 (the cap when stop_drop > 0)
     stop_drop: StopDrop = 0.0  # official: 0 (fixed iterations)
+    keep_best: KeepBest = False  # official: False (the last pixels)
     lr: PosFloat = 0.5
     patience: NonNegInt = 20  # ReduceLROnPlateau patience; official: 100 (of 500 iterations)
     min_lr: NonNegFloat = 1e-4
@@ -107,7 +109,8 @@ def synthesize_zeroq(teacher: nn.Module, cfg: ZeroQSynthConfig, ctx: SynthContex
 
             ctx.bn_traces.append([])  # ZeroQ's loss is the BN-statistics loss (+ the optional input term)
             x, last, steps = optimise_pixels(x0, loss_fn, cfg.iters, cfg.lr, cfg.patience, cfg.min_lr,
-                                              trace=ctx.bn_traces[-1], stop_drop=cfg.stop_drop)  # fmt: skip
+                                              trace=ctx.bn_traces[-1], stop_drop=cfg.stop_drop,
+                                              keep_best=cfg.keep_best)  # fmt: skip
             ctx.steps.append(steps)
             with torch.no_grad():
                 y = teacher(x).argmax(1)

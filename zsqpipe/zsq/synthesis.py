@@ -59,6 +59,9 @@ StopDrop = Annotated[float, Range(ge=0, lt=1), Doc(
     "Stop a batch once the best of its BN-statistics loss (10-step block means) improved by less than this "
     "fraction over the last 100 steps (docs/budget.md's convergence rule), iters being the cap; 0 = always run "
     "iters.")]
+KeepBest = Annotated[bool, Doc(
+    "Return each batch's pixels at its lowest loss instead of the last ones (official: the last); guards against "
+    "Adam's late jumps (docs/budget.md).")]
 
 
 def block_drop(trace: list[float], window: int = STOP_WINDOW) -> float | None:
@@ -112,6 +115,7 @@ def optimise_pixels(
     trace: list[float] | None = None,
     trace_value: Callable[[], float] | None = None,
     stop_drop: float = 0.0,
+    keep_best: bool = False,
 ) -> tuple[torch.Tensor, float, int]:
     """Adam on the pixels of ``x0`` with ReduceLROnPlateau stepped on the loss; returns (x, last loss, steps).
     ``trace``: appended the mean of ``trace_value()`` (default: the loss) over each block of ``TRACE_EVERY``
@@ -120,6 +124,11 @@ def optimise_pixels(
     improvement over the last ``STOP_WINDOW`` steps) is below ``stop_drop`` — docs/budget.md's "until the
     BN-statistics loss stops falling" — with ``iters`` as the cap (a loss that rises for 100 steps counts as not
     falling; an all-NaN window never stops it).
+    ``keep_best``: return the pixels of the lowest loss seen (and that loss) instead of the last ones, as the
+    official loops do. Adam at lr 0.5 whose plateau schedule never fired (the loss kept falling) can jump late:
+    its second-moment estimate has shrunk with the gradient, so a sudden gradient spike moves every pixel by
+    several lr at once, the loss rises 10-500x within ~10 steps and the schedule then cuts the lr before it comes
+    back (docs/budget.md, "HAST's late jumps").
 
     Adam's default betas (0.9, 0.999) and eps, as ``optim.Adam([x], lr=0.5)`` in ZeroQ, IntraQ and HAST
     ``distill_data.py`` (the one pixel loop of the ZeroQ, IntraQ and HAST synthesizers). Gradients are taken
@@ -133,11 +142,14 @@ def optimise_pixels(
     if trace is None and stop_drop > 0:
         trace = []
     steps = 0
+    best, best_x = float("inf"), None
     for step in progress(range(iters), desc="synthesis"):
         loss = loss_fn(x, step)
         (x.grad,) = torch.autograd.grad(loss, [x])
-        opt.step()
         last = float(loss.detach())
+        if keep_best and last < best:  # the loss is of x before this step's update
+            best, best_x = last, x.detach().clone()
+        opt.step()
         sched.step(last)
         steps = step + 1
         if trace is not None:
@@ -148,6 +160,8 @@ def optimise_pixels(
                 drop = block_drop(trace) if stop_drop > 0 else None
                 if drop is not None and drop < stop_drop:
                     break
+    if best_x is not None:
+        return best_x, best, steps
     return x.detach(), last, steps
 
 
