@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import per_step_by_difference
+from _timing import per_step_by_difference, step_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -119,18 +118,12 @@ def compiled_hast_step(dev: torch.device, batch: int, steps: int = 20) -> None:
         return gx
 
     def per_step(fn):
-        for _ in range(3):
-            grad(fn)
-        t = time.perf_counter()
-        for _ in range(steps):
-            grad(fn)
-        return (time.perf_counter() - t) / steps
+        times = step_times(lambda _i: grad(fn), steps, 3, dev)
+        return sum(times) / len(times)
 
     eager = per_step(loss_fn)
     compiled_fn = torch.compile(loss_fn)
-    t = time.perf_counter()
-    grad(compiled_fn)
-    compile_s = time.perf_counter() - t
+    (compile_s,) = step_times(lambda _i: grad(compiled_fn), 1, 0, dev)  # the first call compiles
     compiled = per_step(compiled_fn)
     g_eager, g_compiled = grad(loss_fn), grad(compiled_fn)
     rel = float((g_eager - g_compiled).norm() / g_eager.norm())
