@@ -152,7 +152,8 @@ def samples_input(wildcards):
     name = sample_set(wildcards.method)
     if name is None:
         return []
-    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{name}/seed{input_seed(wildcards, 'samples_seed')}"]
+    seed = input_seed(wildcards, "samples_seed")
+    return [f"{RESULTS}/samples/{wildcards.dataset}/{wildcards.arch}/{name}/seed{seed}"]
 
 
 def samples_flag(wildcards, input):

@@ -35,9 +35,9 @@ EVAL_BATCH = 1000
 
 
 def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str,
-                  inputs_seed: int) -> ShardSet | None:  # fmt: skip
+                  samples_seed: int) -> ShardSet | None:  # fmt: skip
     """The method's verified synthetic samples (None for methods that train on none), checked against the FP
-    checkpoint (its SHA-256) and the seed (``inputs_seed``: the cell's unless fixed) they were synthesized with."""
+    checkpoint (its SHA-256) and the seed (``samples_seed``: the cell's unless fixed) they were synthesized with."""
     if method_obj.synthesizer is None:
         return None
     if samples is None:
@@ -46,28 +46,28 @@ def _open_samples(method: str, method_obj, samples: Path | None, fp_sha256: str,
     shard_set.verify()  # fail now, not after the calibration (each shard is re-verified when read)
     if shard_set.manifest.get("fp_checkpoint_sha256") != fp_sha256:
         raise IntegrityError(f"{samples}: samples were synthesized from a different FP checkpoint")
-    if shard_set.manifest.get("seed") != inputs_seed:
+    if shard_set.manifest.get("seed") != samples_seed:
         raise IntegrityError(f"{samples}: samples were synthesized with seed {shard_set.manifest.get('seed')}, "
-                             f"expected {inputs_seed} (--seed, --inputs-seed or --samples-seed)")
+                             f"expected {samples_seed} (--seed, --inputs-seed or --samples-seed)")
     return shard_set
 
 
 def _open_warmup(method: str, method_obj, warmup: Path | None, fp_sha256: str, seed: int,
-                 inputs_seed: int) -> WarmupRecord | None:  # fmt: skip
+                 warmup_seed: int) -> WarmupRecord | None:  # fmt: skip
     """The recorded generator warm-up a cell replays (``zsqpipe generator-warmup``), checked against the
-    method's settings, the FP checkpoint and ``inputs_seed`` (the cell's seed unless fixed); None: the method
+    method's settings, the FP checkpoint and ``warmup_seed`` (the cell's seed unless fixed); None: the method
     trains its generator itself. A record of another seed is replayed without adopting its random state: the
     cell's own draws (a GDFQ/Qimera generator's noise after the warm-up included) follow the cell's seed."""
     spec = method_obj.warmup_spec()
     if warmup is None:
-        if inputs_seed != seed and spec is not None:
+        if warmup_seed != seed and spec is not None:
             raise ConfigError(f"--inputs-seed: method {method!r} trains its generator in the cell with the cell's "
-                              "seed; pass the --warmup recorded for the inputs seed")
+                              "seed; pass the --warmup recorded for the inputs seed (--inputs-seed or --warmup-seed)")
         return None
     if spec is None:
         raise ConfigError(f"--warmup: method {method!r} with these settings trains no generator on the teacher alone")
-    record = WarmupRecord.load(warmup, spec, fp_sha256, inputs_seed)
-    record.adopt_rng = inputs_seed == seed
+    record = WarmupRecord.load(warmup, spec, fp_sha256, warmup_seed)
+    record.adopt_rng = warmup_seed == seed
     return record
 
 

@@ -124,8 +124,8 @@ def optimise_pixels(
     improvement over the last ``STOP_WINDOW`` steps) is below ``stop_drop`` — docs/budget.md's "until the
     BN-statistics loss stops falling" — with ``iters`` as the cap (a loss that rises for 100 steps counts as not
     falling; an all-NaN window never stops it).
-    ``keep_best``: return the pixels of the lowest loss seen (and that loss) instead of the last ones, as the
-    official loops do. Adam at lr 0.5 whose plateau schedule never fired (the loss kept falling) can jump late:
+    ``keep_best``: return the pixels of the lowest loss seen (and that loss) instead of the last ones, which the
+    official loops return. Adam at lr 0.5 whose plateau schedule never fired (the loss kept falling) can jump late:
     its second-moment estimate has shrunk with the gradient, so a sudden gradient spike moves every pixel by
     several lr at once, the loss rises 10-500x within ~10 steps and the schedule then cuts the lr before it comes
     back (docs/budget.md, "HAST's late jumps").
