@@ -140,3 +140,21 @@ def test_miniature_gives_every_generator_calibration_the_same_steps():
         "qimera": m["qimera"]["warmup_epochs"] * m["qimera"]["warmup_iters"],
     }
     assert set(steps.values()) == {200}, steps
+
+
+def test_relative_checkpoint_resolves_from_the_working_directory_then_the_checkout(tmp_path):
+    """fp_model.checkpoints: a relative path names the working directory's file when there is one, else the
+    checkout's (the shipped checkpoints/), else stays in the working directory (the config check then names it)."""
+    from zsqpipe.config import resolve_checkpoint
+
+    work, repo = tmp_path / "work", tmp_path / "repo"
+    (repo / "checkpoints").mkdir(parents=True)
+    (repo / "checkpoints" / "fp.pt").write_bytes(b"shipped")
+    (work / "checkpoints").mkdir(parents=True)
+    assert resolve_checkpoint("checkpoints/fp.pt", work, repo) == repo / "checkpoints" / "fp.pt"
+    assert resolve_checkpoint("checkpoints/fp.pt", work) == work / "checkpoints" / "fp.pt"  # no checkout given
+    (work / "checkpoints" / "fp.pt").write_bytes(b"local")
+    assert resolve_checkpoint("checkpoints/fp.pt", work, repo) == work / "checkpoints" / "fp.pt"
+    assert resolve_checkpoint("missing.pt", work, repo) == work / "missing.pt"
+    absolute = repo / "checkpoints" / "fp.pt"
+    assert resolve_checkpoint(absolute, work, repo) == absolute

@@ -216,6 +216,24 @@ def test_main_job_is_a_prefix_of_the_full_table(tmp_path):
     assert all(main[k] == full[k] for k in shared), [k for k in shared if main[k] != full[k]]
 
 
+def test_default_loads_the_shipped_fp_checkpoint_and_null_trains(tmp_path):
+    """config/config.yaml loads the FP model shipped in the checkout (checkpoints/; the working directory is
+    elsewhere): the job is given the resolved file, its params keep the path as written (a moved checkout reruns
+    nothing) plus the file's SHA-256; a null entry in a later config file trains instead."""
+    from zsqpipe.io import sha256_file
+
+    shipped = REPO / "checkpoints" / "fashion_mnist-resnet20-fp.pt"
+    (job,) = [j for (r, _), j in planned(tmp_path, REPO / "config" / "main.yaml", "results/tables/hast.csv").items()
+              if r == "fp_model"]
+    assert f"--checkpoint '{shipped}'" in job["shell"]
+    assert '"checkpoint":"checkpoints/fashion_mnist-resnet20-fp.pt"' in job["shell"]
+    assert sha256_file(shipped) in (REPO / "checkpoints" / "README.md").read_text()  # provenance names the bytes
+    trained = write_config(tmp_path / "train.yaml", base="main.yaml",
+                           fp_model__checkpoints={"fashion_mnist/resnet20": None})  # fmt: skip
+    (job,) = [j for (r, _), j in planned(tmp_path, trained, "results/tables/hast.csv").items() if r == "fp_model"]
+    assert "--checkpoint ''" in job["shell"] and '"checkpoint":null' in job["shell"]
+
+
 def test_trs_table_plans_the_lr_matched_control_after_its_talr_cell(tmp_path):
     """trs.csv: each lsq_talr_matched cell reads the history.json of the lsq_talr cell of the same arch, bits and
     seed (--lr-reference, an input, so it reruns when that cell does); the table pairs every row with TALR."""
@@ -296,21 +314,23 @@ def test_samples_seed_and_warmup_seed_variants_fix_one_input_each(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(4000)  # the suite-wide 900 s is too short for FP training + 30 cells on a shared CI host
+@pytest.mark.timeout(3000)  # the suite-wide 900 s is too short for FP training + synthesis on a shared CI host
 def test_readme_main_command_end_to_end(tmp_path):
-    """The README's main command (`make run`: config/main.yaml over config/config.yaml) end to end: FP
-    training, data, 6 synthesis jobs, 6 generator warm-ups, 30 quantize + evaluate cells (real, ptq, zeroq, gdfq,
-    hast at W3A3/W4A4, 3 seeds), aggregate; FP ResNet-20 >= 91 %. Its wall time is measured by benchmarks/bench_workflow.py, not
-    asserted here."""
-    snakemake(
-        tmp_path, REPO / "config" / "main.yaml", "--cores", "2", "results/tables/hast.csv", timeout=4000
-    )
+    """The README's main job (config/main.yaml over config/config.yaml) end to end at seed 0 only: data, FP
+    training, the HAST and ZeroQ synthesis jobs, the generator warm-up, 10 quantize + evaluate cells (real, ptq,
+    zeroq, gdfq, hast at W3A3/W4A4), aggregate; FP ResNet-20 >= 91 %. Every rule and budget is `make run`'s; only
+    seeds 1-2 are left out: the whole job (3 seeds) runs ~37 min on 2 idle AMD cores and ~2x that on the Intel
+    CI host, more than CI's 90 min leave beside the other steps. Its wall time is measured by
+    benchmarks/bench_workflow.py, not asserted here."""
+    cfg = write_config(tmp_path / "main_seed0.yaml", base="main.yaml", tables__hast__seeds=[0])
+    snakemake(tmp_path, cfg, "--cores", "2", "results/tables/hast.csv", timeout=3000)
     fp = json.loads((tmp_path / "results/models/fashion_mnist/resnet20/fp_metrics.json").read_text())
     assert fp["test_top1"] >= 91.0, fp["test_top1"]
     table = pd.read_csv(tmp_path / "results/tables/hast.csv")
     assert sorted(zip(table["method"], table["bits"], strict=True)) == sorted(
         (m, b) for m in ("real", "ptq", "zeroq", "gdfq", "hast") for b in ("W3A3", "W4A4")
     )
-    assert (table["n_seeds"] == 3).all() and table["last_top1_std"].notna().all()
+    assert (table["n_seeds"] == 1).all() and table["last_top1_mean"].notna().all()
+    assert table["last_top1_std"].isna().all()  # one seed: no std, blank in the table (not 0)
     real4 = table[(table["method"] == "real") & (table["bits"] == "W4A4")].iloc[0]
     assert real4["last_top1_mean"] > 85.0  # real-data QAT at 4 bits stays near the FP model

@@ -273,9 +273,21 @@ def validate_config(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     return instance
 
 
-def check_config_paths(config: dict, base: str | os.PathLike = ".") -> None:
+def resolve_checkpoint(path: str | os.PathLike, base: str | os.PathLike = ".",
+                       repo: str | os.PathLike | None = None) -> Path:
+    """Where an ``fp_model.checkpoints`` entry points: absolute as given; a relative one from ``base`` (the
+    workflow's working directory) when the file is there, else from ``repo`` (the workflow's checkout, whose
+    ``checkpoints/`` ships the default's FP model) when it is there."""
+    path, local = Path(path), Path(base) / path
+    if path.is_absolute() or local.exists() or repo is None or not (Path(repo) / path).is_file():
+        return local
+    return Path(repo) / path
+
+
+def check_config_paths(config: dict, base: str | os.PathLike = ".", repo: str | os.PathLike | None = None) -> None:
     """Every file or folder a (validated) config names must exist, relative paths read from ``base`` (the
-    workflow's working directory): each ``fp_model.checkpoints`` entry (keyed ``<dataset>/<arch>``) a file,
+    workflow's working directory): each ``fp_model.checkpoints`` entry (keyed ``<dataset>/<arch>``) a file
+    (there or, failing that, in ``repo``: ``resolve_checkpoint``),
     ``data.data_dir`` a folder when it is not the default ``data`` and downloads are off. A ConfigError line
     names the key and the path (Snakemake would otherwise treat an existing fp.pt whose checkpoint input is
     missing as a source file and keep reporting the old model)."""
@@ -289,7 +301,9 @@ def check_config_paths(config: dict, base: str | os.PathLike = ".") -> None:
                 f"config key 'fp_model.checkpoints.{key}': expected a '<dataset>/<arch>' key, dataset one of "
                 f"{list(DATASET_NAMES)}, arch one of {list(ARCH_NAMES)}"
             )
-        full = base / path
+        if path is None:  # null: train (overrides a checkpoint an earlier config file names)
+            continue
+        full = resolve_checkpoint(path, base, repo)
         if not full.is_file():
             what = "is a folder, expected a checkpoint file" if full.is_dir() else "no such file"
             raise ConfigError(f"config key 'fp_model.checkpoints.{key}': {path}: {what}")

@@ -6,7 +6,7 @@ import shutil
 import sys
 
 from zsqpipe.codehash import code_version
-from zsqpipe.config import canonical_json, check_config_paths, validate_config
+from zsqpipe.config import canonical_json, check_config_paths, resolve_checkpoint, validate_config
 from zsqpipe.errors import ConfigError
 from zsqpipe.io import sha256_file
 from zsqpipe.nas.benchmark import DATASETS as NAS_DATASETS
@@ -17,9 +17,11 @@ from zsqpipe.names import ARCH_NAMES, DATASET_INPUT_SHAPES, DATASET_NAMES, METHO
 from zsqpipe.warmups import WARMUP_KINDS, record_mb, warmup_spec, warmup_tag
 
 
+REPO_DIR = os.path.dirname(workflow.basedir)  # the checkout; its checkpoints/ ships the default's FP model
+
 try:
     _validated = validate_config(config)
-    check_config_paths(_validated)  # relative paths from the working directory, as the jobs read them
+    check_config_paths(_validated, ".", REPO_DIR)  # relative paths from the working directory, else the checkout
 except ConfigError as _err:
     sys.exit(f"zsqpipe: invalid config: {_err}")
 config.clear()
@@ -78,19 +80,21 @@ def checkpoint_sha256(path):
 
 
 def fp_params(wildcards):
+    """The FP recipe with the checkpoint as the config writes it (a shipped checkpoint's place in the checkout is
+    no param: the file's SHA-256 is, fp_checkpoint_sha)."""
     fp = {k: v for k, v in config["fp_model"].items() if k != "checkpoints"}
     fp["checkpoint"] = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
     return canonical_json(fp)
 
 
-def fp_checkpoint_sha(wildcards):
-    path = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
-    return checkpoint_sha256(path) if path else ""
-
-
 def fp_checkpoint_input(wildcards):
+    """The configured FP checkpoint file, resolved (config.resolve_checkpoint), or none: train."""
     path = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
-    return [path] if path else []
+    return [str(resolve_checkpoint(path, ".", REPO_DIR))] if path else []
+
+
+def fp_checkpoint_sha(wildcards):
+    return "".join(checkpoint_sha256(path) for path in fp_checkpoint_input(wildcards))
 
 
 def quant_params(wildcards):

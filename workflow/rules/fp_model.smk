@@ -28,6 +28,6 @@ rule fp_model:
         "../envs/zsqpipe.yaml"
     shell:
         "python3 -m zsqpipe fp-model --data {input.data} --arch {wildcards.arch} --params {params.cfg:q}"
-        " --out-model {output.model} --out-metrics {output.metrics} --device {params.device}"
+        " --checkpoint '{input.checkpoint}' --out-model {output.model} --out-metrics {output.metrics} --device {params.device}"
         " --threads {threads} {resources.resume} --tracking {input.tracking} --rule fp_model --wildcards '{wildcards}'"
         " --log-file {log} > {log} 2>&1"

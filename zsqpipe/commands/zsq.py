@@ -53,15 +53,21 @@ def data_cmd(open_job, dataset, params_json, out):
 @options(MANIFEST)
 @click.option("--arch", required=True, help="Registered architecture (resnet20, resnet18, mobilenet_v2).")
 @click.option("--params", "params_json", default="{}", help="FP recipe as JSON (see config fp_model).")
+@click.option("--checkpoint", default="", help="Load this file instead of the params' checkpoint (the workflow "
+              "passes the file it resolved; empty: the params' own).")
 @click.option("--out-model", type=PATH, required=True)
 @click.option("--out-metrics", type=PATH, required=True)
-def fp_model_cmd(open_job, manifest, arch, params_json, out_model, out_metrics):
+def fp_model_cmd(open_job, manifest, arch, params_json, checkpoint, out_model, out_metrics):
     """Train the full-precision model from scratch, or load a local checkpoint."""
+    from dataclasses import replace
+
     from zsqpipe.config import FPConfig, from_dict
     from zsqpipe.stages.fp_model import run_fp_model
 
     params = parse_json(params_json, "--params")
     cfg = from_dict(FPConfig, params, "fp_model")
+    if checkpoint:
+        cfg = replace(cfg, checkpoint=checkpoint)
     with open_job(params) as job:
         run_fp_model(manifest, arch, cfg, out_model, out_metrics, job)
 

@@ -68,6 +68,8 @@ def run_fp_model(
     if cfg.checkpoint:
         _load_external(model, Path(cfg.checkpoint))
         source = f"checkpoint:{cfg.checkpoint}"
+        log(f"FP model loaded from {cfg.checkpoint} (sha256 {sha256_file(cfg.checkpoint)[:12]}); fp_model's training "
+            "settings are unused (a null checkpoint entry trains)")
         model = model.to(dev)
     else:
         model = model.to(dev)
