@@ -218,8 +218,8 @@ def test_main_job_is_a_prefix_of_the_full_table(tmp_path):
 
 def test_default_loads_the_shipped_fp_checkpoint_and_null_trains(tmp_path):
     """config/config.yaml loads the FP model shipped in the checkout (checkpoints/; the working directory is
-    elsewhere): the job is given the resolved file, its params keep the path as written (a moved checkout reruns
-    nothing) plus the file's SHA-256; a null entry in a later config file trains instead."""
+    elsewhere): the job is given the resolved file, its params keep the path as written plus the file's SHA-256;
+    a null entry in a later config file trains instead."""
     from zsqpipe.io import sha256_file
 
     shipped = REPO / "checkpoints" / "fashion_mnist-resnet20-fp.pt"

@@ -80,8 +80,10 @@ def checkpoint_sha256(path):
 
 
 def fp_params(wildcards):
-    """The FP recipe with the checkpoint as the config writes it (a shipped checkpoint's place in the checkout is
-    no param: the file's SHA-256 is, fp_checkpoint_sha)."""
+    """The FP recipe with the checkpoint as the config writes it (the file's SHA-256 is a param too,
+    fp_checkpoint_sha). With the working directory outside the checkout, the job's input is the checkout's file by
+    its absolute path, so moving the checkout reruns fp_model and everything below it (same weights, same
+    results; `--rerun-triggers mtime params` skips that)."""
     fp = {k: v for k, v in config["fp_model"].items() if k != "checkpoints"}
     fp["checkpoint"] = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
     return canonical_json(fp)
