@@ -79,19 +79,24 @@ def checkpoint_sha256(path):
     return sha256_file(path)
 
 
+def fp_checkpoint_entry(wildcards):
+    """The config's fp_model.checkpoints entry for this dataset/arch, as written (None: train)."""
+    return config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
+
+
 def fp_params(wildcards):
     """The FP recipe with the checkpoint as the config writes it (the file's SHA-256 is a param too,
     fp_checkpoint_sha). With the working directory outside the checkout, the job's input is the checkout's file by
     its absolute path, so moving the checkout reruns fp_model and everything below it (same weights, same
     results; `--rerun-triggers mtime params` skips that)."""
     fp = {k: v for k, v in config["fp_model"].items() if k != "checkpoints"}
-    fp["checkpoint"] = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
+    fp["checkpoint"] = fp_checkpoint_entry(wildcards)
     return canonical_json(fp)
 
 
 def fp_checkpoint_input(wildcards):
     """The configured FP checkpoint file, resolved (config.resolve_checkpoint), or none: train."""
-    path = config["fp_model"]["checkpoints"].get(f"{wildcards.dataset}/{wildcards.arch}")
+    path = fp_checkpoint_entry(wildcards)
     return [str(resolve_checkpoint(path, ".", REPO_DIR))] if path else []
 
 

@@ -67,8 +67,8 @@ def run_fp_model(
     source = "trained"
     if cfg.checkpoint:
         _load_external(model, Path(cfg.checkpoint))
-        source = f"checkpoint:{cfg.checkpoint}"
-        log(f"FP model loaded from {cfg.checkpoint} (sha256 {sha256_file(cfg.checkpoint)[:12]}); fp_model's training "
+        source, checkpoint_sha = f"checkpoint:{cfg.checkpoint}", sha256_file(cfg.checkpoint)
+        log(f"FP model loaded from {cfg.checkpoint} (sha256 {checkpoint_sha[:12]}); fp_model's training "
             "settings are unused (a null checkpoint entry trains)")
         model = model.to(dev)
     else:
@@ -90,7 +90,7 @@ def run_fp_model(
             "image_size": info.image_size, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "quant": None, "config": asdict(cfg), "test_top1": test["top1"]}  # fmt: skip
     if cfg.checkpoint:
-        metrics["checkpoint_sha256"] = sha256_file(cfg.checkpoint)
+        metrics["checkpoint_sha256"] = checkpoint_sha
     with atomic_path(out_metrics) as tmp_metrics:  # both or neither: fp_metrics.json is published last
         tmp_metrics.write_text(json_text(metrics))
         save_checkpoint(out_model, ckpt)
