@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from zsqpipe.engine import evaluate, setup_runtime
+from zsqpipe.quant import QuantAct, fake_quant_per_tensor
 from zsqpipe.stages.common import EVAL_BATCH, eval_loader
 from zsqpipe.stages.data import load_prepared
 from zsqpipe.stages.model_io import model_from_checkpoint
@@ -34,8 +35,8 @@ def load_cell(root: Path, method: str, seed: int, bits: str) -> torch.nn.Module:
 
 
 def act_quantizers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Activation quantizer modules (those with an ``x_max`` range), in forward order."""
-    return {n: m for n, m in model.named_modules() if n.endswith("quantizer") and hasattr(m, "x_max")}
+    """The activation quantizers (of the ``QuantAct`` modules), by state-dict prefix, in forward order."""
+    return {f"{n}.quantizer": m.quantizer for n, m in model.named_modules() if isinstance(m, QuantAct)}
 
 
 def ranges(model: torch.nn.Module, only_first: bool = False) -> dict[str, torch.Tensor]:
@@ -55,11 +56,11 @@ def with_ranges(model: torch.nn.Module, new: dict[str, torch.Tensor], loader) ->
 
 def mse_clip(v: torch.Tensor, bits: int, grid: int = 100) -> float:
     """argmin_c E[(Q_c(v) - v)^2] over c in (0.05..1) * max(v), Q_c: unsigned uniform, 2^bits levels on [0, c]."""
-    hi, levels = float(v.max()), 2**bits - 1
-    errors = []
-    for c in torch.linspace(0.05, 1.0, grid) * hi:
-        step = float(c) / levels
-        errors.append((float(((torch.clamp(torch.round(v / step), 0, levels) * step - v) ** 2).mean()), float(c)))
+    zero = torch.zeros(())
+    errors = [
+        (float(((fake_quant_per_tensor(v, zero, c, bits) - v) ** 2).mean()), float(c))
+        for c in torch.linspace(0.05, 1.0, grid) * v.max()
+    ]
     return min(errors)[1]
 
 
@@ -110,8 +111,8 @@ def main() -> None:
     for cell in args.cells:
         method, seed = cell.split(":")
         model = load_cell(root, method, int(seed), args.bits)
-        own = ranges(model)
-        first = next(k for k in own if k.endswith("x_max"))
+        own, first_keys = ranges(model), list(ranges(model, only_first=True))
+        first = first_keys[-1]  # its x_max
         parts = [f"{cell}: own {evaluate(model, loader)['top1']:.2f} (first x_max {float(own[first]):.2f})"]
         if donor is not None:
             parts.append(f"{args.swap_from}'s ranges {with_ranges(model, ranges(donor), loader):.2f}")
@@ -119,7 +120,7 @@ def main() -> None:
         if x_cal is not None:
             clips = mse_ranges(model, x_cal, act_bits)
             ratio = [float(clips[k] / own[k]) for k in clips if k.endswith("x_max")]
-            first_only = {k: clips[k] for k in (first.replace("x_max", "x_min"), first)}
+            first_only = {k: clips[k] for k in first_keys}
             parts.append(f"MSE first range ({float(clips[first]):.2f}) {with_ranges(model, first_only, loader):.2f}")
             parts.append(
                 f"MSE all {with_ranges(model, clips, loader):.2f} (clip/own median {statistics.median(ratio):.2f})"
