@@ -18,7 +18,7 @@ from zsqpipe.quant import (
     set_quant_state,
 )
 from zsqpipe.quant.functional import qparams
-from zsqpipe.quant.quantizers import EMAMinMaxQuantizer, MinMaxChannelQuantizer
+from zsqpipe.quant.quantizers import EMAMinMaxQuantizer, EMAMSEQuantizer, MinMaxChannelQuantizer
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -101,6 +101,46 @@ def test_ema_official_mode_reproduces_gdfq_update():
         x_max = (x_max * 0.9 + m * 0.1) / (1 - beta_t)
         assert float(q.x_max) == pytest.approx(x_max, rel=1e-5)
     assert float(q.x_max) > 4.0  # the documented inflation
+
+
+def test_ema_mse_batch_range_is_the_mse_optimal_clip():
+    """A tensor on the 3-bit grid of [0, 7] keeps its max (zero error); one outlier at 70 is clipped away, the
+    chosen clip having a lower quantization MSE than the max and than the other candidates."""
+    q = EMAMSEQuantizer(3, grid=100)
+    on_grid = torch.arange(8.0).repeat(100)
+    lo, hi = q.batch_range(on_grid)
+    assert (float(lo), float(hi)) == (0.0, pytest.approx(7.0))
+    with_outlier = torch.cat([torch.rand(5000) * 7, torch.tensor([70.0])])
+    lo, hi = q.batch_range(with_outlier)
+    assert float(lo) < 1e-3 and 4.0 < float(hi) < 10.0
+
+    def mse(c):
+        return float(((fake_quant_per_tensor(with_outlier, torch.zeros(()), torch.tensor(c), 3) - with_outlier) ** 2).mean())
+
+    assert mse(float(hi)) < mse(70.0)
+    assert mse(float(hi)) <= min(mse(70.0 * k / 100) for k in range(1, 101)) + 1e-6
+
+
+def test_ema_mse_averages_the_batch_clips_and_samples_channels_last_inputs_alike():
+    q = EMAMSEQuantizer(3, momentum=0.9, mse_samples=1000)
+    q.update_ranges = True
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(8, 4, 6, 6))
+    clips = [float(q.batch_range(b)[1]) for b in (x, 2 * x)]
+    q(x)
+    q(2 * x)
+    assert float(q.x_max) == pytest.approx(0.9 * clips[0] + 0.1 * clips[1])
+    assert float(q.x_max) < 0.9 * float(x.max()) + 0.1 * float(2 * x.max())  # clipped below the EMA of maxima
+    # a channels_last batch is sampled in NHWC order: the same clip as the NHWC-contiguous tensor
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(q.batch_range(cl)[1], q.batch_range(x.permute(0, 2, 3, 1).contiguous())[1])
+
+
+def test_ema_mse_is_selectable_in_quant_config():
+    model = quantize_model(create_model("resnet20", num_classes=10, in_channels=1, image_size=28),
+                           QuantConfig(weight_bits=3, act_bits=3, act_quantizer="ema_mse"))
+    acts = [m.quantizer for m in model.modules() if isinstance(m, QuantAct)]
+    assert acts and all(isinstance(a, EMAMSEQuantizer) and a.bits == 3 for a in acts)
 
 
 def test_frozen_ranges_do_not_move_and_uncalibrated_raises():

@@ -215,7 +215,7 @@ class RunningMinMax:
     def _hook(self, q, args):
         if not (self.active and q.active):
             return
-        lo, hi = torch.aminmax(args[0].detach())
+        lo, hi = q.batch_range(args[0])  # the batch min/max (``ema_mse``: its MSE-optimal clip)
         q.x_min.copy_(torch.minimum(q.x_min, lo.to(q.x_min.dtype)))
         q.x_max.copy_(torch.maximum(q.x_max, hi.to(q.x_max.dtype)))
         q.num_updates += 1

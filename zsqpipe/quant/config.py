@@ -58,7 +58,10 @@ class QuantConfig(ConfigBase):
     weight_quantizer: Annotated[
         str, OneOf("minmax_channel", "lsq", "lsq_tensor", "lsq_nopost", "lsq_nopost_fixed"), Doc("lsq* = learned step size (docs/methods/lsq.md)")
     ] = "minmax_channel"
-    act_quantizer: Annotated[str, OneOf("ema_minmax", "lsq", "lsq_nopost", "lsq_nopost_fixed")] = "ema_minmax"
+    act_quantizer: Annotated[
+        str, OneOf("ema_minmax", "ema_mse", "lsq", "lsq_nopost", "lsq_nopost_fixed"),
+        Doc("ema_mse = each batch's MSE-optimal clip, then the EMA (docs/quantization.md)")
+    ] = "ema_minmax"
     ema_momentum: Momentum = 0.9
     ema_mode: Annotated[str, OneOf("correct", "official")] = "correct"
     ste: Annotated[str, OneOf("identity", "clipped")] = "identity"

@@ -132,9 +132,13 @@ class EMAMinMaxQuantizer(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._has_range = bool(self.num_updates.item() > 0)
 
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range this batch votes for (min and max; subclasses choose another rule)."""
+        return torch.aminmax(x.detach())
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach())
+        lo, hi = self.batch_range(x)
         beta = self.momentum
         if self.ema_mode == "official":
             self.beta_t.mul_(beta)
@@ -160,6 +164,40 @@ class EMAMinMaxQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}, ema_mode={self.ema_mode}"
+
+
+@register_quantizer("ema_mse")
+class EMAMSEQuantizer(EMAMinMaxQuantizer):
+    """``ema_minmax`` whose per-batch range is the MSE-optimal clip instead of the batch min/max (MQBench's
+    ``EMAMSEObserver`` rule; docs/quantization.md "Activation range rule"):
+
+        c* = argmin_{c in {k/grid, k = 1..grid}} mean((Q_{[c lo, c hi]}(x) - x)^2),   batch range = (c* lo, c* hi)
+
+    with (lo, hi) the batch min/max and Q the package's asymmetric fake quantizer at the quantizer's bits; then the
+    same EMA as ``ema_minmax``. The error is measured on at most ``mse_samples`` elements of the batch taken at a
+    fixed stride (deterministic, no random draw), all candidates at once.
+    """
+
+    def __init__(self, bits: int, ste: str = "identity", grid: int = 100, mse_samples: int = 8192, **kwargs):
+        super().__init__(bits, ste, **kwargs)
+        self.grid = int(grid)
+        self.mse_samples = int(mse_samples)
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach()
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            x = x.permute(0, 2, 3, 1)  # a view: reshaping it below copies nothing
+        v = x.reshape(-1)
+        v = v[:: max(1, -(-v.numel() // self.mse_samples))].float()
+        lo, hi = torch.aminmax(v)
+        c = torch.arange(1, self.grid + 1, device=v.device, dtype=v.dtype) / self.grid
+        cand = v.expand(self.grid, -1)  # one row per candidate clip, quantized as per-channel rows
+        err = (fake_quant_per_channel(cand, c * lo, c * hi, self.bits) - cand).pow_(2).mean(1)
+        best = c[int(torch.argmin(err))]
+        return (best * lo).to(x.dtype), (best * hi).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, grid={self.grid}"
 
 
 @register_quantizer("lsq")
