@@ -22,6 +22,7 @@ from zsqpipe.methods.zaq import (
     spatial_relation,
 )
 from zsqpipe.models import create_model
+from zsqpipe.quant import QuantConfig
 from zsqpipe.zsq.generators import ZAQGenerator
 
 SHAPE = (1, 8, 8)
@@ -239,3 +240,21 @@ def test_non_finite_watch_reports_the_first_iteration_once():
         "zaq: generator loss not finite from iteration 1 on (last finite -2)",
         "zaq: student loss not finite from iteration 2 on (last finite 0.5)",
     ]
+
+
+def test_minmax_ranges_take_the_running_max_of_the_quantizers_vote():
+    """With ``quant.act_quantizer: ema_mse`` the official running max grows by each batch's MSE clip, not its max."""
+    ctx, _ = quant_context(quant=QuantConfig(weight_bits=4, act_bits=3, act_quantizer="ema_mse"))
+    mm = RunningMinMax(ctx.student)
+    mm.active = True
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
+    votes = {}
+    hooks = [q.register_forward_pre_hook(lambda q, a: votes.__setitem__(q, q.batch_range(a[0])[1])) for q in mm.quantizers]
+    maxima = {}
+    hooks += [q.register_forward_pre_hook(lambda q, a: maxima.__setitem__(q, a[0].detach().max())) for q in mm.quantizers]
+    ctx.student(x)
+    for h in hooks:
+        h.remove()
+    mm.remove()
+    assert all(torch.equal(q.x_max, votes[q]) for q in mm.quantizers)
+    assert any(float(votes[q]) < float(maxima[q]) for q in mm.quantizers)
