@@ -173,9 +173,9 @@ class EMAMSEQuantizer(EMAMinMaxQuantizer):
 
         c* = argmin_{c in {k/grid, k = 1..grid}} mean((Q_{[c lo, c hi]}(x) - x)^2),   batch range = (c* lo, c* hi)
 
-    with (lo, hi) the batch min/max and Q the package's asymmetric fake quantizer at the quantizer's bits; then the
-    same EMA as ``ema_minmax``. The error is measured on at most ``mse_samples`` elements of the batch taken at a
-    fixed stride (deterministic, no random draw), all candidates at once.
+    with x at most ``mse_samples`` elements of the batch taken at a fixed stride (deterministic, no random draw),
+    (lo, hi) *their* min/max (MQBench shrinks the whole batch's) and Q the package's asymmetric fake quantizer at
+    the quantizer's bits, all candidates at once; then the same EMA as ``ema_minmax``.
     """
 
     def __init__(self, bits: int, ste: str = "identity", grid: int = 100, mse_samples: int = 8192, **kwargs):
