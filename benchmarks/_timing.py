@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -30,6 +31,17 @@ def parse_bench_args(doc: str, batch: int, iters: int, warmup: int, threads: int
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     return args, resolve_device(args.device)
+
+
+def median_time(fn: Callable[[], None], reps: int) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def per_step_by_difference(run: Callable[[int], None], k1: int, k2: int, warmup: bool = False) -> float:

@@ -6,22 +6,11 @@ python benchmarks/bench_fake_quant.py [--numel 12544000] [--threads 2]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_time as timeit
 
 from zsqpipe.quant.functional import fake_quant_per_tensor, qparams
-
-
-def timeit(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
